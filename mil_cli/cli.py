@@ -1,0 +1,337 @@
+"""The `milcli` command line: parse options, call the library, render results.
+
+Exit codes: 0 every input processed; 1 some inputs failed (each named on stderr), the rest
+processed; 2 nothing done (bad usage, a missing or unreadable file given as an option).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from mil_cli import __version__
+from mil_cli.console import console, set_quiet, warn
+from mil_cli.errors import MilcliError
+from mil_cli.reports import StageReport
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Attention multiple-instance learning for whole-slide images: "
+                       "tile -> embed -> train -> predict -> explain.")
+
+EXIT_PARTIAL = 1
+EXIT_ERROR = 2
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log output on stderr.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto takes CUDA when present).")]
+Overwrite = Annotated[bool, typer.Option(help="Redo finished slides instead of resuming.")]
+Seed = Annotated[int, typer.Option(help="Random seed (same seed + device = same numbers).")]
+
+
+def command(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Register a command whose expected errors become one line on stderr and exit code 2."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        set_quiet(bool(kwargs.get("quiet", False)))
+        try:
+            return func(*args, **kwargs)
+        except MilcliError as exc:
+            console.quiet = False
+            console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(EXIT_ERROR) from None
+        except ValueError as exc:  # option values rejected by the library's dataclasses
+            console.quiet = False
+            console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(EXIT_ERROR) from None
+        except KeyboardInterrupt:
+            console.print("[red]interrupted[/]; finished slides are kept, rerun to resume")
+            raise typer.Exit(130) from None
+    return app.command()(wrapper)
+
+
+def finish(name: str, report: StageReport, as_json: bool, extra: dict | None = None) -> None:
+    """Report failures by name, print the summary, and exit 1 when any input failed."""
+    for source, reason in report.failed.items():
+        console.print(f"[red]failed:[/] {source}: {reason}", soft_wrap=True)
+    console.print(f"{name}: {len(report.done)} done, {len(report.skipped)} already done, "
+                  f"{len(report.failed)} failed in {report.seconds:.1f} s")
+    if as_json:
+        print(json.dumps({"command": name, **report.to_dict(), **(extra or {})}, default=str))
+    if not report.ok:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _device(spec: str):
+    from mil_cli.devices import resolve_device
+    return resolve_device(spec)
+
+
+@command
+def tile(
+    inputs: Annotated[list[Path], typer.Argument(help="Slide files or folders of slides.")],
+    out: Annotated[Path, typer.Option(help="Tile store to write (HDF5).")] = Path("tiles.h5"),
+    patch_size: Annotated[int, typer.Option(help="Patch side in px at the target resolution.")] = 256,
+    stride: Annotated[Optional[int], typer.Option(help="Step between patches in target px.", show_default="patch size")] = None,
+    target_mpp: Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 = 20x, 1.0 = 10x).")] = 0.5,
+    mpp: Annotated[Optional[float], typer.Option(help="Override the slides' own µm/px (level 0).")] = None,
+    min_tissue: Annotated[float, typer.Option(help="Fraction of a patch that must be tissue.")] = 0.25,
+    thumbnail_size: Annotated[int, typer.Option(help="Longer side of the stored thumbnail / mask in px.")] = 1024,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Find tissue and lay a patch grid on each slide; write the tile store."""
+    from mil_cli.tiling import TilingOptions, tile_slides
+
+    options = TilingOptions(patch_size=patch_size, stride=stride, target_mpp=target_mpp, mpp_override=mpp,
+                            min_tissue=min_tissue, thumbnail_size=thumbnail_size)
+    finish("tile", tile_slides(inputs, out, options, overwrite=overwrite), as_json, {"out": str(out)})
+
+
+def _list_backbones() -> None:
+    from mil_cli.backbones import BACKBONES
+
+    table = Table(title="backbones")
+    for column in ("name", "dim", "input", "licence", "description"):
+        table.add_column(column)
+    for b in BACKBONES.values():
+        table.add_row(b.name, str(b.dim), f"{b.input_size} px", b.licence, b.description)
+    console.quiet = False
+    console.print(table)
+
+
+@command
+def embed(
+    tiles: Annotated[Path, typer.Argument(help="Tile store written by `milcli tile`.")] = Path("tiles.h5"),
+    out: Annotated[Path, typer.Option(help="Feature store to write (HDF5).")] = Path("feats.h5"),
+    backbone: Annotated[str, typer.Option(help="Frozen encoder (see --list-backbones).")] = "efficientnet-lite0",
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 64,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Patch-decoding processes.", show_default="cores - 1, at most 8")] = None,
+    dtype: Annotated[str, typer.Option(help="Stored feature type: float16 or float32.")] = "float16",
+    device: Device = "auto",
+    list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List the backbones and exit.")] = False,
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Embed every patch with a frozen CNN; write the feature store (GPU when present)."""
+    if list_backbones:
+        _list_backbones()
+        return
+    from mil_cli.backbones import get_backbone
+    from mil_cli.embedding import FEATURE_DTYPES, embed_store
+    from mil_cli.stores import require_file
+
+    if dtype not in FEATURE_DTYPES:
+        raise MilcliError(f"--dtype {dtype}: expected one of {', '.join(FEATURE_DTYPES)}")
+    report = embed_store(require_file(tiles, "the TILES argument"), out, get_backbone(backbone), _device(device),
+                         batch_size, workers, dtype, overwrite)
+    finish("embed", report, as_json, {"out": str(out)})
+
+
+def _metrics_table(metrics: dict) -> Table:
+    table = Table(title=f"metrics (best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')})")
+    for column in ("split", "slides", "AUC", "balanced acc.", "accuracy"):
+        table.add_column(column, justify="right")
+    for split in ("train", "val", "test"):
+        if split in metrics:
+            m = metrics[split]
+            table.add_row(split, str(m["n"]), f"{m['auc']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['accuracy']:.3f}")
+    return table
+
+
+@command
+def train(
+    features: Annotated[Path, typer.Option(help="Feature store (or folder of per-slide .h5 files).")] = Path("feats.h5"),
+    labels: Annotated[Path, typer.Option(help="CSV with slide_id,label[,patient_id][,split].")] = Path("labels.csv"),
+    out: Annotated[Path, typer.Option(help="Model file to write.")] = Path("model.pt"),
+    epochs: Annotated[int, typer.Option(min=1, help="Most epochs (early stopping may end sooner).")] = 100,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-5,
+    patience: Annotated[int, typer.Option(min=1, help="Epochs without a better validation loss before stopping.")] = 10,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of slides (patients) held out for validation when there is no split column.")] = 0.2,
+    hidden_dim: Annotated[int, typer.Option(min=1, help="Patch embedding size.")] = 256,
+    attention_dim: Annotated[int, typer.Option(min=1, help="Attention branch size.")] = 128,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout after the patch embedding.")] = 0.25,
+    seed: Seed = 0,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Train a gated-attention MIL model on a feature store and a labels CSV."""
+    from mil_cli.models import ModelConfig
+    from mil_cli.stores import require_file
+    from mil_cli.training import TrainOptions, save_checkpoint
+    from mil_cli.training import train as train_model
+
+    options = TrainOptions(epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience,
+                           val_fraction=val_fraction, seed=seed,
+                           model=ModelConfig(hidden_dim=hidden_dim, attention_dim=attention_dim, dropout=dropout))
+    result = train_model(require_file(features, "--features"), require_file(labels, "--labels"), options, _device(device))
+    save_checkpoint(result.checkpoint, out)
+    console.print(_metrics_table(result.metrics))
+    report = StageReport(done=[str(out)], failed={s: f"in {labels} but not in {features}" for s in result.missing},
+                         seconds=result.seconds)
+    finish("train", report, as_json, {"out": str(out), "metrics": result.metrics})
+
+
+@command
+def predict(
+    model: Annotated[Path, typer.Option(help="Model file, or a folder of fold_*/model.pt (averaged).")] = Path("model.pt"),
+    features: Annotated[Path, typer.Option(help="Feature store (or folder of per-slide .h5 files).")] = Path("feats.h5"),
+    labels: Annotated[Optional[Path], typer.Option(help="Labels CSV: adds label and correct columns.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="CSV to write.", show_default="stdout")] = None,
+    device: Device = "auto",
+    quiet: Quiet = False,
+) -> None:
+    """Per-slide class probabilities as CSV."""
+    from mil_cli.inference import load_models, predict_slides, write_predictions
+    from mil_cli.labels import read_labels
+    from mil_cli.stores import FeatureSource, require_file
+
+    torch_device = _device(device)
+    models = load_models(require_file(model, "--model"), torch_device)
+    source = FeatureSource(require_file(features, "--features"))
+    table = read_labels(labels) if labels else None
+    predictions = predict_slides(models, source, source.slide_ids, torch_device)
+    if out is None:
+        write_predictions(predictions, models, table, sys.stdout)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as stream:
+            write_predictions(predictions, models, table, stream)
+    console.print(f"predict: {len(predictions)} slides")
+
+
+@command
+def explain(
+    slide_ids: Annotated[Optional[list[str]], typer.Argument(help="Slide ids to explain.")] = None,
+    all_slides: Annotated[bool, typer.Option("--all", help="Explain every slide in the store.")] = False,
+    model: Annotated[Path, typer.Option(help="Model file, or a folder of fold_*/model.pt.")] = Path("model.pt"),
+    features: Annotated[Path, typer.Option(help="Feature store.")] = Path("feats.h5"),
+    out: Annotated[Path, typer.Option(help="Folder for <slide_id>/ outputs.")] = Path("explain"),
+    k: Annotated[int, typer.Option(min=1, help="Top and bottom patches in the montage.")] = 8,
+    top_pct: Annotated[float, typer.Option(min=0.1, max=100.0, help="Attention percentile above which patches form regions.")] = 20.0,
+    device: Device = "auto",
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Attention heatmap, attention.csv, top patches and QuPath regions per slide."""
+    from mil_cli.explain import ExplainOptions, explain_slides
+    from mil_cli.inference import load_models
+    from mil_cli.stores import FeatureSource, require_file
+
+    if not slide_ids and not all_slides:
+        raise MilcliError("name one or more SLIDE_IDs, or pass --all")
+    torch_device = _device(device)
+    models = load_models(require_file(model, "--model"), torch_device)
+    source = FeatureSource(require_file(features, "--features"))
+    ids = source.slide_ids if all_slides else list(slide_ids or [])
+    report = explain_slides(models, source, ids, out, ExplainOptions(top_k=k, top_pct=top_pct), torch_device)
+    finish("explain", report, as_json, {"out": str(out)})
+
+
+@command
+def run(
+    inputs: Annotated[list[Path], typer.Argument(help="Slide files or folders of slides.")],
+    labels: Annotated[Path, typer.Option(help="CSV with slide_id,label[,patient_id][,split].")] = Path("labels.csv"),
+    out: Annotated[Path, typer.Option(help="Output folder (resumed when it exists).")] = Path("run"),
+    patch_size: Annotated[int, typer.Option(help="Patch side in px at the target resolution.")] = 256,
+    target_mpp: Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 = 20x).")] = 0.5,
+    mpp: Annotated[Optional[float], typer.Option(help="Override the slides' own µm/px (level 0).")] = None,
+    min_tissue: Annotated[float, typer.Option(help="Fraction of a patch that must be tissue.")] = 0.25,
+    backbone: Annotated[str, typer.Option(help="Frozen encoder (milcli embed --list-backbones).")] = "efficientnet-lite0",
+    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 64,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="Patch-decoding processes.", show_default="cores - 1, at most 8")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="Most training epochs.")] = 100,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
+    seed: Seed = 0,
+    explain_all: Annotated[bool, typer.Option("--explain/--no-explain", help="Explain every slide.")] = True,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """All stages in one go: tiles.h5, feats.h5, model.pt, predictions.csv, explain/, run.json."""
+    from mil_cli.pipeline import RunOptions, run_pipeline
+    from mil_cli.stores import require_file
+    from mil_cli.tiling import TilingOptions
+    from mil_cli.training import TrainOptions
+
+    options = RunOptions(
+        tiling=TilingOptions(patch_size=patch_size, target_mpp=target_mpp, mpp_override=mpp, min_tissue=min_tissue),
+        training=TrainOptions(epochs=epochs, lr=lr, seed=seed), backbone=backbone, batch_size=batch_size,
+        workers=workers, explain_all=explain_all, overwrite=overwrite)
+    reports = run_pipeline(inputs, require_file(labels, "--labels"), out, options, _device(device))
+    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    console.print(_metrics_table(metrics))
+    failed: dict[str, str] = {}
+    for stage, report in reports.items():
+        failed |= {f"{stage}: {source}": reason for source, reason in report.failed.items()}
+    total = StageReport(done=sorted({s for r in reports.values() for s in r.done}), failed=failed,
+                        seconds=sum(r.seconds for r in reports.values()))
+    console.print(f"outputs in {out}/ (predictions.csv, explain/, run.json)")
+    finish("run", total, as_json, {"out": str(out), "metrics": metrics,
+                                   "stages": {k: asdict(v) for k, v in reports.items()}})
+
+
+@command
+def info(
+    slides: Annotated[list[Path], typer.Argument(help="Slide files or folders.")],
+    quiet: Quiet = False,
+    as_json: AsJson = False,
+) -> None:
+    """Reader, size, pyramid levels, downsamples, mpp and vendor of each slide."""
+    from mil_cli.slides import find_slides, open_slide
+
+    table = Table(title="slides")
+    for column in ("slide", "reader", "width x height", "levels", "downsamples", "mpp", "vendor"):
+        table.add_column(column)
+    rows, report = [], StageReport()
+    for path in find_slides(slides):
+        try:
+            with open_slide(path) as slide:
+                row = {"path": str(path), "reader": slide.reader, "dimensions": list(slide.dimensions),
+                       "level_dimensions": [list(d) for d in slide.level_dimensions],
+                       "level_downsamples": slide.level_downsamples, "mpp": slide.mpp, "vendor": slide.vendor}
+        except MilcliError as exc:
+            report.failed[str(path)] = getattr(exc, "reason", str(exc))
+            continue
+        rows.append(row)
+        report.done.append(str(path))
+        table.add_row(path.name, row["reader"], "{} x {}".format(*row["dimensions"]), str(len(row["level_dimensions"])),
+                      ", ".join(f"{d:g}" for d in row["level_downsamples"]),
+                      f"{row['mpp']:.4g}" if row["mpp"] else "unknown", row["vendor"] or "")
+    if not as_json:
+        console.quiet = quiet
+        console.print(table)
+    for source, reason in report.failed.items():
+        console.print(f"[red]failed:[/] {source}: {reason}", soft_wrap=True)
+    if as_json:
+        print(json.dumps({"command": "info", "slides": rows, "failed": report.failed}))
+    if not report.ok:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"milcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    """milcli: attention MIL for whole-slide images."""
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,22 @@
+"""One rich console on stderr for progress, logs and warnings; `--quiet` silences it."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True, highlight=False)
+
+
+def set_quiet(quiet: bool) -> None:
+    console.quiet = quiet
+
+
+def warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+                    disable=console.quiet)

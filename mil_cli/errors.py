@@ -1,0 +1,18 @@
+"""Errors that milcli reports as one line (no traceback): the user's input is at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MilcliError(Exception):
+    """An expected problem (bad input, missing file) with a message fit to show a user."""
+
+
+class InputError(MilcliError):
+    """A problem with one named input: the message starts with the input's name."""
+
+    def __init__(self, source: str | Path, reason: str) -> None:
+        self.source = str(source)
+        self.reason = reason
+        super().__init__(f"{source}: {reason}")

@@ -1,0 +1,233 @@
+"""Show where the model looked: attention heatmap, per-patch table, top/bottom patches and
+high-attention regions as QuPath-ready GeoJSON, all from the stored features (pixels are read
+only for the patch montage)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.path import Path as PolygonPath  # noqa: E402
+from scipy.stats import rankdata  # noqa: E402
+from skimage import measure  # noqa: E402
+
+from mil_cli.console import warn  # noqa: E402
+from mil_cli.errors import InputError  # noqa: E402
+from mil_cli.inference import LoadedModel, check_compatible, predict_bag  # noqa: E402
+from mil_cli.reports import StageReport  # noqa: E402
+from mil_cli.slides import open_slide, safe_file_stem  # noqa: E402
+from mil_cli.stores import FeatureSource, SlideData, SlideImages  # noqa: E402
+
+COLOUR_MAP = "inferno"          # perceptually uniform, dark = low, bright = high
+REGION_COLOUR = [230, 60, 30]
+UPSAMPLE = 4                    # region outlines are traced on a grid 4x finer than the patches
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    top_k: int = 8            # patches shown in each row of the montage
+    top_pct: float = 20.0     # patches above this attention percentile form the regions
+    alpha: float = 0.6        # heatmap opacity over tissue
+
+
+def rank_percent(values: np.ndarray) -> np.ndarray:
+    """Percentile rank in (0, 100]: raw attention is tiny everywhere, ranks spread it out."""
+    return 100.0 * rankdata(values, method="average") / len(values)
+
+
+def patch_step(data: SlideData) -> int:
+    """Grid spacing of the patches in level-0 px."""
+    for key in ("stride_level0", "patch_size_level0", "patch_size"):
+        if key in data.attrs:
+            return int(data.attrs[key])
+    diffs = np.diff(np.unique(data.coords[:, 0]))
+    return int(diffs[diffs > 0].min()) if (diffs > 0).any() else 256
+
+
+def patch_size_level0(data: SlideData) -> int:
+    return int(data.attrs.get("patch_size_level0", data.attrs.get("patch_size", patch_step(data))))
+
+
+def paint(images: SlideImages, coords: np.ndarray, size: int, values: np.ndarray) -> np.ndarray:
+    """Average the patch values onto the thumbnail grid (overlapping patches averaged); NaN
+    where no patch or no tissue is."""
+    h, w = images.tissue_mask.shape
+    total, count = np.zeros((h, w)), np.zeros((h, w))
+    ds = images.downsample
+    for (x, y), value in zip(coords, values):
+        c0, r0 = int(x / ds), int(y / ds)
+        c1, r1 = max(c0 + 1, int(np.ceil((x + size) / ds))), max(r0 + 1, int(np.ceil((y + size) / ds)))
+        total[r0:r1, c0:c1] += value
+        count[r0:r1, c0:c1] += 1
+    with np.errstate(invalid="ignore"):
+        grid = total / count
+    grid[~images.tissue_mask] = np.nan
+    return grid
+
+
+def draw_heatmap(path: Path, images: SlideImages, grid: np.ndarray, title: str, alpha: float) -> None:
+    height, width = grid.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, width / 100 + 1.5), max(3.0, height / 100 + 0.8)), dpi=100)
+    ax.imshow(images.thumbnail)
+    shown = ax.imshow(np.ma.masked_invalid(grid), cmap=COLOUR_MAP, vmin=0, vmax=100, alpha=alpha,
+                      interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.035, pad=0.02, label="attention (percentile rank)")
+    ax.set_title(title, fontsize=9)
+    ax.set_axis_off()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+
+
+def draw_top_patches(path: Path, data: SlideData, attention: np.ndarray, ranks: np.ndarray, k: int) -> None:
+    """Montage: the k highest-attention patches on top, the k lowest below, scores under each."""
+    k = min(k, len(attention))
+    order = np.argsort(-attention)
+    rows = [("highest", order[:k]), ("lowest", order[::-1][:k])]
+    source = Path(str(data.attrs["source_path"]))
+    size = patch_size_level0(data)
+    out_size = int(data.attrs.get("patch_size", 224))
+    fig, axes = plt.subplots(2, k, figsize=(1.9 * k, 4.4), squeeze=False)
+    with open_slide(source) as slide:
+        for row, (name, indices) in enumerate(rows):
+            for col, index in enumerate(indices):
+                x, y = (int(v) for v in data.coords[index])
+                ax = axes[row, col]
+                ax.imshow(slide.read_patch((x, y), size, out_size))
+                ax.set_title(f"{name} #{col + 1}\na={attention[index]:.4f} ({ranks[index]:.0f}%)", fontsize=7)
+                ax.set_axis_off()
+    fig.suptitle(f"{data.slide_id}: top and bottom attention patches", fontsize=9)
+    fig.savefig(path, bbox_inches="tight", dpi=100)
+    plt.close(fig)
+
+
+def region_polygons(coords: np.ndarray, step: int, selected: np.ndarray) -> list[list[list[list[float]]]]:
+    """Polygons (outer ring, then holes) in level-0 px around connected selected grid cells."""
+    cells = np.round(coords / step).astype(int)
+    grid = np.zeros((cells[:, 1].max() + 1, cells[:, 0].max() + 1), dtype=bool)
+    grid[cells[selected, 1], cells[selected, 0]] = True
+    labelled = measure.label(grid, connectivity=1)
+    polygons = []
+    for component in range(1, labelled.max() + 1):
+        fine = np.kron(np.pad(labelled == component, 1), np.ones((UPSAMPLE, UPSAMPLE))).astype(float)
+        rings = []
+        for contour in measure.find_contours(fine, 0.5):
+            contour = measure.approximate_polygon(contour, tolerance=0.75)
+            xy = ((contour[:, ::-1] + 0.5) / UPSAMPLE - 1) * step
+            rings.append(np.round(xy, 1))
+        rings.sort(key=lambda ring: -abs(_signed_area(ring)))
+        outer, holes = rings[0], [r for r in rings[1:] if PolygonPath(rings[0]).contains_point(r[0])]
+        polygons.append([_closed(outer)] + [_closed(h) for h in holes])
+    return polygons
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def _closed(ring: np.ndarray) -> list[list[float]]:
+    points = ring.tolist()
+    if points[0] != points[-1]:
+        points.append(points[0])
+    return points
+
+
+def regions_geojson(polygons: list, scores: list[float], slide_id: str) -> dict:
+    """A FeatureCollection QuPath imports as annotations classified 'High attention'."""
+    features = []
+    for i, (rings, score) in enumerate(zip(polygons, scores), start=1):
+        features.append({
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": rings},
+            "properties": {"objectType": "annotation", "name": f"{slide_id} region {i}",
+                           "classification": {"name": "High attention", "color": REGION_COLOUR},
+                           "score": score, "isLocked": False},
+        })
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_attention_csv(path: Path, data: SlideData, size: int, attention: np.ndarray, ranks: np.ndarray,
+                        contributions: np.ndarray | None, classes: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        header = ["x", "y", "size", "attention", "rank_pct"]
+        if contributions is not None:
+            header += [f"contribution_{c}" for c in classes]
+        writer.writerow(header)
+        for i, (x, y) in enumerate(data.coords):
+            row = [int(x), int(y), size, f"{attention[i]:.6g}", f"{ranks[i]:.2f}"]
+            if contributions is not None:
+                row += [f"{v:.6g}" for v in contributions[i]]
+            writer.writerow(row)
+
+
+def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: str, out: Path,
+                  options: ExplainOptions, device: torch.device) -> Path:
+    """Write every explanation file for one slide into out/<safe slide id>/ and return it."""
+    data = source.load(slide_id)
+    assert data.features is not None
+    if len(data.features) == 0:
+        raise InputError(slide_id, "slide has no patches to explain")
+    folder = out / safe_file_stem(slide_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    probs, attention = predict_bag(models, data.features, device)
+    ranks = rank_percent(attention)
+    classes = models[0].classes
+    contributions = None
+    if len(models) == 1 and hasattr(models[0].module, "contributions"):
+        with torch.inference_mode():
+            contributions = models[0].module.contributions(torch.from_numpy(data.features).to(device)).cpu().numpy()
+    size = patch_size_level0(data)
+    write_attention_csv(folder / "attention.csv", data, size, attention, ranks, contributions, classes)
+
+    predicted = int(np.argmax(probs))
+    title = (f"{slide_id} | model {models[0].config['model']['architecture']}"
+             f"{f' x{len(models)}' if len(models) > 1 else ''} | predicted {classes[predicted]} "
+             f"(p={probs[predicted]:.2f})")
+    images = source.images(slide_id)
+    if images is not None:
+        draw_heatmap(folder / "heatmap.png", images, paint(images, data.coords, size, ranks), title, options.alpha)
+    else:
+        warn(f"{slide_id}: the store has no thumbnail; heatmap.png not drawn")
+
+    selected = ranks > 100.0 - options.top_pct
+    polygons = region_polygons(data.coords, patch_step(data), selected)
+    cells = np.round(data.coords / patch_step(data)).astype(int)
+    scores = []
+    for rings in polygons:
+        inside = PolygonPath(np.array(rings[0])).contains_points((cells + 0.5) * patch_step(data))
+        scores.append(float(attention[inside & selected].sum()))
+    (folder / "regions.geojson").write_text(json.dumps(regions_geojson(polygons, scores, slide_id)))
+
+    try:
+        draw_top_patches(folder / "top_patches.png", data, attention, ranks, options.top_k)
+    except InputError as exc:
+        warn(f"{slide_id}: top_patches.png not drawn ({exc})")
+    return folder
+
+
+def explain_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: list[str], out: Path,
+                   options: ExplainOptions, device: torch.device) -> StageReport:
+    start = time.perf_counter()
+    check_compatible(models, source)
+    report = StageReport()
+    for slide_id in slide_ids:
+        if slide_id not in source.slide_ids:
+            report.failed[slide_id] = f"not in {source.path}"
+            continue
+        try:
+            explain_slide(models, source, slide_id, out, options, device)
+            report.done.append(slide_id)
+        except InputError as exc:
+            report.failed[slide_id] = str(exc)
+    report.seconds = time.perf_counter() - start
+    return report

@@ -1,0 +1,80 @@
+"""`milcli run`: every stage into one output folder, resuming each, with run.json recording
+the options and timings of every stage."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mil_cli import __version__
+from mil_cli.backbones import get_backbone
+from mil_cli.embedding import embed_store
+from mil_cli.explain import ExplainOptions, explain_slides
+from mil_cli.inference import load_models, predict_slides, write_predictions
+from mil_cli.labels import read_labels
+from mil_cli.reports import StageReport
+from mil_cli.stores import FeatureSource
+from mil_cli.tiling import TilingOptions, tile_slides
+from mil_cli.training import TrainOptions, save_checkpoint, train
+
+
+@dataclass
+class RunOptions:
+    tiling: TilingOptions = field(default_factory=TilingOptions)
+    training: TrainOptions = field(default_factory=TrainOptions)
+    explain: ExplainOptions = field(default_factory=ExplainOptions)
+    backbone: str = "efficientnet-lite0"
+    batch_size: int = 64
+    workers: int | None = None
+    dtype: str = "float16"
+    explain_all: bool = True
+    overwrite: bool = False
+
+
+def run_pipeline(inputs: list[Path], labels_path: Path, out: Path, options: RunOptions,
+                 device: torch.device) -> dict[str, StageReport]:
+    """Tile, embed, train, predict and explain into `out`; returns each stage's report."""
+    read_labels(labels_path)  # fail on a bad labels file before hours of embedding
+    out.mkdir(parents=True, exist_ok=True)
+    tiles, feats, model_path = out / "tiles.h5", out / "feats.h5", out / "model.pt"
+    reports: dict[str, StageReport] = {}
+    reports["tile"] = tile_slides(inputs, tiles, options.tiling, overwrite=options.overwrite)
+    reports["embed"] = embed_store(tiles, feats, get_backbone(options.backbone), device, options.batch_size,
+                                   options.workers, options.dtype, overwrite=options.overwrite)
+
+    stale = options.overwrite or not model_path.exists() or reports["embed"].done
+    reports["train"] = StageReport()
+    if stale:
+        result = train(feats, labels_path, options.training, device)
+        save_checkpoint(result.checkpoint, model_path)
+        reports["train"] = StageReport(done=["model.pt"], failed={s: f"not in {feats}" for s in result.missing},
+                                       seconds=result.seconds)
+    else:
+        reports["train"].skipped.append("model.pt")
+
+    start = time.perf_counter()
+    models = load_models(model_path, device)
+    source = FeatureSource(feats)
+    predictions = predict_slides(models, source, source.slide_ids, device)
+    with open(out / "predictions.csv", "w", newline="") as stream:
+        write_predictions(predictions, models, read_labels(labels_path), stream)
+    reports["predict"] = StageReport(done=[p.slide_id for p in predictions], seconds=time.perf_counter() - start)
+
+    if options.explain_all:
+        reports["explain"] = explain_slides(models, source, source.slide_ids, out / "explain", options.explain, device)
+
+    record = {
+        "milcli_version": __version__,
+        "inputs": [str(p) for p in inputs],
+        "labels": str(labels_path),
+        "device": str(device),
+        "options": json.loads(json.dumps(asdict(options), default=str)),
+        "stages": {name: report.to_dict() for name, report in reports.items()},
+        "metrics": torch.load(model_path, weights_only=True)["config"]["metrics"],
+    }
+    (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
+    return reports

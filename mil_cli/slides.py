@@ -1,0 +1,289 @@
+"""Open any slide behind one small interface: size, pyramid levels, mpp, regions, thumbnails.
+
+Pyramidal and tiled TIFF (Aperio .svs, generic .tif) go through tiffslide, which decodes only
+the tiles a region touches. Plain PNG/JPEG/BMP images go through Pillow; a JPEG thumbnail is
+decoded at reduced scale (DCT scaling) instead of in full.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mil_cli.errors import InputError
+
+TIFF_SUFFIXES = {".svs", ".tif", ".tiff"}
+PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+SLIDE_SUFFIXES = TIFF_SUFFIXES | PLAIN_SUFFIXES
+
+# Plain images are decoded whole, so their size is capped by memory (3 GB as RGB).
+MAX_PLAIN_PIXELS = 1_000_000_000
+# Tiled TIFFs decode tile by tile; beyond this the header is nonsense or hostile.
+MAX_TILED_PIXELS = 10**12
+# mpp outside this range is not a microscope's (e.g. a 72 dpi screen resolution tag).
+PLAUSIBLE_MPP = (0.05, 20.0)
+
+
+def plausible_mpp(value: float | None) -> float | None:
+    """Return `value` if it looks like a microscope resolution in µm/px, else None."""
+    if value is None or not np.isfinite(value):
+        return None
+    return float(value) if PLAUSIBLE_MPP[0] <= value <= PLAUSIBLE_MPP[1] else None
+
+
+def slide_id_from_path(path: Path) -> str:
+    """The slide id: the file name without its extension (DESIGN.md)."""
+    return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+def safe_file_stem(slide_id: str) -> str:
+    """A version of a slide id that is safe as one path component on any OS."""
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]", "_", slide_id).lstrip(".")
+    return cleaned or "_"
+
+
+class Slide(ABC):
+    """A read-only slide. Coordinates are level-0 pixels, (x, y) order, as in OpenSlide."""
+
+    reader: str
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    @abstractmethod
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height)."""
+
+    @property
+    @abstractmethod
+    def level_dimensions(self) -> list[tuple[int, int]]: ...
+
+    @property
+    @abstractmethod
+    def level_downsamples(self) -> list[float]: ...
+
+    @property
+    @abstractmethod
+    def mpp(self) -> float | None:
+        """Level-0 microns per pixel from the file's metadata, or None when unknown."""
+
+    @property
+    def vendor(self) -> str | None:
+        return None
+
+    @abstractmethod
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 array (h, w, 3) of `size` at `level`, top-left at level-0 `location`."""
+
+    @abstractmethod
+    def thumbnail(self, max_size: int) -> np.ndarray:
+        """RGB uint8 image whose longer side is at most `max_size` (never upsampled)."""
+
+    def best_level(self, downsample: float) -> int:
+        """The highest-resolution level no coarser than `downsample` (read, then shrink)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.01:
+                best = level
+        return best
+
+    def read_patch(self, location: tuple[int, int], size_level0: int, out_size: int) -> np.ndarray:
+        """A square patch covering `size_level0` level-0 px, resized to `out_size` px."""
+        level = self.best_level(size_level0 / out_size)
+        ds = self.level_downsamples[level]
+        size = max(1, round(size_level0 / ds))
+        region = self.read_region(location, level, (size, size))
+        if size != out_size:
+            region = np.array(Image.fromarray(region).resize((out_size, out_size), Image.BILINEAR))
+        return region
+
+    def close(self) -> None:
+        """Release file handles."""
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _thumbnail_size(width: int, height: int, max_size: int) -> tuple[int, int]:
+    scale = min(1.0, max_size / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+class PillowSlide(Slide):
+    """A plain image file, decoded on first region read and kept in memory."""
+
+    reader = "pillow"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        try:
+            with Image.open(path) as probe:
+                self._size = probe.size
+                self._format = probe.format
+                dpi = probe.info.get("dpi")
+        except UnidentifiedImageError:
+            raise InputError(path, "not a readable image (Pillow cannot identify it)") from None
+        except OSError as exc:
+            raise InputError(path, f"cannot read image: {exc}") from None
+        width, height = self._size
+        if width * height > MAX_PLAIN_PIXELS:
+            raise InputError(
+                path,
+                f"image of {width} x {height} px is too large to decode whole "
+                f"(limit {MAX_PLAIN_PIXELS:,} px); convert it to a tiled pyramidal TIFF",
+            )
+        self._mpp = plausible_mpp(25400.0 / float(dpi[0])) if dpi and dpi[0] else None
+        self._pixels: np.ndarray | None = None
+
+    def _load(self) -> np.ndarray:
+        if self._pixels is None:
+            try:
+                with Image.open(self.path) as image:
+                    image.load()
+                    self._pixels = np.asarray(image.convert("RGB"))
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise InputError(self.path, f"cannot decode image: {exc}") from None
+        return self._pixels
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self._size
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [self._size]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [1.0]
+
+    @property
+    def mpp(self) -> float | None:
+        return self._mpp
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        pixels = self._load()
+        x, y = location
+        w, h = size
+        out = np.full((h, w, 3), 255, dtype=np.uint8)  # outside the image reads as white
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, pixels.shape[1]), min(y + h, pixels.shape[0])
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = pixels[y0:y1, x0:x1]
+        return out
+
+    def thumbnail(self, max_size: int) -> np.ndarray:
+        target = _thumbnail_size(*self._size, max_size)
+        try:
+            with Image.open(self.path) as image:
+                if self._format == "JPEG":
+                    image.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale when enough
+                image = image.convert("RGB")
+                return np.asarray(image.resize(target, Image.BILINEAR, reducing_gap=3.0))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise InputError(self.path, f"cannot decode image: {exc}") from None
+
+
+class TiffSlideReader(Slide):
+    """Tiled or pyramidal TIFF (SVS, generic TIFF) through tiffslide."""
+
+    reader = "tiffslide"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        import tiffslide
+
+        try:
+            self._slide = tiffslide.TiffSlide(path)
+            width, height = self._slide.dimensions
+        except Exception as exc:  # tifffile raises many types for corrupt files
+            raise InputError(path, f"not a readable TIFF slide: {exc}") from None
+        if width * height > MAX_TILED_PIXELS:
+            raise InputError(path, f"claims {width} x {height} px, beyond any real slide; refusing it")
+        props = self._slide.properties
+        self._mpp = plausible_mpp(props.get("tiffslide.mpp-x"))
+        self._vendor = props.get("tiffslide.vendor")
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return tuple(self._slide.dimensions)
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [tuple(d) for d in self._slide.level_dimensions]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [float(d) for d in self._slide.level_downsamples]
+
+    @property
+    def mpp(self) -> float | None:
+        return self._mpp
+
+    @property
+    def vendor(self) -> str | None:
+        return self._vendor
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        try:
+            region = self._slide.read_region(location, level, size, as_array=True)
+        except Exception as exc:
+            raise InputError(self.path, f"cannot decode region at {location}: {exc}") from None
+        if region.ndim == 2:
+            region = np.stack([region] * 3, axis=-1)
+        return np.ascontiguousarray(region[..., :3], dtype=np.uint8)
+
+    def thumbnail(self, max_size: int) -> np.ndarray:
+        target = _thumbnail_size(*self.dimensions, max_size)
+        try:
+            image = self._slide.get_thumbnail(target)
+        except Exception as exc:
+            raise InputError(self.path, f"cannot decode thumbnail: {exc}") from None
+        image = image.convert("RGB")
+        if image.size != target:
+            image = image.resize(target, Image.BILINEAR)
+        return np.asarray(image)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def open_slide(path: str | Path) -> Slide:
+    """Open a slide with the reader its file type needs; InputError when it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        return TiffSlideReader(path)
+    if suffix in PLAIN_SUFFIXES:
+        return PillowSlide(path)
+    supported = ", ".join(sorted(SLIDE_SUFFIXES))
+    raise InputError(path, f"unsupported file type '{suffix or '(none)'}' (supported: {supported})")
+
+
+def find_slides(inputs: list[Path]) -> list[Path]:
+    """Expand files and folders into slide files. Folders contribute files with slide
+    suffixes (recursively, hidden files skipped); files named directly are always kept,
+    so that a wrong one gets a clear error instead of being ignored."""
+    found: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found.extend(
+                p for p in sorted(item.rglob("*"))
+                if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(item).parts)
+            )
+        elif item.exists():
+            found.append(item)
+        else:
+            raise InputError(item, "no such file or folder")
+    return found
