@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 
 from mil_cli import __version__
-from mil_cli.console import console, set_quiet, warn
+from mil_cli.console import console, error, set_quiet
 from mil_cli.errors import MilcliError
 from mil_cli.reports import StageReport
 
@@ -44,12 +44,7 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except MilcliError as exc:
-            console.quiet = False
-            console.print(f"[red]error:[/] {exc}", soft_wrap=True)
-            raise typer.Exit(EXIT_ERROR) from None
-        except ValueError as exc:  # option values rejected by the library's dataclasses
-            console.quiet = False
-            console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+            error(f"[red]error:[/] {exc}")
             raise typer.Exit(EXIT_ERROR) from None
         except KeyboardInterrupt:
             console.print("[red]interrupted[/]; finished slides are kept, rerun to resume")
@@ -60,7 +55,7 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
 def finish(name: str, report: StageReport, as_json: bool, extra: dict | None = None) -> None:
     """Report failures by name, print the summary, and exit 1 when any input failed."""
     for source, reason in report.failed.items():
-        console.print(f"[red]failed:[/] {source}: {reason}", soft_wrap=True)
+        error(f"[red]failed:[/] {source}: {reason}")
     console.print(f"{name}: {len(report.done)} done, {len(report.skipped)} already done, "
                   f"{len(report.failed)} failed in {report.seconds:.1f} s")
     if as_json:
@@ -294,7 +289,7 @@ def info(
 
     table = Table(title="slides")
     for column in ("slide", "reader", "width x height", "levels", "downsamples", "mpp", "vendor"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     rows, report = [], StageReport()
     for path in find_slides(slides):
         try:
@@ -314,7 +309,7 @@ def info(
         console.quiet = quiet
         console.print(table)
     for source, reason in report.failed.items():
-        console.print(f"[red]failed:[/] {source}: {reason}", soft_wrap=True)
+        error(f"[red]failed:[/] {source}: {reason}")
     if as_json:
         print(json.dumps({"command": "info", "slides": rows, "failed": report.failed}))
     if not report.ok:

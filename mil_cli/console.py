@@ -12,6 +12,13 @@ def set_quiet(quiet: bool) -> None:
     console.quiet = quiet
 
 
+def error(message: str) -> None:
+    """Errors are shown even under --quiet: the exit code alone would not say what failed."""
+    quiet, console.quiet = console.quiet, False
+    console.print(message, soft_wrap=True)
+    console.quiet = quiet
+
+
 def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
 

@@ -8,6 +8,7 @@ decoded at reduced scale (DCT scaling) instead of in full.
 from __future__ import annotations
 
 import re
+import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -22,6 +23,7 @@ SLIDE_SUFFIXES = TIFF_SUFFIXES | PLAIN_SUFFIXES
 
 # Plain images are decoded whole, so their size is capped by memory (3 GB as RGB).
 MAX_PLAIN_PIXELS = 1_000_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PLAIN_PIXELS  # Pillow's own bomb guard, at our limit
 # Tiled TIFFs decode tile by tile; beyond this the header is nonsense or hostile.
 MAX_TILED_PIXELS = 10**12
 # mpp outside this range is not a microscope's (e.g. a 72 dpi screen resolution tag).
@@ -125,10 +127,15 @@ class PillowSlide(Slide):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         try:
-            with Image.open(path) as probe:
-                self._size = probe.size
-                self._format = probe.format
-                dpi = probe.info.get("dpi")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(path) as probe:  # reads the header only
+                    self._size = probe.size
+                    self._format = probe.format
+                    dpi = probe.info.get("dpi")
+        except Image.DecompressionBombError:
+            raise InputError(path, f"image is too large to decode whole (limit {MAX_PLAIN_PIXELS:,} px); "
+                                   f"convert it to a tiled pyramidal TIFF") from None
         except UnidentifiedImageError:
             raise InputError(path, "not a readable image (Pillow cannot identify it)") from None
         except OSError as exc:

@@ -13,7 +13,7 @@ import numpy as np
 
 from mil_cli import stores
 from mil_cli.console import progress_bar, warn
-from mil_cli.errors import InputError
+from mil_cli.errors import InputError, MilcliError
 from mil_cli.reports import StageReport
 from mil_cli.slides import Slide, find_slides, open_slide, slide_id_from_path
 from mil_cli.tissue import tissue_mask
@@ -30,13 +30,13 @@ class TilingOptions:
 
     def __post_init__(self) -> None:
         if self.patch_size < 8:
-            raise ValueError("patch size must be at least 8 px")
+            raise MilcliError(f"--patch-size {self.patch_size}: must be at least 8 px")
         if self.stride is not None and self.stride < 1:
-            raise ValueError("stride must be at least 1 px")
+            raise MilcliError(f"--stride {self.stride}: must be at least 1 px")
         if not 0.0 <= self.min_tissue <= 1.0:
-            raise ValueError("min tissue must be a fraction between 0 and 1")
+            raise MilcliError(f"--min-tissue {self.min_tissue}: must be a fraction between 0 and 1")
         if self.target_mpp <= 0 or (self.mpp_override is not None and self.mpp_override <= 0):
-            raise ValueError("mpp values must be positive")
+            raise MilcliError("--target-mpp and --mpp must be positive")
 
 
 @dataclass

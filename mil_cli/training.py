@@ -103,6 +103,8 @@ def class_weights(bags: list[Bag], n_classes: int) -> torch.Tensor:
 
 def evaluate(model: nn.Module, bags: list[Bag], loss_fn: nn.Module, device: torch.device) -> tuple[float, np.ndarray]:
     """Mean loss and (n_bags, C) probabilities, in eval mode."""
+    if not bags:
+        return float("nan"), np.zeros((0, 0))
     model.eval()
     losses, probs = [], []
     with torch.inference_mode():
@@ -110,7 +112,7 @@ def evaluate(model: nn.Module, bags: list[Bag], loss_fn: nn.Module, device: torc
             logits, _ = model(bag.features.to(device))
             losses.append(float(loss_fn(logits[None], torch.tensor([bag.target], device=device))))
             probs.append(torch.softmax(logits, -1).cpu().numpy())
-    return float(np.mean(losses)) if losses else float("nan"), np.array(probs).reshape(len(bags), -1)
+    return float(np.mean(losses)), np.stack(probs)
 
 
 def classification_metrics(targets: np.ndarray, probs: np.ndarray) -> dict:

@@ -1,0 +1,70 @@
+"""Explanation outputs for one slide: shapes, ranges, geometry, and exact logit decomposition."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mil_cli.explain import rank_percent, region_polygons
+from mil_cli.inference import load_model
+from mil_cli.stores import FeatureSource
+
+
+def test_contributions_sum_to_the_logit(sample_run: Path) -> None:
+    model = load_model(sample_run / "model.pt", torch.device("cpu"))
+    data = FeatureSource(sample_run / "feats.h5").load("slide_00")
+    x = torch.from_numpy(data.features)
+    with torch.inference_mode():
+        logits, attention = model.module(x)
+        contributions = model.module.contributions(x)
+    assert attention.sum().item() == pytest.approx(1.0, abs=1e-5)
+    bias = model.module.classifier.bias
+    assert torch.allclose(contributions.sum(0), logits - bias, atol=1e-4)
+
+
+def test_explain_outputs_for_one_slide(sample_run: Path) -> None:
+    folder = sample_run / "explain" / "slide_00"
+    with open(folder / "attention.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:5] == ["x", "y", "size", "attention", "rank_pct"]
+    attention = np.array([float(r["attention"]) for r in rows])
+    ranks = np.array([float(r["rank_pct"]) for r in rows])
+    assert attention.sum() == pytest.approx(1.0, abs=1e-3) and (attention >= 0).all()
+    assert ranks.min() > 0 and ranks.max() == pytest.approx(100.0)
+    assert np.argmax(ranks) == np.argmax(attention)
+
+    heatmap = Image.open(folder / "heatmap.png")
+    assert heatmap.width >= 500 and heatmap.mode in ("RGB", "RGBA")
+    assert Image.open(folder / "top_patches.png").width > 800
+
+    collection = json.loads((folder / "regions.geojson").read_text())
+    assert collection["type"] == "FeatureCollection" and collection["features"]
+    for feature in collection["features"]:
+        assert feature["geometry"]["type"] == "Polygon"
+        assert feature["properties"]["classification"]["name"] == "High attention"
+        for ring in feature["geometry"]["coordinates"]:
+            points = np.array(ring)
+            assert len(points) >= 4 and (points[0] == points[-1]).all()
+            assert (points[:, 0] >= 0).all() and (points[:, 0] <= 1792).all()
+            assert (points[:, 1] >= 0).all() and (points[:, 1] <= 1280).all()
+
+
+def test_region_polygons_trace_cells_and_keep_holes() -> None:
+    coords = np.array([(x, y) for y in range(0, 5 * 100, 100) for x in range(0, 5 * 100, 100)])
+    ring = np.array([not (x == 200 and y == 200) and 100 <= x <= 300 and 100 <= y <= 300 for x, y in coords])
+    polygons = region_polygons(coords, 100, ring)
+    assert len(polygons) == 1 and len(polygons[0]) == 2  # outer ring and one hole
+    outer, hole = np.array(polygons[0][0]), np.array(polygons[0][1])
+    assert outer[:, 0].min() == pytest.approx(100, abs=15) and outer[:, 0].max() == pytest.approx(400, abs=15)
+    assert hole[:, 0].min() == pytest.approx(200, abs=15) and hole[:, 0].max() == pytest.approx(300, abs=15)
+
+
+def test_rank_percent_spreads_tiny_values() -> None:
+    ranks = rank_percent(np.array([1e-9, 2e-9, 0.5, 3e-9]))
+    assert ranks.tolist() == [25.0, 50.0, 100.0, 75.0]

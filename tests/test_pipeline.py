@@ -1,0 +1,113 @@
+"""The README's main command on sample_data, end to end, and what each stage leaves behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SAMPLE
+from mil_cli.evaluation import localisation_auc, patch_mask_fraction
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_leaves_every_output(sample_run: Path) -> None:
+    for name in ("tiles.h5", "feats.h5", "model.pt", "predictions.csv", "run.json"):
+        assert (sample_run / name).is_file(), name
+    record = json.loads((sample_run / "run.json").read_text())
+    assert set(record["stages"]) == {"tile", "embed", "train", "predict", "explain"}
+    assert record["options"]["backbone"] == "efficientnet-lite0"
+    assert all(stage["failed"] == {} for stage in record["stages"].values())
+    for slide in ("slide_00", "slide_01"):
+        for name in ("heatmap.png", "attention.csv", "top_patches.png", "regions.geojson"):
+            assert (sample_run / "explain" / slide / name).is_file()
+
+
+def test_tile_store_layout(sample_run: Path) -> None:
+    with h5py.File(sample_run / "tiles.h5", "r") as f:
+        assert f.attrs["format"] == "milcli-tiles" and f.attrs["format_version"] == 1
+        assert "milcli_version" in f.attrs
+        assert len(f["slides"]) == 20
+        g = f["slides/slide_00"]
+        for key in ("source_path", "width", "height", "mpp", "patch_size", "patch_size_level0", "target_mpp"):
+            assert key in g.attrs, key
+        assert g.attrs["complete"]
+        assert (g.attrs["width"], g.attrs["height"]) == (1792, 1280)
+        assert g.attrs["patch_size"] == 256 and g.attrs["patch_size_level0"] == 256
+        coords = g["coords"][()]
+        assert coords.dtype == np.int64 and coords.shape[1] == 2 and len(coords) > 5
+        assert (coords[:, 0] + 256 <= 1792).all() and (coords[:, 1] + 256 <= 1280).all()
+        thumb, mask = g["thumbnail"], g["tissue_mask"]
+        assert thumb.dtype == np.uint8 and thumb.shape[2] == 3
+        assert mask.dtype == bool and mask.shape == thumb.shape[:2]
+        assert thumb.attrs["downsample"] == pytest.approx(1792 / thumb.shape[1])
+
+
+def test_feature_store_layout(sample_run: Path) -> None:
+    with h5py.File(sample_run / "feats.h5", "r") as f:
+        assert f.attrs["format"] == "milcli-features"
+        assert f.attrs["backbone"] == "efficientnet-lite0" and f.attrs["dim"] == 1280
+        assert f.attrs["dtype"] == "float16"
+        with h5py.File(sample_run / "tiles.h5", "r") as tiles:
+            for slide_id, g in f["slides"].items():
+                feats = g["features"][()]
+                assert feats.dtype == np.float16 and feats.shape == (len(g["coords"]), 1280)
+                assert np.isfinite(feats).all() and feats.std() > 0
+                assert np.array_equal(g["coords"][()], tiles[f"slides/{slide_id}/coords"][()])
+
+
+def test_model_file_loads_with_weights_only(sample_run: Path) -> None:
+    checkpoint = torch.load(sample_run / "model.pt", weights_only=True)
+    config = checkpoint["config"]
+    assert config["classes"] == ["normal", "tumour"]
+    assert config["backbone"] == "efficientnet-lite0" and config["feature_dim"] == 1280
+    assert config["model"]["architecture"] == "abmil"
+    assert set(config["slides"]["train"]).isdisjoint(config["slides"]["val"])
+
+
+def test_predictions_separate_the_classes(sample_run: Path) -> None:
+    rows = read_csv(sample_run / "predictions.csv")
+    assert list(rows[0]) == ["slide_id", "prediction", "prob_normal", "prob_tumour", "label", "correct", "split"]
+    assert len(rows) == 20
+    for row in rows:
+        assert float(row["prob_normal"]) + float(row["prob_tumour"]) == pytest.approx(1.0, abs=1e-5)
+    held_out = [r for r in rows if r["split"] == "val"]
+    assert held_out and all(r["correct"] == "true" for r in held_out)
+
+
+def test_attention_falls_on_the_tumour(sample_run: Path) -> None:
+    """Within each positive slide, attention ranks patches inside the true tumour mask above
+    the others (AUC), averaged over the positive slides."""
+    aucs = []
+    for mask_path in sorted((SAMPLE / "masks").glob("*.png")):
+        mask = np.array(Image.open(mask_path)).astype(bool)
+        rows = read_csv(sample_run / "explain" / mask_path.stem / "attention.csv")
+        coords = np.array([[int(r["x"]), int(r["y"])] for r in rows])
+        inside = patch_mask_fraction(mask, coords, int(rows[0]["size"])) >= 0.5
+        auc = localisation_auc(np.array([float(r["attention"]) for r in rows]), inside)
+        if not np.isnan(auc):
+            aucs.append(auc)
+    assert len(aucs) >= 8
+    assert np.mean(aucs) >= 0.85
+
+
+def test_rerun_resumes_without_redoing_work(sample_run: Path) -> None:
+    from conftest import invoke
+
+    result = invoke("run", SAMPLE / "slides", "--labels", SAMPLE / "labels.csv", "--out", sample_run,
+                    "--device", "cpu", "--no-explain", "--json", "--quiet")
+    assert result.exit_code == 0
+    summary = json.loads(result.stdout)
+    assert len(summary["stages"]["tile"]["skipped"]) == 20 and summary["stages"]["tile"]["done"] == []
+    assert len(summary["stages"]["embed"]["skipped"]) == 20
+    assert summary["stages"]["train"]["skipped"] == ["model.pt"]
