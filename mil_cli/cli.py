@@ -32,7 +32,7 @@ EXIT_ERROR = 2
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log output on stderr.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto takes CUDA when present).")]
-Overwrite = Annotated[bool, typer.Option(help="Redo finished slides instead of resuming.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo finished slides instead of resuming.")]
 Seed = Annotated[int, typer.Option(help="Random seed (same seed + device = same numbers).")]
 
 
