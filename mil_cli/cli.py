@@ -10,7 +10,6 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -268,14 +267,12 @@ def run(
     reports = run_pipeline(inputs, require_file(labels, "--labels"), out, options, _device(device))
     metrics = json.loads((out / "run.json").read_text())["metrics"]
     console.print(_metrics_table(metrics))
-    failed: dict[str, str] = {}
-    for stage, report in reports.items():
-        failed |= {f"{stage}: {source}": reason for source, reason in report.failed.items()}
-    total = StageReport(done=sorted({s for r in reports.values() for s in r.done}), failed=failed,
-                        seconds=sum(r.seconds for r in reports.values()))
+    failed = {f"{stage}: {source}": reason for stage, report in reports.items()
+              for source, reason in report.failed.items()}
+    total = StageReport(done=reports["predict"].done, failed=failed, seconds=sum(r.seconds for r in reports.values()))
     console.print(f"outputs in {out}/ (predictions.csv, explain/, run.json)")
     finish("run", total, as_json, {"out": str(out), "metrics": metrics,
-                                   "stages": {k: asdict(v) for k, v in reports.items()}})
+                                   "stages": {k: v.to_dict() for k, v in reports.items()}})
 
 
 @command

@@ -10,22 +10,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.path import Path as PolygonPath
+from scipy.stats import rankdata
+from skimage import measure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.path import Path as PolygonPath  # noqa: E402
-from scipy.stats import rankdata  # noqa: E402
-from skimage import measure  # noqa: E402
-
-from mil_cli.console import warn  # noqa: E402
-from mil_cli.errors import InputError  # noqa: E402
-from mil_cli.inference import LoadedModel, check_compatible, predict_bag  # noqa: E402
-from mil_cli.reports import StageReport  # noqa: E402
-from mil_cli.slides import open_slide, safe_file_stem  # noqa: E402
-from mil_cli.stores import FeatureSource, SlideData, SlideImages  # noqa: E402
+from mil_cli.console import warn
+from mil_cli.errors import InputError
+from mil_cli.inference import LoadedModel, check_compatible, predict_bag
+from mil_cli.reports import StageReport
+from mil_cli.slides import open_slide, safe_file_stem
+from mil_cli.stores import FeatureSource, SlideData, SlideImages
 
 COLOUR_MAP = "inferno"          # perceptually uniform, dark = low, bright = high
 REGION_COLOUR = [230, 60, 30]
@@ -76,7 +73,8 @@ def paint(images: SlideImages, coords: np.ndarray, size: int, values: np.ndarray
 
 def draw_heatmap(path: Path, images: SlideImages, grid: np.ndarray, title: str, alpha: float) -> None:
     height, width = grid.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, width / 100 + 1.5), max(3.0, height / 100 + 0.8)), dpi=100)
+    fig = Figure(figsize=(max(4.0, width / 100 + 1.5), max(3.0, height / 100 + 0.8)), dpi=100)
+    ax = fig.subplots()
     ax.imshow(images.thumbnail)
     shown = ax.imshow(np.ma.masked_invalid(grid), cmap=COLOUR_MAP, vmin=0, vmax=100, alpha=alpha,
                       interpolation="nearest")
@@ -84,7 +82,6 @@ def draw_heatmap(path: Path, images: SlideImages, grid: np.ndarray, title: str, 
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
 
 
 def draw_top_patches(path: Path, data: SlideData, attention: np.ndarray, ranks: np.ndarray, k: int) -> None:
@@ -95,7 +92,8 @@ def draw_top_patches(path: Path, data: SlideData, attention: np.ndarray, ranks: 
     source = Path(str(data.attrs["source_path"]))
     size = patch_size_level0(data)
     out_size = int(data.attrs.get("patch_size", 224))
-    fig, axes = plt.subplots(2, k, figsize=(1.9 * k, 4.4), squeeze=False)
+    fig = Figure(figsize=(1.9 * k, 4.4))
+    axes = fig.subplots(2, k, squeeze=False)
     with open_slide(source) as slide:
         for row, (name, indices) in enumerate(rows):
             for col, index in enumerate(indices):
@@ -106,7 +104,6 @@ def draw_top_patches(path: Path, data: SlideData, attention: np.ndarray, ranks: 
                 ax.set_axis_off()
     fig.suptitle(f"{data.slide_id}: top and bottom attention patches", fontsize=9)
     fig.savefig(path, bbox_inches="tight", dpi=100)
-    plt.close(fig)
 
 
 def region_polygons(coords: np.ndarray, step: int, selected: np.ndarray) -> list[list[list[list[float]]]]:

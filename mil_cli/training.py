@@ -142,6 +142,9 @@ def train(features_path: Path, labels_path: Path, options: TrainOptions, device:
     bags, missing = load_bags(source, labels, classes)
     if not bags:
         raise MilcliError(f"{labels_path}: none of its {len(labels.rows)} slides is in {features_path}")
+    unlabelled = len(set(source.slide_ids) - set(labels.rows))
+    if unlabelled:
+        warn(f"{unlabelled} slide(s) in {features_path} have no label in {labels_path}; not used for training")
     train_bags, val_bags, test_bags = split_bags(bags, labels, options.val_fraction, options.seed)
     present = {classes[b.target] for b in train_bags}
     if len(present) < 2:
