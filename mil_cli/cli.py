@@ -33,6 +33,19 @@ AsJson = Annotated[bool, typer.Option("--json", help="Print a machine-readable s
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto takes CUDA when present).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo finished slides instead of resuming.")]
 Seed = Annotated[int, typer.Option(help="Random seed (same seed + device = same numbers).")]
+TargetMpp = Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 = 20x, 1.0 = 10x).")]
+Magnification = Annotated[Optional[float], typer.Option(help="Patch magnification, instead of --target-mpp (20 = 0.5 µm/px).")]
+Mpp = Annotated[Optional[float], typer.Option(help="Override the slides' own µm/px (level 0).")]
+MinTissue = Annotated[float, typer.Option(help="Fraction of a patch that must be tissue.")]
+MICRONS_PER_PX_AT_1X = 10.0  # the usual convention: 10x = 1 µm/px, 20x = 0.5, 40x = 0.25
+
+
+def _target_mpp(target_mpp: float, magnification: float | None) -> float:
+    if magnification is None:
+        return target_mpp
+    if magnification <= 0:
+        raise MilcliError(f"--magnification {magnification}: must be positive")
+    return MICRONS_PER_PX_AT_1X / magnification
 
 
 def command(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -74,20 +87,26 @@ def tile(
     out: Annotated[Path, typer.Option(help="Tile store to write (HDF5).")] = Path("tiles.h5"),
     patch_size: Annotated[int, typer.Option(help="Patch side in px at the target resolution.")] = 256,
     stride: Annotated[Optional[int], typer.Option(help="Step between patches in target px.", show_default="patch size")] = None,
-    target_mpp: Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 = 20x, 1.0 = 10x).")] = 0.5,
-    mpp: Annotated[Optional[float], typer.Option(help="Override the slides' own µm/px (level 0).")] = None,
-    min_tissue: Annotated[float, typer.Option(help="Fraction of a patch that must be tissue.")] = 0.25,
+    target_mpp: TargetMpp = 0.5,
+    magnification: Magnification = None,
+    mpp: Mpp = None,
+    min_tissue: MinTissue = 0.25,
     thumbnail_size: Annotated[int, typer.Option(help="Longer side of the stored thumbnail / mask in px.")] = 1024,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Slides tiled in parallel (processes).", show_default="cores, at most 4")] = None,
+    previews: Annotated[bool, typer.Option("--previews", help="Write <out>_previews/<slide>.png: thumbnail, tissue outline, patch grid.")] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
     """Find tissue and lay a patch grid on each slide; write the tile store."""
-    from mil_cli.tiling import TilingOptions, tile_slides
+    from mil_cli.tiling import TilingOptions, default_tiling_workers, tile_slides
 
-    options = TilingOptions(patch_size=patch_size, stride=stride, target_mpp=target_mpp, mpp_override=mpp,
-                            min_tissue=min_tissue, thumbnail_size=thumbnail_size)
-    finish("tile", tile_slides(inputs, out, options, overwrite=overwrite), as_json, {"out": str(out)})
+    options = TilingOptions(patch_size=patch_size, stride=stride, target_mpp=_target_mpp(target_mpp, magnification),
+                            mpp_override=mpp, min_tissue=min_tissue, thumbnail_size=thumbnail_size)
+    preview_dir = out.with_name(f"{out.stem}_previews") if previews else None
+    report = tile_slides(inputs, out, options, overwrite=overwrite, workers=workers or default_tiling_workers(),
+                         previews=preview_dir)
+    finish("tile", report, as_json, {"out": str(out)})
 
 
 def _list_backbones() -> None:
@@ -239,9 +258,10 @@ def run(
     labels: Annotated[Path, typer.Option(help="CSV with slide_id,label[,patient_id][,split].")] = Path("labels.csv"),
     out: Annotated[Path, typer.Option(help="Output folder (resumed when it exists).")] = Path("run"),
     patch_size: Annotated[int, typer.Option(help="Patch side in px at the target resolution.")] = 256,
-    target_mpp: Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 = 20x).")] = 0.5,
-    mpp: Annotated[Optional[float], typer.Option(help="Override the slides' own µm/px (level 0).")] = None,
-    min_tissue: Annotated[float, typer.Option(help="Fraction of a patch that must be tissue.")] = 0.25,
+    target_mpp: TargetMpp = 0.5,
+    magnification: Magnification = None,
+    mpp: Mpp = None,
+    min_tissue: MinTissue = 0.25,
     backbone: Annotated[str, typer.Option(help="Frozen encoder (milcli embed --list-backbones).")] = "efficientnet-lite0",
     batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 64,
     workers: Annotated[Optional[int], typer.Option(min=0, help="Patch-decoding processes.", show_default="cores - 1, at most 8")] = None,
@@ -261,7 +281,8 @@ def run(
     from mil_cli.training import TrainOptions
 
     options = RunOptions(
-        tiling=TilingOptions(patch_size=patch_size, target_mpp=target_mpp, mpp_override=mpp, min_tissue=min_tissue),
+        tiling=TilingOptions(patch_size=patch_size, target_mpp=_target_mpp(target_mpp, magnification),
+                             mpp_override=mpp, min_tissue=min_tissue),
         training=TrainOptions(epochs=epochs, lr=lr, seed=seed), backbone=backbone, batch_size=batch_size,
         workers=workers, explain_all=explain_all, overwrite=overwrite)
     reports = run_pipeline(inputs, require_file(labels, "--labels"), out, options, _device(device))

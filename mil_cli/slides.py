@@ -1,7 +1,7 @@
 """Open any slide behind one small interface: size, pyramid levels, mpp, regions, thumbnails.
 
 Pyramidal and tiled TIFF (Aperio .svs, generic .tif) go through tiffslide, which decodes only
-the tiles a region touches. Plain PNG/JPEG/BMP images go through Pillow; a JPEG thumbnail is
+the tiles a region touches; Hamamatsu, MIRAX and other vendor formats through OpenSlide. Plain PNG/JPEG/BMP images go through Pillow; a JPEG thumbnail is
 decoded at reduced scale (DCT scaling) instead of in full.
 """
 
@@ -19,7 +19,8 @@ from mil_cli.errors import InputError
 
 TIFF_SUFFIXES = {".svs", ".tif", ".tiff"}
 PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
-SLIDE_SUFFIXES = TIFF_SUFFIXES | PLAIN_SUFFIXES
+OPENSLIDE_SUFFIXES = {".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide"}
+SLIDE_SUFFIXES = TIFF_SUFFIXES | PLAIN_SUFFIXES | OPENSLIDE_SUFFIXES
 
 # Plain images are decoded whole, so their size is capped by memory (3 GB as RGB).
 MAX_PLAIN_PIXELS = 1_000_000_000
@@ -199,25 +200,34 @@ class PillowSlide(Slide):
             raise InputError(self.path, f"cannot decode image: {exc}") from None
 
 
-class TiffSlideReader(Slide):
-    """Tiled or pyramidal TIFF (SVS, generic TIFF) through tiffslide."""
+class WholeSlideReader(Slide):
+    """Pyramidal slides through an OpenSlide-style library: tiffslide (TIFF, SVS; pure
+    Python) or OpenSlide itself (NDPI, MIRAX, SCN, ...; the `openslide` extra)."""
 
-    reader = "tiffslide"
-
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, backend: str) -> None:
         super().__init__(path)
-        import tiffslide
-
+        self.reader = backend
+        if backend == "openslide":
+            try:
+                import openslide as library
+            except ImportError:
+                raise InputError(path, f"reading {path.suffix} files needs OpenSlide: "
+                                       f"pip install 'milcli[openslide]'") from None
+            opener = library.OpenSlide
+        else:
+            import tiffslide as library
+            opener = library.TiffSlide
         try:
-            self._slide = tiffslide.TiffSlide(path)
+            self._slide = opener(str(path))
             width, height = self._slide.dimensions
-        except Exception as exc:  # tifffile raises many types for corrupt files
-            raise InputError(path, f"not a readable TIFF slide: {exc}") from None
+        except Exception as exc:  # each library raises its own types for corrupt files
+            raise InputError(path, f"not a readable slide ({backend}: {exc})") from None
         if width * height > MAX_TILED_PIXELS:
             raise InputError(path, f"claims {width} x {height} px, beyond any real slide; refusing it")
         props = self._slide.properties
-        self._mpp = plausible_mpp(props.get("tiffslide.mpp-x"))
-        self._vendor = props.get("tiffslide.vendor")
+        mpp = props.get(f"{backend}.mpp-x")
+        self._mpp = plausible_mpp(float(mpp)) if mpp not in (None, "") else None
+        self._vendor = props.get(f"{backend}.vendor")
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -241,12 +251,10 @@ class TiffSlideReader(Slide):
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         try:
-            region = self._slide.read_region(location, level, size, as_array=True)
+            region = self._slide.read_region(location, level, size)
         except Exception as exc:
             raise InputError(self.path, f"cannot decode region at {location}: {exc}") from None
-        if region.ndim == 2:
-            region = np.stack([region] * 3, axis=-1)
-        return np.ascontiguousarray(region[..., :3], dtype=np.uint8)
+        return _rgb_on_white(region)
 
     def thumbnail(self, max_size: int) -> np.ndarray:
         target = _thumbnail_size(*self.dimensions, max_size)
@@ -254,13 +262,22 @@ class TiffSlideReader(Slide):
             image = self._slide.get_thumbnail(target)
         except Exception as exc:
             raise InputError(self.path, f"cannot decode thumbnail: {exc}") from None
-        image = image.convert("RGB")
-        if image.size != target:
-            image = image.resize(target, Image.BILINEAR)
-        return np.asarray(image)
+        image = _rgb_on_white(image)
+        if image.shape[1::-1] != target:
+            image = np.array(Image.fromarray(image).resize(target, Image.BILINEAR))
+        return image
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _rgb_on_white(image: Image.Image) -> np.ndarray:
+    """RGB array; transparent pixels (outside the scanned area) become white glass."""
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        image = background
+    return np.array(image.convert("RGB"))
 
 
 def open_slide(path: str | Path) -> Slide:
@@ -270,7 +287,15 @@ def open_slide(path: str | Path) -> Slide:
         raise InputError(path, "no such file")
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
-        return TiffSlideReader(path)
+        try:
+            return WholeSlideReader(path, "tiffslide")
+        except InputError as first:  # OpenSlide knows some TIFF variants tiffslide does not
+            try:
+                return WholeSlideReader(path, "openslide")
+            except InputError:
+                raise first from None
+    if suffix in OPENSLIDE_SUFFIXES:
+        return WholeSlideReader(path, "openslide")
     if suffix in PLAIN_SUFFIXES:
         return PillowSlide(path)
     supported = ", ".join(sorted(SLIDE_SUFFIXES))

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
+from skimage import segmentation
 
 from mil_cli import stores
 from mil_cli.console import progress_bar, warn
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.reports import StageReport
-from mil_cli.slides import Slide, find_slides, open_slide, slide_id_from_path
+from mil_cli.slides import SLIDE_SUFFIXES, Slide, find_slides, open_slide, safe_file_stem, slide_id_from_path
 from mil_cli.tissue import tissue_mask
 
 
@@ -122,42 +128,84 @@ def _tile_open_slide(slide: Slide, options: TilingOptions) -> TiledSlide:
                       attrs=attrs | {"thumbnail_downsample": downsample})
 
 
-def tile_slides(inputs: list[Path], out: Path, options: TilingOptions, overwrite: bool = False) -> StageReport:
-    """Tile every slide under `inputs` into the tile store `out`, resuming unless `overwrite`."""
+def default_tiling_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _tile_one(path: Path, options: TilingOptions) -> tuple[TiledSlide | None, str | None, list[str]]:
+    """Tile one slide in a worker: (result, failure reason, warning messages). Any failure is
+    this slide's alone, so unexpected errors are reported with it rather than ending the run."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiled, reason = None, None
+        try:
+            tiled = tile_slide(path, options)
+        except InputError as exc:
+            reason = exc.reason
+        except Exception as exc:  # a decoder bug or hostile file must not stop the other slides
+            reason = f"unexpected {type(exc).__name__}: {exc}"
+    return tiled, reason, [str(w.message) for w in caught]
+
+
+def write_preview(path: Path, tiled: TiledSlide) -> None:
+    """Thumbnail with the tissue outline (green) and the patch grid (blue)."""
+    image = Image.fromarray(tiled.thumbnail.copy())
+    outline = segmentation.find_boundaries(tiled.mask, mode="inner")
+    pixels = np.array(image)
+    pixels[outline] = (0, 170, 0)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    ds = tiled.attrs["thumbnail_downsample"]
+    size = tiled.attrs["patch_size_level0"] / ds
+    for x, y in tiled.coords / ds:
+        draw.rectangle((x, y, x + size, y + size), outline=(30, 80, 220))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def tile_slides(inputs: list[Path], out: Path, options: TilingOptions, overwrite: bool = False,
+                workers: int = 1, previews: Path | None = None) -> StageReport:
+    """Tile every slide under `inputs` into the tile store `out` (`workers` slides at a time),
+    resuming unless `overwrite`; with `previews`, write a preview PNG per slide there."""
     start = time.perf_counter()
     paths = find_slides(inputs)
     stores.init_store(out, stores.TILES_FORMAT, {})
     finished = set() if overwrite else stores.completed_slides(out)
     report = StageReport()
+    if not paths:
+        report.failed[", ".join(map(str, inputs))] = (f"no slide files found (looked for "
+                                                      f"{' '.join(sorted(SLIDE_SUFFIXES))})")
     seen: dict[str, Path] = {}
-    with progress_bar() as bar:
-        task = bar.add_task("tiling", total=len(paths))
-        for path in paths:
-            slide_id = slide_id_from_path(path)
+    todo: list[tuple[str, Path]] = []
+    for path in paths:
+        slide_id = slide_id_from_path(path)
+        if slide_id in seen:
+            report.failed[str(path)] = f"same slide id '{slide_id}' as {seen[slide_id]}"
+        elif slide_id in finished:
+            report.skipped.append(slide_id)
+        else:
+            todo.append((slide_id, path))
+        seen.setdefault(slide_id, path)
+
+    pool = ProcessPoolExecutor(workers) if workers > 1 and len(todo) > 1 else None
+    with progress_bar() as bar, pool or contextlib.nullcontext():
+        task = bar.add_task("tiling", total=len(todo))
+        jobs = [path for _, path in todo]
+        results = pool.map(_tile_one, jobs, repeat(options)) if pool else map(_tile_one, jobs, repeat(options))
+        for (slide_id, path), (tiled, reason, messages) in zip(todo, results):
             bar.advance(task)
-            if slide_id in seen:
-                report.failed[str(path)] = f"same slide id '{slide_id}' as {seen[slide_id]}"
+            for message in messages:
+                warn(message)
+            if tiled is None:
+                report.failed[str(path)] = reason or "failed"
                 continue
-            seen[slide_id] = path
-            if slide_id in finished:
-                report.skipped.append(slide_id)
-                continue
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    tiled = tile_slide(path, options)
-                for w in caught:
-                    warn(str(w.message))
-            except InputError as exc:
-                report.failed[str(path)] = exc.reason
-                continue
+            if previews is not None:
+                write_preview(previews / f"{safe_file_stem(slide_id)}.png", tiled)
             attrs = tiled.attrs | {"options": json.dumps(asdict(options))}
             downsample = attrs.pop("thumbnail_downsample")
             stores.write_slide(out, slide_id, attrs,
                                {"coords": tiled.coords, "thumbnail": tiled.thumbnail, "tissue_mask": tiled.mask},
                                {"thumbnail": {"downsample": downsample}, "tissue_mask": {"downsample": downsample}})
             report.done.append(slide_id)
-    if not paths:
-        report.failed[", ".join(map(str, inputs))] = "no slide files found (looked for .svs .tif .tiff .png .jpg .jpeg .bmp)"
     report.seconds = time.perf_counter() - start
     return report
