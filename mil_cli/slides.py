@@ -7,6 +7,7 @@ decoded at reduced scale (DCT scaling) instead of in full.
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from abc import ABC, abstractmethod
@@ -24,6 +25,8 @@ SLIDE_SUFFIXES = TIFF_SUFFIXES | PLAIN_SUFFIXES | OPENSLIDE_SUFFIXES
 
 # Plain images are decoded whole, so their size is capped by memory (3 GB as RGB).
 MAX_PLAIN_PIXELS = 1_000_000_000
+# tifffile logs each broken page on its own; the failure reaches the user as one InputError.
+logging.getLogger("tifffile").setLevel(logging.ERROR)
 Image.MAX_IMAGE_PIXELS = MAX_PLAIN_PIXELS  # Pillow's own bomb guard, at our limit
 # Tiled TIFFs decode tile by tile; beyond this the header is nonsense or hostile.
 MAX_TILED_PIXELS = 10**12
