@@ -38,6 +38,7 @@ class SlideJob:
     source_path: Path
     coords: np.ndarray
     patch_size_level0: int
+    attrs: dict
 
 
 class PatchDataset(Dataset):
@@ -109,7 +110,7 @@ def _pending_jobs(tiles: stores.FeatureSource, slide_ids: list[str], report: Sta
         if not source.is_file():
             report.failed[slide_id] = f"slide file {source} is gone (tile store {tiles.path})"
             continue
-        jobs.append(SlideJob(slide_id, source, data.coords, int(data.attrs["patch_size_level0"])))
+        jobs.append(SlideJob(slide_id, source, data.coords, int(data.attrs["patch_size_level0"]), data.attrs))
     return jobs
 
 
@@ -162,13 +163,12 @@ def _write_slide(tiles: stores.FeatureSource, out: Path, job: SlideJob, features
         return
     if not ok.all():
         warn(f"{job.slide_id}: skipped {int((~ok).sum())} of {len(ok)} patches that could not be decoded")
-    data = tiles.load(job.slide_id, with_features=False)
     images = tiles.images(job.slide_id)
     arrays = {"coords": job.coords[ok], "features": features[ok].astype(dtype)}
     dataset_attrs = {}
     if images is not None:
         arrays |= {"thumbnail": images.thumbnail, "tissue_mask": images.tissue_mask}
         dataset_attrs = {name: {"downsample": images.downsample} for name in ("thumbnail", "tissue_mask")}
-    attrs = {k: v for k, v in data.attrs.items() if k != "complete"} | {"skipped_patches": int((~ok).sum())}
+    attrs = {k: v for k, v in job.attrs.items() if k != "complete"} | {"skipped_patches": int((~ok).sum())}
     stores.write_slide(out, job.slide_id, attrs, arrays, dataset_attrs)
     report.done.append(job.slide_id)

@@ -197,11 +197,12 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
         warn(f"{slide_id}: the store has no thumbnail; heatmap.png not drawn")
 
     selected = ranks > 100.0 - options.top_pct
-    polygons = region_polygons(data.coords, patch_step(data), selected)
-    cells = np.round(data.coords / patch_step(data)).astype(int)
+    step = patch_step(data)
+    polygons = region_polygons(data.coords, step, selected)
+    centres = (np.round(data.coords / step) + 0.5) * step
     scores = []
     for rings in polygons:
-        inside = PolygonPath(np.array(rings[0])).contains_points((cells + 0.5) * patch_step(data))
+        inside = PolygonPath(np.array(rings[0])).contains_points(centres)
         scores.append(float(attention[inside & selected].sum()))
     (folder / "regions.geojson").write_text(json.dumps(regions_geojson(polygons, scores, slide_id)))
 

@@ -74,7 +74,7 @@ def run_pipeline(inputs: list[Path], labels_path: Path, out: Path, options: RunO
         "device": str(device),
         "options": json.loads(json.dumps(asdict(options), default=str)),
         "stages": {name: report.to_dict() for name, report in reports.items()},
-        "metrics": torch.load(model_path, weights_only=True)["config"]["metrics"],
+        "metrics": models[0].config["metrics"],
     }
     (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
     return reports
