@@ -18,7 +18,7 @@ from mil_cli.inference import load_models, predict_slides, write_predictions
 from mil_cli.labels import read_labels
 from mil_cli.reports import StageReport
 from mil_cli.stores import FeatureSource
-from mil_cli.tiling import TilingOptions, tile_slides
+from mil_cli.tiling import TilingOptions, default_tiling_workers, tile_slides
 from mil_cli.training import TrainOptions, save_checkpoint, train
 
 
@@ -35,6 +35,19 @@ class RunOptions:
     overwrite: bool = False
 
 
+def _model_matches(path: Path, options: TrainOptions) -> bool:
+    """True when `path` holds a model trained with these options (so a rerun may keep it)."""
+    if not path.exists():
+        return False
+    try:
+        config = torch.load(path, map_location="cpu", weights_only=True)["config"]
+    except Exception:  # unreadable or foreign: retrain and replace it
+        return False
+    wanted = asdict(options)
+    head = {k: v for k, v in wanted.pop("model").items() if k not in ("in_dim", "n_classes")}
+    return config.get("training") == wanted and all(config["model"].get(k) == v for k, v in head.items())
+
+
 def run_pipeline(inputs: list[Path], labels_path: Path, out: Path, options: RunOptions,
                  device: torch.device) -> dict[str, StageReport]:
     """Tile, embed, train, predict and explain into `out`; returns each stage's report."""
@@ -42,11 +55,12 @@ def run_pipeline(inputs: list[Path], labels_path: Path, out: Path, options: RunO
     out.mkdir(parents=True, exist_ok=True)
     tiles, feats, model_path = out / "tiles.h5", out / "feats.h5", out / "model.pt"
     reports: dict[str, StageReport] = {}
-    reports["tile"] = tile_slides(inputs, tiles, options.tiling, overwrite=options.overwrite)
+    reports["tile"] = tile_slides(inputs, tiles, options.tiling, overwrite=options.overwrite,
+                                  workers=default_tiling_workers())
     reports["embed"] = embed_store(tiles, feats, get_backbone(options.backbone), device, options.batch_size,
                                    options.workers, options.dtype, overwrite=options.overwrite)
 
-    stale = options.overwrite or not model_path.exists() or reports["embed"].done
+    stale = options.overwrite or reports["embed"].done or not _model_matches(model_path, options.training)
     reports["train"] = StageReport()
     if stale:
         result = train(feats, labels_path, options.training, device)

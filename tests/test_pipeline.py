@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -101,13 +102,19 @@ def test_attention_falls_on_the_tumour(sample_run: Path) -> None:
     assert np.mean(aucs) >= 0.85
 
 
-def test_rerun_resumes_without_redoing_work(sample_run: Path) -> None:
+def test_rerun_resumes_without_redoing_work(sample_run: Path, tmp_path: Path) -> None:
     from conftest import invoke
 
-    result = invoke("run", SAMPLE / "slides", "--labels", SAMPLE / "labels.csv", "--out", sample_run,
-                    "--device", "cpu", "--no-explain", "--json", "--quiet")
+    out = tmp_path / "rerun"
+    shutil.copytree(sample_run, out, ignore=shutil.ignore_patterns("explain"))
+    args = ("run", SAMPLE / "slides", "--labels", SAMPLE / "labels.csv", "--out", out, "--device", "cpu",
+            "--no-explain", "--json", "--quiet")
+    result = invoke(*args)
     assert result.exit_code == 0
     summary = json.loads(result.stdout)
     assert len(summary["stages"]["tile"]["skipped"]) == 20 and summary["stages"]["tile"]["done"] == []
     assert len(summary["stages"]["embed"]["skipped"]) == 20
     assert summary["stages"]["train"]["skipped"] == ["model.pt"]
+    # other training options: the model is retrained, the stores are still reused
+    summary = json.loads(invoke(*args, "--seed", "5").stdout)
+    assert summary["stages"]["train"]["done"] == ["model.pt"] and summary["stages"]["embed"]["done"] == []
