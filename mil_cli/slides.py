@@ -1,8 +1,9 @@
 """Open any slide behind one small interface: size, pyramid levels, mpp, regions, thumbnails.
 
 Pyramidal and tiled TIFF (Aperio .svs, generic .tif) go through tiffslide, which decodes only
-the tiles a region touches; Hamamatsu, MIRAX and other vendor formats through OpenSlide. Plain PNG/JPEG/BMP images go through Pillow; a JPEG thumbnail is
-decoded at reduced scale (DCT scaling) instead of in full.
+the tiles a region touches; Hamamatsu, MIRAX and other vendor formats through OpenSlide.
+Plain PNG/JPEG/BMP images go through Pillow; a JPEG thumbnail is decoded at reduced scale
+(DCT scaling) instead of in full.
 """
 
 from __future__ import annotations
@@ -277,9 +278,9 @@ class WholeSlideReader(Slide):
 def _rgb_on_white(image: Image.Image) -> np.ndarray:
     """RGB array; transparent pixels (outside the scanned area) become white glass."""
     if image.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        image = background
+        rgba = image.convert("RGBA")
+        image = Image.new("RGB", rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba.getchannel("A"))
     return np.array(image.convert("RGB"))
 
 

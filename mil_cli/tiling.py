@@ -149,10 +149,8 @@ def _tile_one(path: Path, options: TilingOptions) -> tuple[TiledSlide | None, st
 
 def write_preview(path: Path, tiled: TiledSlide) -> None:
     """Thumbnail with the tissue outline (green) and the patch grid (blue)."""
-    image = Image.fromarray(tiled.thumbnail.copy())
-    outline = segmentation.find_boundaries(tiled.mask, mode="inner")
-    pixels = np.array(image)
-    pixels[outline] = (0, 170, 0)
+    pixels = tiled.thumbnail.copy()
+    pixels[segmentation.find_boundaries(tiled.mask, mode="inner")] = (0, 170, 0)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
     ds = tiled.attrs["thumbnail_downsample"]
@@ -191,7 +189,7 @@ def tile_slides(inputs: list[Path], out: Path, options: TilingOptions, overwrite
     with progress_bar() as bar, pool or contextlib.nullcontext():
         task = bar.add_task("tiling", total=len(todo))
         jobs = [path for _, path in todo]
-        results = pool.map(_tile_one, jobs, repeat(options)) if pool else map(_tile_one, jobs, repeat(options))
+        results = (pool.map if pool else map)(_tile_one, jobs, repeat(options))
         for (slide_id, path), (tiled, reason, messages) in zip(todo, results):
             bar.advance(task)
             for message in messages:
