@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from mil_cli import __version__
@@ -37,6 +38,10 @@ TargetMpp = Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 
 Magnification = Annotated[Optional[float], typer.Option(help="Patch magnification, instead of --target-mpp (20 = 0.5 µm/px).")]
 Mpp = Annotated[Optional[float], typer.Option(help="Override the slides' own µm/px (level 0).")]
 MinTissue = Annotated[float, typer.Option(help="Fraction of a patch that must be tissue.")]
+BackboneName = Annotated[str, typer.Option("--backbone", help="Frozen encoder: a name from `milcli embed --list-backbones`, timm:<model> or hf-hub:<org/repo>.")]
+Weights = Annotated[Optional[Path], typer.Option(help="Backbone weight file (.pth/.bin/.safetensors state_dict) instead of its default source.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Patches per forward pass.")]
+DecodeWorkers = Annotated[Optional[int], typer.Option(min=0, help="Patch-decoding processes (0: decode in the main process).", show_default="CUDA: cores - 1, at most 8; CPU: 0")]
 MICRONS_PER_PX_AT_1X = 10.0  # the usual convention: 10x = 1 µm/px, 20x = 0.5, 40x = 0.25
 
 
@@ -113,22 +118,28 @@ def _list_backbones() -> None:
     from mil_cli.backbones import BACKBONES
 
     table = Table(title="backbones")
-    for column in ("name", "dim", "input", "licence", "description"):
+    for column in ("name", "dim", "input", "CUDA precision", "licence", "description"):
         table.add_column(column)
     for b in BACKBONES.values():
-        table.add_row(b.name, str(b.dim), f"{b.input_size} px", b.licence, b.description)
-    console.quiet = False
-    console.print(table)
+        table.add_row(b.name, str(b.dim), f"{b.input_size} px", b.precision, b.licence, b.description)
+    table.add_row("timm:<model>", "model's", "model's", "bf16", "model's",
+                  "any timm model; HF cache (downloads when online) or --weights FILE")
+    table.add_row("hf-hub:<org/repo>", "model's", "model's", "bf16", "model's",
+                  "a timm model on the Hugging Face hub (e.g. a pathology foundation model); HF cache or --weights")
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # a listing is the output: stdout
+
 
 
 @command
 def embed(
     tiles: Annotated[Path, typer.Argument(help="Tile store written by `milcli tile`.")] = Path("tiles.h5"),
     out: Annotated[Path, typer.Option(help="Feature store to write (HDF5).")] = Path("feats.h5"),
-    backbone: Annotated[str, typer.Option(help="Frozen encoder (see --list-backbones).")] = "efficientnet-lite0",
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 64,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Patch-decoding processes.", show_default="cores - 1, at most 8")] = None,
+    backbone: BackboneName = "efficientnet-lite0",
+    weights: Weights = None,
+    batch_size: BatchSize = 64,
+    workers: DecodeWorkers = None,
     dtype: Annotated[str, typer.Option(help="Stored feature type: float16 or float32.")] = "float16",
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (worth it for long GPU runs).")] = False,
     device: Device = "auto",
     list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List the backbones and exit.")] = False,
     overwrite: Overwrite = False,
@@ -140,13 +151,12 @@ def embed(
         _list_backbones()
         return
     from mil_cli.backbones import get_backbone
-    from mil_cli.embedding import FEATURE_DTYPES, embed_store
+    from mil_cli.embedding import EmbedOptions, embed_store
     from mil_cli.stores import require_file
 
-    if dtype not in FEATURE_DTYPES:
-        raise MilcliError(f"--dtype {dtype}: expected one of {', '.join(FEATURE_DTYPES)}")
+    options = EmbedOptions(batch_size=batch_size, workers=workers, dtype=dtype, weights=weights, compile=compile)
     report = embed_store(require_file(tiles, "the TILES argument"), out, get_backbone(backbone), _device(device),
-                         batch_size, workers, dtype, overwrite)
+                         options, overwrite)
     finish("embed", report, as_json, {"out": str(out)})
 
 
@@ -262,9 +272,10 @@ def run(
     magnification: Magnification = None,
     mpp: Mpp = None,
     min_tissue: MinTissue = 0.25,
-    backbone: Annotated[str, typer.Option(help="Frozen encoder (milcli embed --list-backbones).")] = "efficientnet-lite0",
-    batch_size: Annotated[int, typer.Option(min=1, help="Patches per forward pass.")] = 64,
-    workers: Annotated[Optional[int], typer.Option(min=0, help="Patch-decoding processes.", show_default="cores - 1, at most 8")] = None,
+    backbone: BackboneName = "efficientnet-lite0",
+    weights: Weights = None,
+    batch_size: BatchSize = 64,
+    workers: DecodeWorkers = None,
     epochs: Annotated[int, typer.Option(min=1, help="Most training epochs.")] = 100,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
     seed: Seed = 0,
@@ -275,6 +286,7 @@ def run(
     as_json: AsJson = False,
 ) -> None:
     """All stages in one go: tiles.h5, feats.h5, model.pt, predictions.csv, explain/, run.json."""
+    from mil_cli.embedding import EmbedOptions
     from mil_cli.pipeline import RunOptions, run_pipeline
     from mil_cli.stores import require_file
     from mil_cli.tiling import TilingOptions
@@ -283,8 +295,8 @@ def run(
     options = RunOptions(
         tiling=TilingOptions(patch_size=patch_size, target_mpp=_target_mpp(target_mpp, magnification),
                              mpp_override=mpp, min_tissue=min_tissue),
-        training=TrainOptions(epochs=epochs, lr=lr, seed=seed), backbone=backbone, batch_size=batch_size,
-        workers=workers, explain_all=explain_all, overwrite=overwrite)
+        training=TrainOptions(epochs=epochs, lr=lr, seed=seed), backbone=backbone,
+        embedding=EmbedOptions(batch_size=batch_size, workers=workers, weights=weights), explain_all=explain_all, overwrite=overwrite)
     reports = run_pipeline(inputs, require_file(labels, "--labels"), out, options, _device(device))
     metrics = json.loads((out / "run.json").read_text())["metrics"]
     console.print(_metrics_table(metrics))

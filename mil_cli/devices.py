@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import random
 
 import numpy as np
@@ -28,12 +30,36 @@ def resolve_device(spec: str) -> torch.device:
     raise MilcliError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPUs that support it, else fp16; none on the CPU (fp32 there)."""
-    if device.type != "cuda":
+def autocast(device: torch.device, precision: str = "bf16") -> contextlib.AbstractContextManager:
+    """CUDA autocast in `precision` ("bf16", falling back to fp16 on GPUs without it; "fp16";
+    "fp32" for none); the CPU always runs fp32."""
+    if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    use_bf16 = precision == "bf16" and torch.cuda.is_bf16_supported()
+    return torch.autocast("cuda", dtype=torch.bfloat16 if use_bf16 else torch.float16)
+
+
+GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 1 << 30
+NEVER_TRIM = -1  # mallopt(M_TRIM_THRESHOLD, -1): never shrink the heap
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing freed activation memory back to the OS after every batch.
+
+    By default each tensor above 32 MiB gets its own mmap, unmapped when freed, and the heap
+    is shrunk whenever its free top passes a threshold, so every forward pass page-faults its
+    activations in again: on 2 CPU cores that more than halved EfficientNet-Lite0's
+    throughput, most of the lost time being system time. Large blocks now come from the heap
+    and the heap never shrinks, so the process keeps its peak working set (benchmarks/embed.py
+    shows the figures). No-op without glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(GLIBC_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                    and libc.mallopt(GLIBC_M_TRIM_THRESHOLD, NEVER_TRIM))
+    except (OSError, AttributeError):
+        return False
 
 
 def seed_everything(seed: int) -> None:

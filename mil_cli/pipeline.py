@@ -12,7 +12,7 @@ import torch
 
 from mil_cli import __version__
 from mil_cli.backbones import get_backbone
-from mil_cli.embedding import embed_store
+from mil_cli.embedding import EmbedOptions, embed_store
 from mil_cli.explain import ExplainOptions, explain_slides
 from mil_cli.inference import load_models, predict_slides, write_predictions
 from mil_cli.labels import read_labels
@@ -28,9 +28,7 @@ class RunOptions:
     training: TrainOptions = field(default_factory=TrainOptions)
     explain: ExplainOptions = field(default_factory=ExplainOptions)
     backbone: str = "efficientnet-lite0"
-    batch_size: int = 64
-    workers: int | None = None
-    dtype: str = "float16"
+    embedding: EmbedOptions = field(default_factory=EmbedOptions)
     explain_all: bool = True
     overwrite: bool = False
 
@@ -57,8 +55,8 @@ def run_pipeline(inputs: list[Path], labels_path: Path, out: Path, options: RunO
     reports: dict[str, StageReport] = {}
     reports["tile"] = tile_slides(inputs, tiles, options.tiling, overwrite=options.overwrite,
                                   workers=default_tiling_workers())
-    reports["embed"] = embed_store(tiles, feats, get_backbone(options.backbone), device, options.batch_size,
-                                   options.workers, options.dtype, overwrite=options.overwrite)
+    reports["embed"] = embed_store(tiles, feats, get_backbone(options.backbone), device, options.embedding,
+                                   overwrite=options.overwrite)
 
     stale = options.overwrite or reports["embed"].done or not _model_matches(model_path, options.training)
     reports["train"] = StageReport()

@@ -13,6 +13,7 @@ class StageReport:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds spent in named parts of the stage
 
     @property
     def ok(self) -> bool:

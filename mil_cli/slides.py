@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from mil_cli.errors import InputError
+from mil_cli.tiff_tiles import TiledTiff
 
 TIFF_SUFFIXES = {".svs", ".tif", ".tiff"}
 PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -101,13 +102,24 @@ class Slide(ABC):
 
     def read_patch(self, location: tuple[int, int], size_level0: int, out_size: int) -> np.ndarray:
         """A square patch covering `size_level0` level-0 px, resized to `out_size` px."""
+        region = self.read_patches_unscaled(np.array([location]), size_level0, out_size)[0]
+        if region.shape[0] != out_size:
+            region = np.array(Image.fromarray(region).resize((out_size, out_size), Image.BILINEAR))
+        return region
+
+    def read_patches_unscaled(self, locations: np.ndarray, size_level0: int, out_size: int) -> np.ndarray:
+        """(k, s, s, 3) patches at level-0 top-lefts `locations` (k, 2), from the pyramid level
+        nearest to `out_size` and not yet resized. They come from one read of their bounding
+        box: for nearby patches that is several times faster than a read each, because every
+        read pays the reader's fixed cost and re-decodes the tiles it shares with its neighbours."""
         level = self.best_level(size_level0 / out_size)
         ds = self.level_downsamples[level]
         size = max(1, round(size_level0 / ds))
-        region = self.read_region(location, level, (size, size))
-        if size != out_size:
-            region = np.array(Image.fromarray(region).resize((out_size, out_size), Image.BILINEAR))
-        return region
+        origin = locations.min(axis=0)
+        offsets = np.round((locations - origin) / ds).astype(np.int64)
+        width, height = offsets.max(axis=0) + size
+        region = self.read_region((int(origin[0]), int(origin[1])), level, (int(width), int(height)))
+        return np.stack([region[y:y + size, x:x + size] for x, y in offsets])
 
     def close(self) -> None:
         """Release file handles."""
@@ -232,6 +244,7 @@ class WholeSlideReader(Slide):
         mpp = props.get(f"{backend}.mpp-x")
         self._mpp = plausible_mpp(float(mpp)) if mpp not in (None, "") else None
         self._vendor = props.get(f"{backend}.vendor")
+        self._tiles = TiledTiff.open(path, self.level_dimensions) if backend == "tiffslide" else None
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -254,8 +267,15 @@ class WholeSlideReader(Slide):
         return self._vendor
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        if self._tiles is not None:
+            ds = self.level_downsamples[level]
+            x, y = int(location[0] / ds), int(location[1] / ds)  # tiffslide's level coordinates
+            return _rgb_on_white(self._tiles.read_region(level, x, y, *size))
         try:
-            region = self._slide.read_region(location, level, size)
+            if self.reader == "tiffslide":  # straight to an array, no PIL image in between
+                region = self._slide.read_region(location, level, size, as_array=True)
+            else:
+                region = np.asarray(self._slide.read_region(location, level, size))
         except Exception as exc:
             raise InputError(self.path, f"cannot decode region at {location}: {exc}") from None
         return _rgb_on_white(region)
@@ -266,22 +286,26 @@ class WholeSlideReader(Slide):
             image = self._slide.get_thumbnail(target)
         except Exception as exc:
             raise InputError(self.path, f"cannot decode thumbnail: {exc}") from None
-        image = _rgb_on_white(image)
+        image = _rgb_on_white(np.asarray(image if image.mode in ("RGB", "RGBA") else image.convert("RGBA")))
         if image.shape[1::-1] != target:
             image = np.array(Image.fromarray(image).resize(target, Image.BILINEAR))
         return image
 
     def close(self) -> None:
         self._slide.close()
+        if self._tiles is not None:
+            self._tiles.close()
 
 
-def _rgb_on_white(image: Image.Image) -> np.ndarray:
-    """RGB array; transparent pixels (outside the scanned area) become white glass."""
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        image = Image.new("RGB", rgba.size, (255, 255, 255))
-        image.paste(rgba, mask=rgba.getchannel("A"))
-    return np.array(image.convert("RGB"))
+def _rgb_on_white(pixels: np.ndarray) -> np.ndarray:
+    """RGB from an RGB, RGBA or grey array; transparent pixels (outside the scanned area)
+    become white glass."""
+    if pixels.ndim == 2:
+        return np.repeat(pixels[..., None], 3, axis=2)
+    if pixels.shape[2] == 4:
+        alpha = pixels[..., 3:].astype(np.uint16)
+        return ((pixels[..., :3] * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    return pixels
 
 
 def open_slide(path: str | Path) -> Slide:

@@ -1,13 +1,17 @@
 """The HDF5 tile and feature stores (layout in DESIGN.md), and readers for feature folders
 written by CLAM or TRIDENT (one `<slide_id>.h5` with `features` and `coords` per slide).
 
-Writes go one slide at a time: the slide's group is written, then its `complete` attribute
-is set, then the file is closed. A slide without `complete` is treated as absent and redone,
-so an interrupted run resumes where it stopped.
+Writers go through StoreWriter (one process at a time, crash-safe part files merged by an
+atomic rename). A slide group without `complete` is treated as absent and redone.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +19,7 @@ import h5py
 import numpy as np
 
 from mil_cli import __version__
+from mil_cli.console import warn
 from mil_cli.errors import InputError, MilcliError
 
 TILES_FORMAT = "milcli-tiles"
@@ -46,23 +51,187 @@ def _check_format(f: h5py.File, path: Path, expected: str) -> None:
                                f"understands ({FORMAT_VERSION}); upgrade milcli")
 
 
-def init_store(path: Path, kind: str, attrs: dict) -> None:
-    """Create the store if needed; else check it is a `kind` store whose fixed attributes
-    (e.g. the backbone of a feature store) agree with `attrs`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        with open_h5(path, "r") as f:
-            _check_format(f, path, kind)
-            for key, value in attrs.items():
-                stored = f.attrs.get(key)
-                if stored is not None and stored != value:
-                    raise InputError(path, f"was made with {key}={stored!r}, not {value!r}; "
-                                           f"choose another --out or pass --overwrite")
-        return
-    with open_h5(path, "w") as f:
-        f.attrs.update({"format": kind, "format_version": FORMAT_VERSION,
-                        "milcli_version": __version__, **attrs})
-        f.create_group("slides")
+def check_store(path: Path, kind: str, attrs: dict) -> None:
+    """Fail unless the existing store `path` is a `kind` store whose fixed attributes (e.g. the
+    backbone of a feature store) agree with `attrs`."""
+    with open_h5(path, "r") as f:
+        _check_format(f, path, kind)
+        _check_attrs(path, dict(f.attrs), attrs)
+
+
+def _check_attrs(where: Path, stored: dict, expected: dict) -> None:
+    for key, value in expected.items():
+        if key in stored and stored[key] != value:
+            raise InputError(where, f"was made with {key}={stored[key]!r}, not {value!r}; "
+                                    f"choose another --out or pass --overwrite")
+
+
+def _write_group(group: h5py.Group, attrs: dict, arrays: dict[str, np.ndarray],
+                 dataset_attrs: dict[str, dict]) -> None:
+    for name, array in arrays.items():
+        compress = name in IMAGE_DATASETS or name == "coords"
+        dataset = group.create_dataset(name, data=array, compression="gzip" if compress else None)
+        dataset.attrs.update(dataset_attrs.get(name, {}))
+    group.attrs.update({k: v for k, v in attrs.items() if v is not None})
+    group.attrs["complete"] = True
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StoreWriter:
+    """The single writer of a tile or feature store during one command.
+
+    Crash safety: each finished slide is written to its own part file in `<store>.parts/`
+    under a temporary name, then renamed into place, so a kill -9 loses at most the slide
+    being written. Closing the writer merges the store and the parts into a new file that
+    replaces the store by an atomic rename; the store on disk is therefore always a complete,
+    closed HDF5 file. Parts left by a killed run count as finished and are merged by the next
+    run. A lock on `<store>.lock` keeps a second process from writing the same store.
+    """
+
+    def __init__(self, path: Path, kind: str, attrs: dict, overwrite: bool = False) -> None:
+        self.path = path
+        self.kind = kind
+        self.attrs = attrs
+        self.overwrite = overwrite
+        self.parts = parts_dir(path)
+        self._fresh_marker = self.parts / FRESH_MARKER
+        self._lock: int | None = None
+
+    def __enter__(self) -> StoreWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            self._lock = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(self.path.parent, f"cannot write here ({exc.strerror})") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            self._lock = None
+            raise InputError(self.path, f"in use by another milcli process (it holds {lock_path}); "
+                                        f"wait for it to finish or choose another --out") from None
+        try:
+            self._prepare()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def _prepare(self) -> None:
+        if self.path.exists() and not self.overwrite and not self._fresh_marker.exists():
+            check_store(self.path, self.kind, self.attrs)
+        self.parts.mkdir(exist_ok=True)
+        for leftover in self.parts.glob("*.tmp"):
+            leftover.unlink()
+        if self.overwrite:
+            for part in self.parts.glob("*.h5"):
+                part.unlink()
+            self._fresh_marker.touch()
+        for part in _part_ids(self.parts):
+            with open_h5(part, "r") as f:
+                _check_attrs(part, dict(f.attrs), self.attrs)
+
+    def completed(self) -> set[str]:
+        """Slides already finished: in the store (unless starting afresh) or in a part file."""
+        done = set(_part_ids(self.parts).values())
+        if self.path.exists() and not self._fresh_marker.exists():
+            done |= completed_slides(self.path)
+        return done
+
+    def write_slide(self, slide_id: str, attrs: dict, arrays: dict[str, np.ndarray],
+                    dataset_attrs: dict[str, dict] | None = None, copy_images_from: Path | None = None) -> None:
+        """Write one finished slide durably (replacing an earlier part of the same slide).
+        `copy_images_from`: a store whose thumbnail and tissue mask for this slide are copied
+        as stored, still compressed (recompressing them cost more CPU than a slide's I/O)."""
+        part = self.parts / f"{hashlib.sha1(slide_id.encode()).hexdigest()[:20]}.h5"
+        tmp = part.with_suffix(".tmp")
+        with open_h5(tmp, "w") as f:
+            f.attrs.update(self.attrs | {"slide_id": slide_id})
+            group = f.create_group("slide")
+            if copy_images_from is not None:
+                with open_h5(copy_images_from, "r") as source:
+                    for name in IMAGE_DATASETS:
+                        if name in source["slides"][slide_id]:
+                            source.copy(source["slides"][slide_id][name], group, name=name)
+            _write_group(group, attrs, arrays, dataset_attrs or {})
+        _fsync(tmp)
+        os.replace(tmp, part)
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            self.merge()
+        finally:
+            self._unlock()
+
+    def merge(self) -> None:
+        """Fold the part files into the store: build a new file, then rename it over the old."""
+        parts = _part_ids(self.parts)
+        fresh = self._fresh_marker.exists()
+        if not parts and self.path.exists() and not fresh:
+            shutil.rmtree(self.parts, ignore_errors=True)
+            return
+        merged = self.path.with_name(self.path.name + ".merging")
+        base = self.path if self.path.exists() and not fresh else None
+        with open_h5(merged, "w") as new:
+            root = {"format": self.kind, "format_version": FORMAT_VERSION, "milcli_version": __version__} | self.attrs
+            if base is not None:
+                with open_h5(base, "r") as old:
+                    root = dict(old.attrs)
+                    slides = new.create_group("slides")
+                    for slide_id, group in old.get("slides", {}).items():
+                        if slide_id not in parts.values() and group.attrs.get("complete", False):
+                            old.copy(group, slides, name=slide_id)
+            new.attrs.update(root)
+            slides = new.require_group("slides")
+            for part, slide_id in parts.items():
+                with open_h5(part, "r") as f:
+                    f.copy(f["slide"], slides, name=slide_id)
+        _fsync(merged)
+        os.replace(merged, self.path)
+        _fsync(self.path.parent)
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            os.close(self._lock)
+            self._lock = None
+
+
+FRESH_MARKER = "overwrite"  # in the parts folder: the parts replace the whole store
+
+
+def parts_dir(path: Path) -> Path:
+    return path.with_name(path.name + ".parts")
+
+
+def _part_ids(folder: Path) -> dict[Path, str]:
+    """Part file -> slide id, for the finished part files in `folder`."""
+    ids = {}
+    for part in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
+        try:
+            with h5py.File(part, "r") as f:
+                ids[part] = str(f.attrs["slide_id"])
+        except (OSError, KeyError):  # not a finished part: its slide will be redone
+            part.unlink(missing_ok=True)
+    return ids
+
+
+def write_feature_store(path: Path, bags: Iterable[tuple[str, np.ndarray, np.ndarray]], backbone: str) -> None:
+    """A feature store from (slide_id, coords, features) triples: features that come from
+    elsewhere than `milcli embed` (benchmarks, tests, other tools)."""
+    with StoreWriter(path, FEATURES_FORMAT, {"backbone": backbone}, overwrite=True) as writer:
+        for slide_id, coords, features in bags:
+            writer.write_slide(slide_id, {"patch_size_level0": 1}, {"coords": coords, "features": features})
+            writer.attrs |= {"dim": int(features.shape[1]), "dtype": str(features.dtype)}
 
 
 def completed_slides(path: Path) -> set[str]:
@@ -72,22 +241,6 @@ def completed_slides(path: Path) -> set[str]:
     with open_h5(path, "r") as f:
         slides = f.get("slides", {})
         return {sid for sid, group in slides.items() if group.attrs.get("complete", False)}
-
-
-def write_slide(path: Path, slide_id: str, attrs: dict, arrays: dict[str, np.ndarray],
-                dataset_attrs: dict[str, dict] | None = None) -> None:
-    """Write (or replace) one slide's group; `complete` is set last."""
-    with open_h5(path, "a") as f:
-        slides = f.require_group("slides")
-        if slide_id in slides:
-            del slides[slide_id]
-        group = slides.create_group(slide_id)
-        for name, array in arrays.items():
-            compress = name in IMAGE_DATASETS or name == "coords"
-            dataset = group.create_dataset(name, data=array, compression="gzip" if compress else None)
-            dataset.attrs.update((dataset_attrs or {}).get(name, {}))
-        group.attrs.update({k: v for k, v in attrs.items() if v is not None})
-        group.attrs["complete"] = True
 
 
 def root_attrs(path: Path) -> dict:
@@ -160,6 +313,10 @@ class FeatureSource:
                 self.attrs = dict(f.attrs)
                 slides = f.get("slides", {})
                 self.slide_ids = sorted(sid for sid, g in slides.items() if g.attrs.get("complete", False))
+            waiting = len(list(parts_dir(path).glob("*.h5")))
+            if waiting:
+                warn(f"{path}: {waiting} finished slide(s) of an interrupted run wait in {parts_dir(path)}; "
+                     f"rerun that command to merge them")
 
     def load(self, slide_id: str, with_features: bool = True) -> SlideData:
         if slide_id not in self.slide_ids:

@@ -167,9 +167,16 @@ def tile_slides(inputs: list[Path], out: Path, options: TilingOptions, overwrite
     resuming unless `overwrite`; with `previews`, write a preview PNG per slide there."""
     start = time.perf_counter()
     paths = find_slides(inputs)
-    stores.init_store(out, stores.TILES_FORMAT, {})
-    finished = set() if overwrite else stores.completed_slides(out)
     report = StageReport()
+    with stores.StoreWriter(out, stores.TILES_FORMAT, {}, overwrite) as writer:
+        _tile_into(writer, paths, inputs, options, workers, previews, report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _tile_into(writer: stores.StoreWriter, paths: list[Path], inputs: list[Path], options: TilingOptions,
+               workers: int, previews: Path | None, report: StageReport) -> None:
+    finished = writer.completed()
     if not paths:
         report.failed[", ".join(map(str, inputs))] = (f"no slide files found (looked for "
                                                       f"{' '.join(sorted(SLIDE_SUFFIXES))})")
@@ -201,9 +208,7 @@ def tile_slides(inputs: list[Path], out: Path, options: TilingOptions, overwrite
                 write_preview(previews / f"{safe_file_stem(slide_id)}.png", tiled)
             attrs = tiled.attrs | {"options": json.dumps(asdict(options))}
             downsample = attrs.pop("thumbnail_downsample")
-            stores.write_slide(out, slide_id, attrs,
+            writer.write_slide(slide_id, attrs,
                                {"coords": tiled.coords, "thumbnail": tiled.thumbnail, "tissue_mask": tiled.mask},
                                {"thumbnail": {"downsample": downsample}, "tissue_mask": {"downsample": downsample}})
             report.done.append(slide_id)
-    report.seconds = time.perf_counter() - start
-    return report

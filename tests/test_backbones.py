@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from mil_cli.backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone
+from mil_cli.backbones import BACKBONES, DEFAULT_BACKBONE, efficientnet_lite0_classifier, get_backbone
 from mil_cli.errors import MilcliError
 
 
@@ -27,7 +27,7 @@ def imagenet_input(image: np.ndarray, backbone) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def classifier():
     backbone = get_backbone(DEFAULT_BACKBONE)
-    return backbone, backbone.create(with_classifier=True)
+    return backbone, efficientnet_lite0_classifier().eval()
 
 
 def test_default_backbone_calls_chelsea_a_cat(classifier) -> None:
@@ -46,15 +46,75 @@ def test_default_backbone_calls_coffee_an_espresso(classifier) -> None:
     assert float(probs[967]) > 0.8
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_every_registered_backbone_gives_its_declared_dim(name: str) -> None:
-    backbone = get_backbone(name)
+def embeds_to_declared_dim(backbone, weights=None) -> None:
     with torch.inference_mode():
-        features = backbone.create()(torch.zeros(2, 3, backbone.input_size, backbone.input_size))
+        features = backbone.create(weights)(torch.rand(2, 3, backbone.input_size, backbone.input_size))
     assert features.shape == (2, backbone.dim)
     assert torch.isfinite(features).all()
+
+
+def test_default_backbone_gives_its_declared_dim() -> None:
+    embeds_to_declared_dim(get_backbone(DEFAULT_BACKBONE))
+
+
+def test_resnet50_trunc_loads_a_local_weight_file(tmp_path) -> None:
+    from torchvision.models import resnet50
+
+    weights = tmp_path / "resnet50.pth"
+    torch.save(resnet50().state_dict(), weights)
+    backbone = get_backbone("resnet50-trunc")
+    assert backbone.dim == 1024
+    embeds_to_declared_dim(backbone, weights)
+
+
+def test_timm_model_loads_a_local_checkpoint(tmp_path) -> None:
+    import timm
+
+    source = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    weights = tmp_path / "mobilenet.pth"
+    torch.save({"state_dict": source.state_dict()}, weights)  # wrapped, head included: both accepted
+    backbone = get_backbone("timm:mobilenetv3_small_050")
+    assert (backbone.input_size, backbone.mean) == (224, (0.485, 0.456, 0.406))
+    model = backbone.create(weights)
+    assert torch.equal(model.state_dict()["conv_stem.weight"], source.state_dict()["conv_stem.weight"])
+    embeds_to_declared_dim(backbone, weights)
+
+
+def test_missing_weights_name_the_file_and_the_flag(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(MilcliError, match=r"resnet50-0676ba61\.pth.*--weights FILE"):
+        get_backbone("resnet50-trunc").create()
+    with pytest.raises(MilcliError, match=r"nope\.pth: weight file not found \(check --weights\)"):
+        get_backbone("resnet50-trunc").create(tmp_path / "nope.pth")
+
+
+def test_weights_for_another_architecture_are_refused(tmp_path) -> None:
+    import timm
+
+    weights = tmp_path / "other.pth"
+    torch.save(timm.create_model("mobilenetv3_small_050").state_dict(), weights)
+    with pytest.raises(MilcliError, match="other.pth: .*another architecture|other.pth: does not fit"):
+        get_backbone("resnet50-trunc").create(weights)
+
+
+def test_pickled_code_in_a_weight_file_is_refused(tmp_path) -> None:
+    weights = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": object()}, weights)
+    with pytest.raises(MilcliError, match="evil.pth: not a loadable weight file"):
+        get_backbone("resnet50-trunc").create(weights)
 
 
 def test_unknown_backbone_is_a_clear_error() -> None:
     with pytest.raises(MilcliError, match="unknown backbone 'nope'"):
         get_backbone("nope")
+    with pytest.raises(MilcliError, match="timm:no_such_net"):
+        get_backbone("timm:no_such_net")
+
+
+def test_uni_without_cached_weights_says_how_to_get_them(tmp_path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(MilcliError, match=r"MahmoodLab/UNI/pytorch_model.bin is not in the Hugging Face cache.*--weights FILE"):
+        get_backbone("uni").create()

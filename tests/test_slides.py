@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from conftest import SAMPLE, TEST_DATA, he_like_image
@@ -150,3 +151,37 @@ def test_blank_image_is_reported_by_name(tmp_path: Path) -> None:
     Image.new("RGB", (400, 300), (245, 245, 245)).save(path)
     with pytest.raises(InputError, match="blank.png: no tissue found"):
         tile_slide(path, TilingOptions(patch_size=64, mpp_override=0.5))
+
+
+def test_transparent_pixels_of_a_tiled_tiff_read_as_white_glass(tmp_path: Path) -> None:
+    rgba = np.zeros((512, 512, 4), dtype=np.uint8)
+    rgba[..., :3] = (200, 100, 150)
+    rgba[:, 256:, 3] = 255  # left half transparent (outside the scan), right half opaque tissue
+    path = tmp_path / "rgba.tif"
+    tifffile.imwrite(path, rgba, photometric="rgb", extrasamples=["unassalpha"], tile=(256, 256))
+    with open_slide(path) as slide:
+        region = slide.read_region((0, 0), 0, (512, 512))
+    assert region.shape == (512, 512, 3)
+    assert (region[:, :256] == 255).all()
+    assert (region[:, 256:] == (200, 100, 150)).all()
+
+
+@pytest.mark.parametrize("path", [CMU, TEST_DATA / "TCGA-CR-7395-01A-01-TS1.svs", SAMPLE / "slides" / "slide_00.tif"],
+                         ids=["aperio-jpeg", "aperio-jpeg2000", "generic-tiff"])
+def test_direct_tile_reads_match_tiffslide_pixel_for_pixel(path: Path) -> None:
+    import tiffslide
+
+    reference = tiffslide.TiffSlide(path)
+    rng = np.random.default_rng(0)
+    with open_slide(path) as slide:
+        assert slide._tiles is not None  # the fast path is in use
+        for level, (width, height) in enumerate(slide.level_dimensions):
+            ds = slide.level_downsamples[level]
+            for _ in range(10):
+                w, h = (int(v) for v in rng.integers(1, 600, size=2))
+                x, y = int(rng.integers(0, max(1, width - w))), int(rng.integers(0, max(1, height - h)))
+                location = (int(x * ds), int(y * ds))
+                ours = slide.read_region(location, level, (w, h))
+                theirs = np.asarray(reference.read_region(location, level, (w, h), as_array=True))[..., :3]
+                inside = (slice(0, min(h, height - int(location[1] / ds))), slice(0, min(w, width - int(location[0] / ds))))
+                assert np.array_equal(ours[inside], theirs[inside])

@@ -23,8 +23,8 @@ def synthetic_store(folder: Path, n_bags: int = 40, seed: int = 0) -> tuple[Path
     Every fifth bag is marked as test in the labels' split column."""
     rng = np.random.default_rng(seed)
     path = folder / "feats.h5"
-    stores.init_store(path, stores.FEATURES_FORMAT, {"backbone": "synthetic", "dim": DIM, "dtype": "float32"})
     lines = ["slide_id,label,split"]
+    bags = []
     for i in range(n_bags):
         positive = i % 2 == 0
         n = int(rng.integers(8, 16))
@@ -32,8 +32,9 @@ def synthetic_store(folder: Path, n_bags: int = 40, seed: int = 0) -> tuple[Path
         if positive:
             feats[: int(rng.integers(1, 4)), 0] += 4.0
         coords = np.stack([np.arange(n) * 256, np.zeros(n)], axis=1).astype(np.int64)
-        stores.write_slide(path, f"bag_{i:03d}", {"patch_size_level0": 256}, {"coords": coords, "features": feats})
+        bags.append((f"bag_{i:03d}", coords, feats))
         lines.append(f"bag_{i:03d},{'pos' if positive else 'neg'},{'test' if i % 5 == 4 else ''}")
+    stores.write_feature_store(path, bags, backbone="synthetic")
     labels = folder / "labels.csv"
     labels.write_text("\n".join(lines) + "\n")
     return path, labels

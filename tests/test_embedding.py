@@ -1,0 +1,116 @@
+"""The embedding pipeline: block reads, rebatching, worker processes, dtypes, the store lock
+and a kill -9 in the middle of `milcli embed`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import SAMPLE, invoke
+from mil_cli import stores
+from mil_cli.backbones import get_backbone
+from mil_cli.embedding import EmbedOptions, PatchBlocks, Rebatcher, SlideJob, embed_store, group_into_blocks
+from mil_cli.slides import open_slide
+from mil_cli.tiling import TilingOptions, tile_slides
+
+SLIDE = SAMPLE / "slides" / "slide_00.tif"
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tile store of four sample slides."""
+    out = tmp_path_factory.mktemp("tiles") / "tiles.h5"
+    paths = [SAMPLE / "slides" / f"slide_0{i}.tif" for i in range(4)]
+    report = tile_slides(paths, out, TilingOptions())
+    assert report.ok and len(report.done) == 4
+    return out
+
+
+def read_features(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {sid: g["features"][()] for sid, g in f["slides"].items()}
+
+
+def test_block_reads_equal_one_read_per_patch() -> None:
+    coords = np.array([[x, y] for y in range(0, 1024, 256) for x in range(0, 1536, 256)], dtype=np.int64)
+    with open_slide(SLIDE) as slide:
+        together = slide.read_patches_unscaled(coords[[0, 1, 7, 13]], 256, 224)
+        for patch, location in zip(together, coords[[0, 1, 7, 13]]):
+            assert np.array_equal(patch, slide.read_patches_unscaled(location[None], 256, 224)[0])
+    blocks = group_into_blocks(coords, 1024)
+    assert sorted(np.concatenate(blocks).tolist()) == list(range(len(coords)))
+    assert all(len(np.unique(coords[b] // 1024, axis=0)) == 1 for b in blocks)
+
+
+def test_rebatcher_gives_exact_batches_in_order() -> None:
+    rebatcher = Rebatcher(size=4)
+    batches = []
+    for j, n in enumerate([3, 5, 1, 2]):
+        images = torch.full((n, 3, 2, 2), j, dtype=torch.uint8)
+        batches += list(rebatcher.add(images, j, torch.arange(n), torch.ones(n, dtype=torch.bool)))
+    batches += list(rebatcher.flush())
+    assert [len(b.rows) for b in batches] == [4, 4, 3]
+    assert torch.cat([b.slide_index for b in batches]).tolist() == [0] * 3 + [1] * 5 + [2] + [3] * 2
+    assert all((b.images[:, 0, 0, 0] == b.slide_index).all() for b in batches)
+
+
+def test_worker_processes_and_inline_decoding_give_the_same_features(tiles: Path, tmp_path: Path) -> None:
+    backbone, cpu = get_backbone("efficientnet-lite0"), torch.device("cpu")
+    inline = embed_store(tiles, tmp_path / "inline.h5", backbone, cpu, EmbedOptions(workers=0, batch_size=16))
+    workers = embed_store(tiles, tmp_path / "workers.h5", backbone, cpu, EmbedOptions(workers=2, batch_size=24,
+                                                                                     dtype="float32"))
+    assert inline.ok and workers.ok and len(workers.done) == 4
+    a, b = read_features(tmp_path / "inline.h5"), read_features(tmp_path / "workers.h5")
+    assert a.keys() == b.keys()
+    for sid in a:
+        assert a[sid].dtype == np.float16 and b[sid].dtype == np.float32
+        assert np.allclose(a[sid].astype(np.float32), b[sid], atol=2e-2, rtol=1e-2)  # fp16 storage and batching
+    with h5py.File(tmp_path / "workers.h5", "r") as f:
+        assert f.attrs["dim"] == 1280 and f.attrs["dtype"] == "float32"
+        group = f["slides"]["slide_00"]
+        assert group.attrs["complete"] and group["thumbnail"].attrs["downsample"] > 0
+        assert group["tissue_mask"].dtype == bool
+
+
+def test_a_second_writer_is_refused(tiles: Path, tmp_path: Path) -> None:
+    out = tmp_path / "feats.h5"
+    with stores.StoreWriter(out, stores.FEATURES_FORMAT, {"backbone": "efficientnet-lite0"}):
+        result = invoke("embed", tiles, "--out", out, "--device", "cpu")
+    assert result.exit_code == 2
+    assert "in use by another milcli process" in result.stderr and "Traceback" not in result.stderr
+    assert invoke("embed", tiles, "--out", out, "--device", "cpu", "--quiet").exit_code == 0  # free again
+
+
+def test_kill_9_mid_embed_loses_at_most_the_slide_in_progress(tiles: Path, tmp_path: Path) -> None:
+    clean = tmp_path / "clean.h5"
+    assert embed_store(tiles, clean, get_backbone("efficientnet-lite0"), torch.device("cpu"),
+                       EmbedOptions(batch_size=8)).ok
+    out = tmp_path / "killed.h5"
+    command = [sys.executable, "-m", "mil_cli", "embed", str(tiles), "--out", str(out), "--device", "cpu",
+               "--batch-size", "8", "--quiet"]
+    process = subprocess.Popen(command, env=os.environ | {"PYTHONHASHSEED": "0"})
+    parts = stores.parts_dir(out)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("*.h5"))) < 2 and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    survived = len(list(parts.glob("*.h5")))
+    assert survived >= 2  # finished slides were kept as parts; the store itself was never half-written
+    rerun = invoke("embed", tiles, "--out", out, "--device", "cpu", "--batch-size", "8", "--json", "--quiet")
+    assert rerun.exit_code == 0
+    assert len(__import__("json").loads(rerun.stdout)["skipped"]) == survived
+    expected, got = read_features(clean), read_features(out)
+    assert expected.keys() == got.keys()
+    for sid in expected:
+        assert np.array_equal(expected[sid], got[sid])  # bit for bit on CPU
+    assert not parts.exists()
