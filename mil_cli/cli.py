@@ -160,14 +160,30 @@ def embed(
     finish("embed", report, as_json, {"out": str(out)})
 
 
+METRIC_COLUMNS = ("AUC", "balanced acc.", "accuracy", "F1")
+METRIC_KEYS = ("auc", "balanced_accuracy", "accuracy", "f1")
+
+
 def _metrics_table(metrics: dict) -> Table:
     table = Table(title=f"metrics (best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')})")
-    for column in ("split", "slides", "AUC", "balanced acc.", "accuracy"):
+    for column in ("split", "slides", *METRIC_COLUMNS):
         table.add_column(column, justify="right")
     for split in ("train", "val", "test"):
         if split in metrics:
             m = metrics[split]
-            table.add_row(split, str(m["n"]), f"{m['auc']:.3f}", f"{m['balanced_accuracy']:.3f}", f"{m['accuracy']:.3f}")
+            table.add_row(split, str(m["n"]), *(f"{m.get(k, float('nan')):.3f}" for k in METRIC_KEYS))
+    return table
+
+
+def _cv_table(summary: dict) -> Table:
+    table = Table(title=f"{summary['folds']}-fold cross-validation x {summary['repeats']} (held-out folds)")
+    for column in ("repeat", "fold", "slides", *METRIC_COLUMNS):
+        table.add_column(column, justify="right")
+    for m in summary["per_fold"]:
+        table.add_row(str(m["repeat"]), str(m["fold"]), str(m["n"]), *(f"{m[k]:.3f}" for k in METRIC_KEYS))
+    spread = summary["mean_std"]
+    table.add_row("", "mean ± sd", "", *(f"{spread[k]['mean']:.3f} ± {spread[k]['std']:.3f}" for k in METRIC_KEYS),
+                  style="bold")
     return table
 
 
@@ -175,35 +191,58 @@ def _metrics_table(metrics: dict) -> Table:
 def train(
     features: Annotated[Path, typer.Option(help="Feature store (or folder of per-slide .h5 files).")] = Path("feats.h5"),
     labels: Annotated[Path, typer.Option(help="CSV with slide_id,label[,patient_id][,split].")] = Path("labels.csv"),
-    out: Annotated[Path, typer.Option(help="Model file to write.")] = Path("model.pt"),
+    out: Annotated[Optional[Path], typer.Option(help="Model file to write; with --folds, a folder.", show_default="model.pt, or cv/ with --folds")] = None,
+    model: Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, mean, max, noisy-and or clam-sb.")] = "abmil",
+    folds: Annotated[Optional[int], typer.Option(min=2, help="K-fold cross-validation: writes fold models, oof_predictions.csv, splits.csv, metrics.json, roc.png.")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="With --folds: repeat the cross-validation with other seeds.")] = 1,
     epochs: Annotated[int, typer.Option(min=1, help="Most epochs (early stopping may end sooner).")] = 100,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-4,
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-5,
     patience: Annotated[int, typer.Option(min=1, help="Epochs without a better validation loss before stopping.")] = 10,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of slides (patients) held out for validation when there is no split column.")] = 0.2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Bags per step (padded to the largest, masked).")] = 8,
+    max_patches: Annotated[Optional[int], typer.Option(min=1, help="Random patches per training bag and epoch (evaluation uses all).")] = 4096,
+    precision: Annotated[str, typer.Option(help="auto (bf16 where the device has fast bf16), fp32 or bf16.")] = "auto",
     hidden_dim: Annotated[int, typer.Option(min=1, help="Patch embedding size.")] = 256,
     attention_dim: Annotated[int, typer.Option(min=1, help="Attention branch size.")] = 128,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout after the patch embedding.")] = 0.25,
+    instance_k: Annotated[int, typer.Option(min=1, help="clam-sb: top/bottom patches per bag for the instance loss.")] = 8,
     seed: Seed = 0,
     device: Device = "auto",
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Train a gated-attention MIL model on a feature store and a labels CSV."""
-    from mil_cli.models import ModelConfig
+    """Train a MIL head (gated attention by default) on a feature store and a labels CSV."""
+    from mil_cli.models import MODELS, ModelConfig
     from mil_cli.stores import require_file
     from mil_cli.training import TrainOptions, save_checkpoint
     from mil_cli.training import train as train_model
 
+    if model not in MODELS:
+        raise MilcliError(f"--model {model}: expected one of {', '.join(MODELS)}")
     options = TrainOptions(epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience,
-                           val_fraction=val_fraction, seed=seed,
-                           model=ModelConfig(hidden_dim=hidden_dim, attention_dim=attention_dim, dropout=dropout))
-    result = train_model(require_file(features, "--features"), require_file(labels, "--labels"), options, _device(device))
-    save_checkpoint(result.checkpoint, out)
-    console.print(_metrics_table(result.metrics))
-    report = StageReport(done=[str(out)], failed={s: f"in {labels} but not in {features}" for s in result.missing},
-                         seconds=result.seconds)
-    finish("train", report, as_json, {"out": str(out), "metrics": result.metrics})
+                           val_fraction=val_fraction, seed=seed, batch_size=batch_size, max_patches=max_patches,
+                           precision=precision,
+                           model=ModelConfig(architecture=model, hidden_dim=hidden_dim, attention_dim=attention_dim,
+                                             dropout=dropout, instance_k=instance_k))
+    features, labels = require_file(features, "--features"), require_file(labels, "--labels")
+    if folds is not None:
+        from mil_cli.crossval import cross_validate
+
+        out = out or Path("cv")
+        result = cross_validate(features, labels, options, _device(device), out, folds, repeats)
+        console.print(_cv_table(result.metrics))
+        missing, seconds, metrics = result.missing, result.seconds, result.metrics
+        console.print(f"fold models, oof_predictions.csv, splits.csv, metrics.json and roc.png in {out}/")
+    else:
+        out = out or Path("model.pt")
+        single = train_model(features, labels, options, _device(device))
+        save_checkpoint(single.checkpoint, out)
+        console.print(_metrics_table(single.metrics))
+        missing, seconds, metrics = single.missing, single.seconds, single.metrics
+    report = StageReport(done=[str(out)], failed={s: f"in {labels} but not in {features}" for s in missing},
+                         seconds=seconds)
+    finish("train", report, as_json, {"out": str(out), "metrics": metrics})
 
 
 @command
@@ -277,7 +316,7 @@ def run(
     batch_size: BatchSize = 64,
     workers: DecodeWorkers = None,
     epochs: Annotated[int, typer.Option(min=1, help="Most training epochs.")] = 100,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-4,
     seed: Seed = 0,
     explain_all: Annotated[bool, typer.Option("--explain/--no-explain", help="Explain every slide.")] = True,
     device: Device = "auto",

@@ -39,6 +39,20 @@ def autocast(device: torch.device, precision: str = "bf16") -> contextlib.Abstra
     return torch.autocast("cuda", dtype=torch.bfloat16 if use_bf16 else torch.float16)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix work is native here: recent GPUs, or CPUs with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def training_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for training when asked for, or with "auto" where bf16 is fast; else fp32."""
+    if precision == "bf16" or (precision == "auto" and fast_bf16(device)):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_BYTES = 1 << 30
 NEVER_TRIM = -1  # mallopt(M_TRIM_THRESHOLD, -1): never shrink the heap

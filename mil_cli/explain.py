@@ -153,18 +153,16 @@ def regions_geojson(polygons: list, scores: list[float], slide_id: str) -> dict:
 
 
 def write_attention_csv(path: Path, data: SlideData, size: int, attention: np.ndarray, ranks: np.ndarray,
-                        contributions: np.ndarray | None, classes: list[str]) -> None:
+                        patch_scores: np.ndarray, classes: list[str], additive: bool) -> None:
+    """One row per patch. `contribution_<class>` columns (additive heads) sum to the class logit
+    minus its bias; `score_<class>` columns (max, noisy-and) are the pooled per-patch scores."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        header = ["x", "y", "size", "attention", "rank_pct"]
-        if contributions is not None:
-            header += [f"contribution_{c}" for c in classes]
-        writer.writerow(header)
+        prefix = "contribution" if additive else "score"
+        writer.writerow(["x", "y", "size", "attention", "rank_pct"] + [f"{prefix}_{c}" for c in classes])
         for i, (x, y) in enumerate(data.coords):
-            row = [int(x), int(y), size, f"{attention[i]:.6g}", f"{ranks[i]:.2f}"]
-            if contributions is not None:
-                row += [f"{v:.6g}" for v in contributions[i]]
-            writer.writerow(row)
+            writer.writerow([int(x), int(y), size, f"{attention[i]:.6g}", f"{ranks[i]:.2f}"]
+                            + [f"{v:.6g}" for v in patch_scores[i]])
 
 
 def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: str, out: Path,
@@ -179,12 +177,12 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
     probs, attention = predict_bag(models, data.features, device)
     ranks = rank_percent(attention)
     classes = models[0].classes
-    contributions = None
-    if len(models) == 1 and hasattr(models[0].module, "contributions"):
-        with torch.inference_mode():
-            contributions = models[0].module.contributions(torch.from_numpy(data.features).to(device)).cpu().numpy()
+    with torch.inference_mode():  # averaged over an ensemble's models, like the probabilities
+        x = torch.from_numpy(data.features).to(device)
+        contributions = np.mean([m.module.patch_scores(x).cpu().numpy() for m in models], axis=0)
     size = patch_size_level0(data)
-    write_attention_csv(folder / "attention.csv", data, size, attention, ranks, contributions, classes)
+    write_attention_csv(folder / "attention.csv", data, size, attention, ranks, contributions, classes,
+                        models[0].module.additive)
 
     predicted = int(np.argmax(probs))
     title = (f"{slide_id} | model {models[0].config['model']['architecture']}"

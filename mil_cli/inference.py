@@ -82,7 +82,7 @@ def predict_bag(models: list[LoadedModel], features: np.ndarray, device: torch.d
     x = torch.from_numpy(features).to(device)
     probs, attention = [], []
     for model in models:
-        logits, weights = model.module(x)
+        logits, weights = model.module.bag(x)
         probs.append(torch.softmax(logits, -1).cpu().numpy())
         attention.append(weights.cpu().numpy())
     return np.mean(probs, axis=0), np.mean(attention, axis=0)

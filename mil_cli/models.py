@@ -1,10 +1,18 @@
-"""MIL heads: a bag of patch features in, class logits and one attention weight per patch out.
+"""MIL heads: padded batches of bags in, class logits and one weight per patch out.
 
-`abmil` is the gated attention MIL of Ilse, Tomczak & Welling (ICML 2018): patch features are
-embedded, a gated attention branch (tanh x sigmoid) scores each patch, a softmax over the bag
-turns scores into weights that sum to 1, and a linear classifier reads the weighted mean
-embedding. Because that classifier is linear, each class logit splits exactly into a sum of
-per-patch contributions (see `contributions`), which `explain` draws.
+Every head reads (B, N, D) features with a (B, N) mask (True = a real patch; bags are padded
+to the batch's largest) and returns `MILOutput`. A new head is one MILHead subclass added to MODELS.
+
+- `abmil`: gated attention MIL (Ilse, Tomczak & Welling, ICML 2018): patch embeddings, a
+  tanh x sigmoid attention branch, a masked softmax over the bag, a linear classifier on the
+  attention-weighted mean. Because the classifier is linear, each class logit splits exactly
+  into per-patch contributions a_i (W_c . h_i), which `explain` draws.
+- `abmil-plain`: the same with the ungated (tanh only) attention.
+- `mean`, `max`: pooling baselines (mean embedding; max over per-patch class scores).
+- `noisy-and`: Kraus et al. 2016: per-patch class probabilities, their bag mean passed through
+  a soft AND with a learnable threshold per class.
+- `clam-sb`: gated attention plus CLAM's instance-clustering loss: the k most and least
+  attended patches of the bag's true class get pseudo-labels for a per-class patch classifier.
 """
 
 from __future__ import annotations
@@ -13,6 +21,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from mil_cli.errors import MilcliError
 
 
 @dataclass(frozen=True)
@@ -23,39 +34,184 @@ class ModelConfig:
     hidden_dim: int = 256
     attention_dim: int = 128
     dropout: float = 0.25
+    instance_k: int = 8           # clam-sb: patches taken from each end of the attention ranking
+    instance_weight: float = 0.3  # clam-sb: share of the instance loss in the total loss
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-class GatedAttentionMIL(nn.Module):
+@dataclass
+class MILOutput:
+    logits: torch.Tensor      # (B, C)
+    attention: torch.Tensor   # (B, N) patch weights, 0 on padding, summing to 1 per bag
+    embeddings: torch.Tensor  # (B, N, H) patch embeddings
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the bag axis that gives padding exactly zero weight."""
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+
+class MILHead(nn.Module):
+    """Shared parts: the patch embedding, the single-bag helpers and the loss."""
+
+    additive = True  # patch_scores rows sum to the logits minus the classifier bias
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.config = config
         self.embed = nn.Sequential(nn.Linear(config.in_dim, config.hidden_dim), nn.ReLU(), nn.Dropout(config.dropout))
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+        raise NotImplementedError
+
+    def bag(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One bag (N, D) -> (C,) logits, (N,) attention."""
+        out = self(features[None], torch.ones(1, len(features), dtype=torch.bool, device=features.device))
+        return out.logits[0], out.attention[0]
+
+    def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, C) per-patch evidence for each class. For heads whose classifier is linear in
+        the pooled embedding, rows sum to the class logits minus the bias."""
+        raise NotImplementedError
+
+    def loss(self, out: MILOutput, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return F.cross_entropy(out.logits, targets, weight=weight)
+
+
+class AttentionMIL(MILHead):
+    gated = True
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
         self.attention_v = nn.Linear(config.hidden_dim, config.attention_dim)
-        self.attention_u = nn.Linear(config.hidden_dim, config.attention_dim)
+        self.attention_u = nn.Linear(config.hidden_dim, config.attention_dim) if self.gated else None
         self.attention_w = nn.Linear(config.attention_dim, 1)
         self.classifier = nn.Linear(config.hidden_dim, config.n_classes)
 
-    def attend(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, D) features -> (N, H) patch embeddings and (N,) attention weights summing to 1."""
+    def attend(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.embed(features)
-        scores = self.attention_w(torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))).squeeze(-1)
-        return h, torch.softmax(scores, dim=0)
+        branch = torch.tanh(self.attention_v(h))
+        if self.attention_u is not None:
+            branch = branch * torch.sigmoid(self.attention_u(h))
+        return h, masked_softmax(self.attention_w(branch).squeeze(-1), mask)
 
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, D) -> (C,) logits, (N,) attention."""
-        h, attention = self.attend(features)
-        return self.classifier(attention @ h), attention
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+        h, attention = self.attend(features, mask)
+        pooled = torch.einsum("bn,bnh->bh", attention, h)
+        return MILOutput(self.classifier(pooled), attention, h)
 
-    def contributions(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, C): patch i's share a_i * (W_c . h_i) of class c's logit; rows sum to logit - bias."""
-        h, attention = self.attend(features)
-        return attention[:, None] * (h @ self.classifier.weight.T)
-
-
-MODELS: dict[str, type[nn.Module]] = {"abmil": GatedAttentionMIL}
+    def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+        h, attention = self.attend(features[None], torch.ones(1, len(features), dtype=torch.bool, device=features.device))
+        return attention[0, :, None] * (h[0] @ self.classifier.weight.T)
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+class PlainAttentionMIL(AttentionMIL):
+    gated = False
+
+
+class MeanMIL(MILHead):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.classifier = nn.Linear(config.hidden_dim, config.n_classes)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+        h = self.embed(features)
+        weights = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)
+        return MILOutput(self.classifier(torch.einsum("bn,bnh->bh", weights, h)), weights, h)
+
+    def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return (self.embed(features) @ self.classifier.weight.T) / len(features)
+
+
+class InstanceScoreMIL(MILHead):
+    """Heads that score every patch for every class, then pool the scores."""
+
+    additive = False  # patch_scores are the per-patch class scores that get pooled
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.instance_classifier = nn.Linear(config.hidden_dim, config.n_classes)
+
+    def pool(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+        h = self.embed(features)
+        scores = self.instance_classifier(h)  # (B, N, C)
+        logits = self.pool(scores, mask)
+        # weight of a patch: how strongly it argues for the predicted class, softmaxed over the bag
+        top = scores.gather(2, logits.argmax(1)[:, None, None].expand(-1, scores.shape[1], 1)).squeeze(-1)
+        return MILOutput(logits, masked_softmax(top, mask), h)
+
+    def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return self.instance_classifier(self.embed(features))
+
+
+class MaxMIL(InstanceScoreMIL):
+    def pool(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return scores.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
+
+
+class NoisyAndMIL(InstanceScoreMIL):
+    """P_c = (s(a(m_c - b_c)) - s(-a b_c)) / (s(a(1 - b_c)) - s(-a b_c)), m_c the bag's mean
+    patch probability for class c, s the sigmoid, a a fixed slope, b_c a learnt threshold."""
+
+    slope = 10.0
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.threshold = nn.Parameter(torch.zeros(config.n_classes))  # b = sigmoid(threshold) in (0, 1)
+
+    def pool(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)
+        mean = torch.einsum("bn,bnc->bc", weights, torch.sigmoid(scores))
+        b, a = torch.sigmoid(self.threshold), self.slope
+        low, high = torch.sigmoid(-a * b), torch.sigmoid(a * (1 - b))
+        probability = (torch.sigmoid(a * (mean - b)) - low) / (high - low)
+        return torch.log(probability.clamp(1e-6, 1.0))  # log-probabilities serve as logits
+
+
+class ClamSingleBranch(AttentionMIL):
+    """Gated attention + CLAM-SB's instance loss: for the bag's true class, its k most attended
+    patches are pseudo-positive and its k least attended pseudo-negative for a 2-way patch
+    classifier of that class. Bags with fewer than 2 patches skip it; k shrinks to fit."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.instance_classifiers = nn.ModuleList(nn.Linear(config.hidden_dim, 2) for _ in range(config.n_classes))
+
+    def loss(self, out: MILOutput, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        bag_loss = F.cross_entropy(out.logits, targets, weight=weight)
+        instance_losses = []
+        for b in range(len(targets)):
+            n = int(mask[b].sum())
+            k = min(self.config.instance_k, n // 2)
+            if k < 1:
+                continue
+            attention = out.attention[b, :n]
+            picked = torch.cat([attention.topk(k).indices, (-attention).topk(k).indices])
+            pseudo = torch.cat([torch.ones(k), torch.zeros(k)]).long().to(targets.device)
+            logits = self.instance_classifiers[int(targets[b])](out.embeddings[b, picked])
+            instance_losses.append(F.cross_entropy(logits, pseudo))
+        if not instance_losses:
+            return bag_loss
+        w = self.config.instance_weight
+        return (1 - w) * bag_loss + w * torch.stack(instance_losses).mean()
+
+
+MODELS: dict[str, type[MILHead]] = {
+    "abmil": AttentionMIL,
+    "abmil-plain": PlainAttentionMIL,
+    "mean": MeanMIL,
+    "max": MaxMIL,
+    "noisy-and": NoisyAndMIL,
+    "clam-sb": ClamSingleBranch,
+}
+
+
+def build_model(config: ModelConfig) -> MILHead:
+    if config.architecture not in MODELS:
+        raise MilcliError(f"unknown model '{config.architecture}' (available: {', '.join(MODELS)})")
     return MODELS[config.architecture](config)

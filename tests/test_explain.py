@@ -21,8 +21,8 @@ def test_contributions_sum_to_the_logit(sample_run: Path) -> None:
     data = FeatureSource(sample_run / "feats.h5").load("slide_00")
     x = torch.from_numpy(data.features)
     with torch.inference_mode():
-        logits, attention = model.module(x)
-        contributions = model.module.contributions(x)
+        logits, attention = model.module.bag(x)
+        contributions = model.module.patch_scores(x)
     assert attention.sum().item() == pytest.approx(1.0, abs=1e-5)
     bias = model.module.classifier.bias
     assert torch.allclose(contributions.sum(0), logits - bias, atol=1e-4)

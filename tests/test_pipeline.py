@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SAMPLE
+from conftest import SAMPLE, invoke
 from mil_cli.evaluation import localisation_auc, patch_mask_fraction
 
 
@@ -118,3 +118,18 @@ def test_rerun_resumes_without_redoing_work(sample_run: Path, tmp_path: Path) ->
     # other training options: the model is retrained, the stores are still reused
     summary = json.loads(invoke(*args, "--seed", "5").stdout)
     assert summary["stages"]["train"]["done"] == ["model.pt"] and summary["stages"]["embed"]["done"] == []
+
+
+def test_five_fold_cv_on_sample_data_writes_the_layout_and_repeats_exactly(sample_run: Path, tmp_path: Path) -> None:
+    metrics = []
+    for name in ("first", "second"):
+        result = invoke("train", "--features", sample_run / "feats.h5", "--labels", SAMPLE / "labels.csv",
+                        "--folds", "5", "--out", tmp_path / name, "--device", "cpu", "--quiet")
+        assert result.exit_code == 0, result.stderr
+        metrics.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert metrics[0] == metrics[1]
+    out = tmp_path / "first"
+    for name in ("oof_predictions.csv", "splits.csv", "metrics.json", "roc.png"):
+        assert (out / name).stat().st_size > 0
+    assert len(list(out.glob("fold_*/model.pt"))) == 5
+    assert metrics[0]["out_of_fold"]["0"]["n"] == 20 and metrics[0]["mean_std"]["auc"]["mean"] >= 0.9

@@ -3,17 +3,23 @@ honestly, and the stores it reads are checked."""
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from conftest import invoke
 from mil_cli import stores
 from mil_cli.errors import InputError
 from mil_cli.labels import read_labels
-from mil_cli.training import TrainOptions, train
+from mil_cli.models import MODELS, ModelConfig, build_model
+from mil_cli.synthetic import write_digit_bags
+from mil_cli.training import Bag, TrainOptions, collate, train
 
 DIM = 16
 
@@ -109,3 +115,84 @@ def test_reads_a_clam_style_feature_folder(tmp_path: Path) -> None:
         f["coords"] = np.zeros((4, 2))
     with pytest.raises(InputError, match=r"bad\.h5 \[bad\]: 5 feature rows but 4 coords"):
         stores.FeatureSource(folder).load("bad")
+
+
+@pytest.mark.parametrize("architecture", sorted(MODELS))
+def test_every_head_ignores_padding_and_learns_the_key_instance(architecture: str, tmp_path: Path) -> None:
+    config = ModelConfig(architecture=architecture, in_dim=DIM, n_classes=3, hidden_dim=16, attention_dim=8,
+                         dropout=0.0, instance_k=4)
+    model = build_model(config).eval()
+    small, large = torch.randn(5, DIM), torch.randn(9, DIM)
+    x, mask, _ = collate([Bag("a", small, 0, "a"), Bag("b", large, 1, "b")], torch.device("cpu"))
+    with torch.no_grad():
+        batched = model(x, mask)
+        alone_logits, alone_attention = model.bag(small)
+    assert torch.allclose(batched.logits[0], alone_logits, atol=1e-5)
+    assert torch.allclose(batched.attention[0, :5], alone_attention, atol=1e-5)
+    assert batched.attention[0, 5:].abs().sum() == 0 and torch.allclose(batched.attention.sum(1), torch.ones(2))
+    assert model.patch_scores(small).shape == (5, 3)
+    if model.additive:  # per-patch contributions sum to the logits minus the bias
+        assert torch.allclose(model.patch_scores(small).sum(0) + model.classifier.bias, alone_logits, atol=1e-4)
+    model.train()
+    loss = model.loss(model(x, mask), torch.tensor([0, 2]), mask, None)
+    loss.backward()  # clam-sb's instance loss copes with any bag size
+    assert torch.isfinite(loss)
+
+    feats, labels = synthetic_store(tmp_path, n_bags=60)
+    result = train(feats, labels, TrainOptions(epochs=40, seed=1, model=ModelConfig(architecture=architecture)),
+                   torch.device("cpu"))
+    assert result.metrics["test"]["auc"] >= 0.8, architecture
+
+
+def test_clam_instance_loss_skips_single_patch_bags() -> None:
+    model = build_model(ModelConfig(architecture="clam-sb", in_dim=DIM, hidden_dim=8, attention_dim=4))
+    x, mask, targets = collate([Bag("a", torch.randn(1, DIM), 1, "a")], torch.device("cpu"))
+    assert torch.isfinite(model.loss(model(x, mask), targets, mask, None))
+
+
+def test_mnist_bags_small_version(tmp_path: Path) -> None:
+    """The protocol of benchmarks/mnist_bags.py at 100 training bags and 200 test bags."""
+    feats, labels = write_digit_bags(tmp_path, n_train=100, n_test=200, seed=0)
+    result = train(feats, labels, TrainOptions(seed=0), torch.device("cpu"))
+    assert result.metrics["test"]["n"] == 200
+    assert result.metrics["test"]["auc"] >= 0.88
+
+
+def test_cross_validation_writes_the_layout_and_repeats_exactly(tmp_path: Path) -> None:
+    feats, labels = write_digit_bags(tmp_path / "data", n_train=40, n_test=10, seed=1)
+    runs = []
+    for name in ("a", "b"):
+        result = invoke("train", "--features", feats, "--labels", labels, "--folds", "3", "--repeats", "2",
+                        "--out", tmp_path / name, "--epochs", "15", "--device", "cpu", "--seed", "3")
+        assert result.exit_code == 0, result.stderr
+        runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
+    assert runs[0] == runs[1]
+    out = tmp_path / "a"
+    assert sorted(p.parent.name for p in out.glob("fold_*/model.pt")) == [f"fold_{i}" for i in range(6)]
+    assert Image.open(out / "roc.png").size[0] > 400
+    oof = list(csv.DictReader(open(out / "oof_predictions.csv")))
+    assert len(oof) == 2 * 40 and {row["fold"] for row in oof} == {"0", "1", "2"}
+    assert all(row["slide_id"].startswith("train_") for row in oof)  # split=test slides stay out of the folds
+    splits = list(csv.DictReader(open(out / "splits.csv")))
+    for repeat in ("0", "1"):
+        held_out = [r["slide_id"] for r in splits if r["repeat"] == repeat and r["role"] == "test"]
+        assert sorted(held_out) == sorted({r["slide_id"] for r in splits if r["slide_id"].startswith("train_")})
+    metrics = runs[0]
+    assert len(metrics["per_fold"]) == 6 and set(metrics["mean_std"]) == {"auc", "balanced_accuracy", "accuracy", "f1"}
+    assert metrics["holdout_ensemble"]["n"] == 10 and len(metrics["holdout_ensemble"]["confusion"]) == 2
+    predicted = invoke("predict", "--model", out, "--features", feats, "--device", "cpu")
+    assert predicted.exit_code == 0 and len(predicted.stdout.strip().splitlines()) == 51
+
+
+def test_training_errors_are_clear(tmp_path: Path) -> None:
+    feats, _ = synthetic_store(tmp_path, n_bags=6)
+    one_class = tmp_path / "one.csv"
+    one_class.write_text("slide_id,label\nbag_000,pos\nbag_001,pos\n")
+    result = invoke("train", "--features", feats, "--labels", one_class, "--device", "cpu")
+    assert result.exit_code == 2 and "only one class" in result.stderr
+    labels = tmp_path / "two.csv"
+    labels.write_text("slide_id,label\nbag_000,pos\nbag_001,neg\nbag_002,pos\nbag_003,neg\n")
+    result = invoke("train", "--features", feats, "--labels", labels, "--model", "transformer", "--device", "cpu")
+    assert result.exit_code == 2 and "--model transformer" in result.stderr
+    result = invoke("train", "--features", feats, "--labels", labels, "--folds", "3", "--device", "cpu")
+    assert result.exit_code == 2 and "3 folds need at least 3 slides of every class" in result.stderr
