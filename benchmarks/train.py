@@ -25,9 +25,9 @@ from mil_cli.training import Bag, TrainOptions, evaluate, fit
 
 
 def synthetic_bags(n_bags: int, patches: int, dim: int, seed: int) -> list[Bag]:
-    rng = np.random.default_rng(seed)
-    direction = rng.standard_normal(dim).astype(np.float32)
+    direction = np.random.default_rng(12345).standard_normal(dim).astype(np.float32)  # the same for every split
     direction /= np.linalg.norm(direction)
+    rng = np.random.default_rng(seed)
     bags = []
     for i in range(n_bags):
         features = rng.standard_normal((patches, dim), dtype=np.float32)

@@ -71,7 +71,7 @@ def check_compatible(models: list[LoadedModel], source: FeatureSource) -> None:
     if store_backbone and model.config.get("backbone") not in (None, "unknown", store_backbone):
         raise InputError(source.path, f"features come from backbone '{store_backbone}', but {model.path} "
                                       f"was trained on '{model.config['backbone']}'")
-    dim = int(source.attrs["dim"]) if "dim" in source.attrs else source.feature_dim()
+    dim = source.feature_dim()
     if dim != model.config["feature_dim"]:
         raise InputError(source.path, f"features have {dim} dims, {model.path} expects {model.config['feature_dim']}")
 

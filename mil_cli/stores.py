@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -76,6 +77,14 @@ def _write_group(group: h5py.Group, attrs: dict, arrays: dict[str, np.ndarray],
     group.attrs["complete"] = True
 
 
+def _reason(exc: BaseException) -> str:
+    """The system's words for a failed write: h5py wraps them as "error message = '...'"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    found = re.search(r"error message = '([^']+)'", str(exc))
+    return found.group(1) if found else str(exc).strip().splitlines()[0]
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -129,8 +138,8 @@ class StoreWriter:
         if self.path.exists() and not self.overwrite and not self._fresh_marker.exists():
             check_store(self.path, self.kind, self.attrs)
         self.parts.mkdir(exist_ok=True)
-        for leftover in self.parts.glob("*.tmp"):
-            leftover.unlink()
+        for leftover in [*self.parts.glob("*.tmp"), self.path.with_name(self.path.name + ".merging")]:
+            leftover.unlink(missing_ok=True)
         if self.overwrite:
             for part in self.parts.glob("*.h5"):
                 part.unlink()
@@ -153,21 +162,30 @@ class StoreWriter:
         as stored, still compressed (recompressing them cost more CPU than a slide's I/O)."""
         part = self.parts / f"{hashlib.sha1(slide_id.encode()).hexdigest()[:20]}.h5"
         tmp = part.with_suffix(".tmp")
-        with open_h5(tmp, "w") as f:
-            f.attrs.update(self.attrs | {"slide_id": slide_id})
-            group = f.create_group("slide")
-            if copy_images_from is not None:
-                with open_h5(copy_images_from, "r") as source:
-                    for name in IMAGE_DATASETS:
-                        if name in source["slides"][slide_id]:
-                            source.copy(source["slides"][slide_id][name], group, name=name)
-            _write_group(group, attrs, arrays, dataset_attrs or {})
-        _fsync(tmp)
-        os.replace(tmp, part)
+        try:
+            with open_h5(tmp, "w") as f:
+                f.attrs.update(self.attrs | {"slide_id": slide_id})
+                group = f.create_group("slide")
+                if copy_images_from is not None:
+                    with open_h5(copy_images_from, "r") as source:
+                        for name in IMAGE_DATASETS:
+                            if name in source["slides"][slide_id]:
+                                source.copy(source["slides"][slide_id][name], group, name=name)
+                _write_group(group, attrs, arrays, dataset_attrs or {})
+            _fsync(tmp)
+            os.replace(tmp, part)
+        except (OSError, RuntimeError) as exc:  # disk full, size limit, read-only (h5py raises either)
+            tmp.unlink(missing_ok=True)
+            raise InputError(self.path, f"cannot write slide '{slide_id}' ({_reason(exc)}); the slides "
+                                        f"finished before it are kept, rerun to resume") from None
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type | None, *exc_info: object) -> None:
         try:
             self.merge()
+        except (OSError, RuntimeError, InputError) as exc:
+            if exc_type is None:  # else the error already under way is the one to report
+                raise InputError(self.path, f"cannot update the store ({_reason(exc)}); it is unchanged and "
+                                            f"the finished slides wait in {self.parts} for the next run") from None
         finally:
             self._unlock()
 
@@ -179,24 +197,29 @@ class StoreWriter:
             shutil.rmtree(self.parts, ignore_errors=True)
             return
         merged = self.path.with_name(self.path.name + ".merging")
-        base = self.path if self.path.exists() and not fresh else None
-        with open_h5(merged, "w") as new:
-            root = {"format": self.kind, "format_version": FORMAT_VERSION, "milcli_version": __version__} | self.attrs
-            if base is not None:
-                with open_h5(base, "r") as old:
-                    root = dict(old.attrs)
-                    slides = new.create_group("slides")
-                    for slide_id, group in old.get("slides", {}).items():
-                        if slide_id not in parts.values() and group.attrs.get("complete", False):
-                            old.copy(group, slides, name=slide_id)
-            new.attrs.update(root)
-            slides = new.require_group("slides")
-            for part, slide_id in parts.items():
-                with open_h5(part, "r") as f:
-                    f.copy(f["slide"], slides, name=slide_id)
-        _fsync(merged)
-        os.replace(merged, self.path)
-        _fsync(self.path.parent)
+        try:
+            base = self.path if self.path.exists() and not fresh else None
+            with open_h5(merged, "w") as new:
+                root = {"format": self.kind, "format_version": FORMAT_VERSION,
+                        "milcli_version": __version__} | self.attrs
+                if base is not None:
+                    with open_h5(base, "r") as old:
+                        root = dict(old.attrs)
+                        slides = new.create_group("slides")
+                        for slide_id, group in old.get("slides", {}).items():
+                            if slide_id not in parts.values() and group.attrs.get("complete", False):
+                                old.copy(group, slides, name=slide_id)
+                new.attrs.update(root)
+                slides = new.require_group("slides")
+                for part, slide_id in parts.items():
+                    with open_h5(part, "r") as f:
+                        f.copy(f["slide"], slides, name=slide_id)
+            _fsync(merged)
+            os.replace(merged, self.path)  # the only moment the store changes, and it is atomic
+            _fsync(self.path.parent)
+        except BaseException:
+            merged.unlink(missing_ok=True)  # the store and the parts are untouched
+            raise
         shutil.rmtree(self.parts, ignore_errors=True)
 
     def _unlock(self) -> None:
@@ -341,6 +364,14 @@ class FeatureSource:
                                downsample=float(thumb.attrs["downsample"]))
 
     def feature_dim(self) -> int:
+        """The store's `dim` attribute, else the width of its first slide's features."""
+        if "dim" in self.attrs:
+            try:
+                return int(self.attrs["dim"])
+            except (TypeError, ValueError):
+                raise InputError(self.path, f"its 'dim' attribute {self.attrs['dim']!r} is not a number") from None
+        if not self.slide_ids:
+            raise InputError(self.path, "holds no finished slides")
         first = self.load(self.slide_ids[0]).features
         assert first is not None
         return int(first.shape[1])
