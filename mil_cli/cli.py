@@ -282,11 +282,15 @@ def explain(
     out: Annotated[Path, typer.Option(help="Folder for <slide_id>/ outputs.")] = Path("explain"),
     k: Annotated[int, typer.Option(min=1, help="Top and bottom patches in the montage.")] = 8,
     top_pct: Annotated[float, typer.Option(min=0.1, max=100.0, help="Attention percentile above which patches form regions.")] = 20.0,
+    scale: Annotated[str, typer.Option(help="Heatmap values: rank (percentile ranks) or raw (attention weights).")] = "rank",
+    smooth: Annotated[float, typer.Option(min=0.0, help="Gaussian smoothing of the maps, sigma in patches (0: none).")] = 0.0,
+    width: Annotated[Optional[int], typer.Option(min=64, help="Width of the map PNGs in px.", show_default="thumbnail width")] = None,
     device: Device = "auto",
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Attention heatmap, attention.csv, top patches and QuPath regions per slide."""
+    """Heatmap (+ .npy), per-class evidence maps, attention.csv, top/bottom patches, QuPath
+    regions and boxes per slide."""
     from mil_cli.explain import ExplainOptions, explain_slides
     from mil_cli.inference import load_models
     from mil_cli.stores import FeatureSource, require_file
@@ -297,7 +301,7 @@ def explain(
     models = load_models(require_file(model, "--model"), torch_device)
     source = FeatureSource(require_file(features, "--features"))
     ids = source.slide_ids if all_slides else list(slide_ids or [])
-    report = explain_slides(models, source, ids, out, ExplainOptions(top_k=k, top_pct=top_pct), torch_device)
+    report = explain_slides(models, source, ids, out, ExplainOptions(top_k=k, top_pct=top_pct, scale=scale, smooth=smooth, width=width), torch_device)
     finish("explain", report, as_json, {"out": str(out)})
 
 

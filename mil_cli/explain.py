@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.path import Path as PolygonPath
+from scipy import ndimage
 from scipy.stats import rankdata
 from skimage import measure
 
 from mil_cli.console import warn
-from mil_cli.errors import InputError
+from mil_cli.errors import InputError, MilcliError
 from mil_cli.inference import LoadedModel, check_compatible, predict_bag
 from mil_cli.reports import StageReport
 from mil_cli.slides import open_slide, safe_file_stem
@@ -29,11 +30,24 @@ REGION_COLOUR = [230, 60, 30]
 UPSAMPLE = 4                    # region outlines are traced on a grid 4x finer than the patches
 
 
+EVIDENCE_COLOUR_MAP = "RdBu_r"  # diverging: red argues for the class, blue against
+BOX_MASS = 0.95                 # boxes.csv: the box holding this share of the attention
+
+
 @dataclass(frozen=True)
 class ExplainOptions:
     top_k: int = 8            # patches shown in each row of the montage
     top_pct: float = 20.0     # patches above this attention percentile form the regions
     alpha: float = 0.6        # heatmap opacity over tissue
+    scale: str = "rank"       # heatmap values: percentile ranks, or raw attention weights
+    smooth: float = 0.0       # Gaussian smoothing of the maps, sigma in patches (0: none)
+    width: int | None = None  # heatmap / evidence PNG width in px (None: the thumbnail's)
+
+    def __post_init__(self) -> None:
+        if self.scale not in ("rank", "raw"):
+            raise MilcliError(f"--scale {self.scale}: expected rank or raw")
+        if self.smooth < 0 or (self.width is not None and self.width < 64):
+            raise MilcliError("--smooth must be >= 0 and --width at least 64 px")
 
 
 def rank_percent(values: np.ndarray) -> np.ndarray:
@@ -71,17 +85,83 @@ def paint(images: SlideImages, coords: np.ndarray, size: int, values: np.ndarray
     return grid
 
 
-def draw_heatmap(path: Path, images: SlideImages, grid: np.ndarray, title: str, alpha: float) -> None:
-    height, width = grid.shape
-    fig = Figure(figsize=(max(4.0, width / 100 + 1.5), max(3.0, height / 100 + 0.8)), dpi=100)
+def smooth_map(grid: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian smoothing that ignores the NaN (no patch, no tissue) cells and keeps them NaN."""
+    if sigma_px <= 0:
+        return grid
+    valid = np.isfinite(grid)
+    with np.errstate(invalid="ignore"):
+        smoothed = ndimage.gaussian_filter(np.where(valid, grid, 0.0), sigma_px) / ndimage.gaussian_filter(
+            valid.astype(float), sigma_px)
+    return np.where(valid, smoothed, np.nan)
+
+
+def draw_map(path: Path, images: SlideImages, grid: np.ndarray, title: str, alpha: float, width: int | None,
+             colour_map: str, limits: tuple[float, float], label: str) -> None:
+    """`grid` painted over the thumbnail (NaN cells transparent) with a colour bar, as a PNG
+    whose image part is `width` px wide."""
+    height, thumb_width = grid.shape
+    scale = (width or thumb_width) / thumb_width
+    fig = Figure(figsize=(max(4.0, thumb_width * scale / 100 + 1.5), max(3.0, height * scale / 100 + 0.8)), dpi=100)
     ax = fig.subplots()
     ax.imshow(images.thumbnail)
-    shown = ax.imshow(np.ma.masked_invalid(grid), cmap=COLOUR_MAP, vmin=0, vmax=100, alpha=alpha,
+    shown = ax.imshow(np.ma.masked_invalid(grid), cmap=colour_map, vmin=limits[0], vmax=limits[1], alpha=alpha,
                       interpolation="nearest")
-    fig.colorbar(shown, ax=ax, fraction=0.035, pad=0.02, label="attention (percentile rank)")
+    fig.colorbar(shown, ax=ax, fraction=0.035, pad=0.02, label=label)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
     fig.savefig(path, bbox_inches="tight")
+
+
+def attention_box(coords: np.ndarray, step: int, size: int, attention: np.ndarray, mass: float) -> list[int]:
+    """A small box (level-0 x0, y0, x1, y1) holding at least `mass` of the attention: starting
+    from all patches, repeatedly drop the outermost grid row or column that carries the least
+    attention while the rest still holds `mass`."""
+    cells = np.round(coords / step).astype(int)
+    lo, hi = cells.min(axis=0), cells.max(axis=0)
+    total = attention.sum()
+    while True:
+        inside = np.all((cells >= lo) & (cells <= hi), axis=1)
+        options = []
+        for axis in (0, 1):
+            for end, bound in ((lo, lo[axis]), (hi, hi[axis])):
+                if lo[axis] == hi[axis]:
+                    continue
+                edge = inside & (cells[:, axis] == bound)
+                options.append((attention[edge].sum(), axis, end is lo))
+        if not options:
+            break
+        lost, axis, from_low = min(options)
+        if attention[inside].sum() - lost < mass * total:
+            break
+        if from_low:
+            lo[axis] += 1
+        else:
+            hi[axis] -= 1
+    return [int(lo[0] * step), int(lo[1] * step), int(hi[0] * step + size), int(hi[1] * step + size)]
+
+
+def polygon_box(rings: list) -> list[int]:
+    outer = np.array(rings[0])
+    return [int(v) for v in (*outer.min(axis=0), *outer.max(axis=0))]
+
+
+def write_boxes_csv(path: Path, polygons: list, coords: np.ndarray, step: int, size: int,
+                    attention: np.ndarray) -> None:
+    """The largest high-attention region's bounding box and the box holding 95 % of the
+    attention, in level-0 px, with the attention mass inside each."""
+    rows = []
+    if polygons:
+        largest = max(polygons, key=lambda rings: abs(_signed_area(np.array(rings[0]))))
+        rows.append(("largest_region", polygon_box(largest)))
+    rows.append((f"attention_{round(BOX_MASS * 100)}pct", attention_box(coords, step, size, attention, BOX_MASS)))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["box", "x0", "y0", "x1", "y1", "attention_mass"])
+        for name, (x0, y0, x1, y1) in rows:
+            centre = coords + size / 2
+            inside = (centre[:, 0] >= x0) & (centre[:, 0] <= x1) & (centre[:, 1] >= y0) & (centre[:, 1] <= y1)
+            writer.writerow([name, x0, y0, x1, y1, f"{attention[inside].sum():.4f}"])
 
 
 def draw_top_patches(path: Path, data: SlideData, attention: np.ndarray, ranks: np.ndarray, k: int) -> None:
@@ -188,14 +268,15 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
     title = (f"{slide_id} | model {models[0].config['model']['architecture']}"
              f"{f' x{len(models)}' if len(models) > 1 else ''} | predicted {classes[predicted]} "
              f"(p={probs[predicted]:.2f})")
+    step = patch_step(data)
     images = source.images(slide_id)
     if images is not None:
-        draw_heatmap(folder / "heatmap.png", images, paint(images, data.coords, size, ranks), title, options.alpha)
+        draw_slide_maps(folder, images, data, size, step, attention, ranks, contributions, classes,
+                        models[0].module.additive, title, options)
     else:
-        warn(f"{slide_id}: the store has no thumbnail; heatmap.png not drawn")
+        warn(f"{slide_id}: the store has no thumbnail; heatmap.png and evidence maps not drawn")
 
     selected = ranks > 100.0 - options.top_pct
-    step = patch_step(data)
     polygons = region_polygons(data.coords, step, selected)
     centres = (np.round(data.coords / step) + 0.5) * step
     scores = []
@@ -203,12 +284,34 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
         inside = PolygonPath(np.array(rings[0])).contains_points(centres)
         scores.append(float(attention[inside & selected].sum()))
     (folder / "regions.geojson").write_text(json.dumps(regions_geojson(polygons, scores, slide_id)))
+    write_boxes_csv(folder / "boxes.csv", polygons, data.coords, step, size, attention)
 
     try:
         draw_top_patches(folder / "top_patches.png", data, attention, ranks, options.top_k)
     except InputError as exc:
         warn(f"{slide_id}: top_patches.png not drawn ({exc})")
     return folder
+
+
+def draw_slide_maps(folder: Path, images: SlideImages, data: SlideData, size: int, step: int, attention: np.ndarray,
+                    ranks: np.ndarray, patch_scores: np.ndarray, classes: list[str], additive: bool, title: str,
+                    options: ExplainOptions) -> None:
+    """heatmap.png and heatmap.npy (the float map drawn, NaN off tissue), then one
+    evidence_<class>.png per class: signed per-patch evidence on a diverging colour map."""
+    sigma = options.smooth * step / images.downsample
+    values = ranks if options.scale == "rank" else attention
+    grid = smooth_map(paint(images, data.coords, size, values), sigma)
+    np.save(folder / "heatmap.npy", grid.astype(np.float32))
+    limits = (0.0, 100.0) if options.scale == "rank" else (0.0, float(np.nanmax(grid)))
+    label = "attention (percentile rank)" if options.scale == "rank" else "attention weight"
+    draw_map(folder / "heatmap.png", images, grid, title, options.alpha, options.width, COLOUR_MAP, limits, label)
+    kind = "contribution to the logit" if additive else "patch score"
+    for c, name in enumerate(classes):
+        evidence = smooth_map(paint(images, data.coords, size, patch_scores[:, c]), sigma)
+        bound = float(np.nanmax(np.abs(evidence))) or 1.0
+        draw_map(folder / f"evidence_{safe_file_stem(name)}.png", images, evidence,
+                 f"{data.slide_id} | evidence for '{name}' (red for, blue against)", options.alpha, options.width,
+                 EVIDENCE_COLOUR_MAP, (-bound, bound), kind)
 
 
 def explain_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: list[str], out: Path,

@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mil_cli.explain import rank_percent, region_polygons
+from conftest import invoke
+from mil_cli.explain import attention_box, rank_percent, region_polygons
 from mil_cli.inference import load_model
 from mil_cli.stores import FeatureSource
 
@@ -68,3 +69,38 @@ def test_region_polygons_trace_cells_and_keep_holes() -> None:
 def test_rank_percent_spreads_tiny_values() -> None:
     ranks = rank_percent(np.array([1e-9, 2e-9, 0.5, 3e-9]))
     assert ranks.tolist() == [25.0, 50.0, 100.0, 75.0]
+
+
+def test_raw_scale_smoothing_width_evidence_and_boxes(sample_run: Path, tmp_path: Path) -> None:
+    result = invoke("explain", "slide_00", "--model", sample_run / "model.pt", "--features", sample_run / "feats.h5",
+                    "--out", tmp_path, "--scale", "raw", "--smooth", "1", "--width", "700", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.stderr
+    folder = tmp_path / "slide_00"
+    raw = np.load(folder / "heatmap.npy")
+    data = FeatureSource(sample_run / "feats.h5")
+    images = data.images("slide_00")
+    assert raw.shape == images.tissue_mask.shape and raw.dtype == np.float32
+    assert np.isnan(raw[~images.tissue_mask]).all()
+    on_tissue = raw[np.isfinite(raw)]
+    assert on_tissue.min() >= 0 and on_tissue.max() < 1  # raw attention weights, smoothed
+    default = np.load(sample_run / "explain" / "slide_00" / "heatmap.npy")
+    assert np.nanmax(default) == pytest.approx(100.0) and np.nanmin(default) > 0  # rank scale by default
+    assert 690 <= Image.open(folder / "heatmap.png").width <= 900  # 700 px of map plus the colour bar
+    for name in ("normal", "tumour"):
+        evidence = Image.open(folder / f"evidence_{name}.png").convert("RGB")
+        assert evidence.width >= 690
+    with open(folder / "boxes.csv", newline="") as f:
+        boxes = {row["box"]: row for row in csv.DictReader(f)}
+    assert set(boxes) == {"largest_region", "attention_95pct"}
+    for row in boxes.values():
+        x0, y0, x1, y1 = (int(row[k]) for k in ("x0", "y0", "x1", "y1"))
+        assert 0 <= x0 < x1 <= 1792 + 256 and 0 <= y0 < y1 <= 1280 + 256
+    assert float(boxes["attention_95pct"]["attention_mass"]) >= 0.95
+
+
+def test_attention_box_trims_to_the_mass() -> None:
+    coords = np.array([(x, y) for y in range(0, 500, 100) for x in range(0, 500, 100)])
+    attention = np.full(len(coords), 0.001)
+    attention[(coords[:, 0] == 300) & (coords[:, 1] == 100)] = 1.0
+    attention /= attention.sum()
+    assert attention_box(coords, 100, 100, attention, 0.95) == [300, 100, 400, 200]
