@@ -285,6 +285,7 @@ def explain(
     scale: Annotated[str, typer.Option(help="Heatmap values: rank (percentile ranks) or raw (attention weights).")] = "rank",
     smooth: Annotated[float, typer.Option(min=0.0, help="Gaussian smoothing of the maps, sigma in patches (0: none).")] = 0.0,
     width: Annotated[Optional[int], typer.Option(min=64, help="Width of the map PNGs in px.", show_default="thumbnail width")] = None,
+    prototypes: Annotated[bool, typer.Option("--prototypes", help="Also prototypes.png/.csv: the closest highly attended patches of each class in the training slides.")] = False,
     device: Device = "auto",
     quiet: Quiet = False,
     as_json: AsJson = False,
@@ -301,7 +302,8 @@ def explain(
     models = load_models(require_file(model, "--model"), torch_device)
     source = FeatureSource(require_file(features, "--features"))
     ids = source.slide_ids if all_slides else list(slide_ids or [])
-    report = explain_slides(models, source, ids, out, ExplainOptions(top_k=k, top_pct=top_pct, scale=scale, smooth=smooth, width=width), torch_device)
+    report = explain_slides(models, source, ids, out, ExplainOptions(top_k=k, top_pct=top_pct, scale=scale, smooth=smooth, width=width,
+                                                                 prototypes=prototypes), torch_device)
     finish("explain", report, as_json, {"out": str(out)})
 
 
@@ -349,6 +351,18 @@ def run(
     console.print(f"outputs in {out}/ (predictions.csv, explain/, run.json)")
     finish("run", total, as_json, {"out": str(out), "metrics": metrics,
                                    "stages": {k: v.to_dict() for k, v in reports.items()}})
+
+
+@command
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Output folder of `milcli run`.")],
+    quiet: Quiet = False,
+) -> None:
+    """One static HTML page over a run: metrics, ROC, predictions, heatmaps, evidence, top patches."""
+    from mil_cli.report import build_report
+
+    page = build_report(run_dir)
+    console.print(f"report: {page} (open it in a browser; images are linked beside it)")
 
 
 @command

@@ -21,6 +21,7 @@ from skimage import measure
 from mil_cli.console import warn
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.inference import LoadedModel, check_compatible, predict_bag
+from mil_cli.prototypes import PrototypeBank, build_bank, write_prototypes
 from mil_cli.reports import StageReport
 from mil_cli.slides import open_slide, safe_file_stem
 from mil_cli.stores import FeatureSource, SlideData, SlideImages
@@ -37,6 +38,7 @@ BOX_MASS = 0.95                 # boxes.csv: the box holding this share of the a
 @dataclass(frozen=True)
 class ExplainOptions:
     top_k: int = 8            # patches shown in each row of the montage
+    prototypes: bool = False  # also prototypes.png / .csv: similar patches of the training slides
     top_pct: float = 20.0     # patches above this attention percentile form the regions
     alpha: float = 0.6        # heatmap opacity over tissue
     scale: str = "rank"       # heatmap values: percentile ranks, or raw attention weights
@@ -246,7 +248,7 @@ def write_attention_csv(path: Path, data: SlideData, size: int, attention: np.nd
 
 
 def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: str, out: Path,
-                  options: ExplainOptions, device: torch.device) -> Path:
+                  options: ExplainOptions, device: torch.device, bank: PrototypeBank | None = None) -> Path:
     """Write every explanation file for one slide into out/<safe slide id>/ and return it."""
     data = source.load(slide_id)
     assert data.features is not None
@@ -290,6 +292,8 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
         draw_top_patches(folder / "top_patches.png", data, attention, ranks, options.top_k)
     except InputError as exc:
         warn(f"{slide_id}: top_patches.png not drawn ({exc})")
+    if bank is not None:
+        write_prototypes(folder, data, attention, bank)
     return folder
 
 
@@ -319,12 +323,16 @@ def explain_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: 
     start = time.perf_counter()
     check_compatible(models, source)
     report = StageReport()
+    bank = build_bank(models, source, device) if options.prototypes else None
+    if options.prototypes and bank is None:
+        warn("no training slide of the model is in the store (or the model file predates prototypes); "
+             "prototypes not drawn")
     for slide_id in slide_ids:
         if slide_id not in source.slide_ids:
             report.failed[slide_id] = f"not in {source.path}"
             continue
         try:
-            explain_slide(models, source, slide_id, out, options, device)
+            explain_slide(models, source, slide_id, out, options, device, bank)
             report.done.append(slide_id)
         except InputError as exc:
             report.failed[slide_id] = str(exc)

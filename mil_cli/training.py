@@ -268,6 +268,7 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
             "metrics": metrics,
             "history": fitted.history,
             "slides": roles,
+            "slide_labels": {sid: data.labels.rows[sid].label for sid in roles.get("train", [])},
             "features": str(features_path),
             "labels": str(labels_path),
         },

@@ -104,3 +104,48 @@ def test_attention_box_trims_to_the_mass() -> None:
     attention[(coords[:, 0] == 300) & (coords[:, 1] == 100)] = 1.0
     attention /= attention.sum()
     assert attention_box(coords, 100, 100, attention, 0.95) == [300, 100, 400, 200]
+
+
+def test_report_links_every_output_and_renders_in_chromium(sample_run: Path, tmp_path: Path) -> None:
+    import re
+    import shutil
+    import subprocess
+    from urllib.parse import unquote
+
+    result = invoke("report", sample_run)
+    assert result.exit_code == 0, result.stderr
+    page = (sample_run / "report.html").read_text()
+    assert page.count("<section") == 20 and "slide_00: predicted" in page
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert any(s.endswith("heatmap.png") for s in sources) and any("evidence_" in s for s in sources)
+    assert all((sample_run / unquote(s)).exists() for s in sources)  # every link resolves beside the page
+    assert invoke("report", tmp_path).exit_code == 2  # not a run folder: one-line error
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed: the screenshot check is skipped")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1280,2400", f"--screenshot={shot}", (sample_run / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    bright_inferno = (pixels[..., 0] > 230) & (pixels[..., 1] > 180) & (pixels[..., 2] < 140)  # the heatmap's yellow
+    assert bright_inferno.sum() > 500
+
+
+def test_prototypes_come_from_other_training_slides_of_each_class(sample_run: Path, tmp_path: Path) -> None:
+    result = invoke("explain", "slide_00", "--prototypes", "--model", sample_run / "model.pt", "--features",
+                    sample_run / "feats.h5", "--out", tmp_path, "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.stderr
+    config = load_model(sample_run / "model.pt", torch.device("cpu")).config
+    labels = config["slide_labels"]
+    with open(tmp_path / "slide_00" / "prototypes.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 * 2  # four top patches, one match per class
+    for row in rows:
+        assert row["match_slide_id"] != "slide_00" and labels[row["match_slide_id"]] == row["class"]
+        assert -1.0 <= float(row["cosine"]) <= 1.0001
+    tumour = [float(r["cosine"]) for r in rows if r["class"] == "tumour"]
+    normal = [float(r["cosine"]) for r in rows if r["class"] == "normal"]
+    assert np.mean(tumour) > np.mean(normal)  # a tumour slide's top patches look like tumour patches
+    assert Image.open(tmp_path / "slide_00" / "prototypes.png").height > 600
