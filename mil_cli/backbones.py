@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mil_cli.errors import InputError, MilcliError
+from mil_cli.errors import InputError, MilcliError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,11 +48,6 @@ class Backbone:
         model = self.build(weights)
         model.eval().requires_grad_(False)
         return model
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_weight_file(path: Path) -> dict[str, torch.Tensor]:

@@ -157,11 +157,11 @@ def write_boxes_csv(path: Path, polygons: list, coords: np.ndarray, step: int, s
         largest = max(polygons, key=lambda rings: abs(_signed_area(np.array(rings[0]))))
         rows.append(("largest_region", polygon_box(largest)))
     rows.append((f"attention_{round(BOX_MASS * 100)}pct", attention_box(coords, step, size, attention, BOX_MASS)))
+    centre = coords + size / 2
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["box", "x0", "y0", "x1", "y1", "attention_mass"])
         for name, (x0, y0, x1, y1) in rows:
-            centre = coords + size / 2
             inside = (centre[:, 0] >= x0) & (centre[:, 0] <= x1) & (centre[:, 1] >= y0) & (centre[:, 1] <= y1)
             writer.writerow([name, x0, y0, x1, y1, f"{attention[inside].sum():.4f}"])
 

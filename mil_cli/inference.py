@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mil_cli.errors import InputError
+from mil_cli.errors import InputError, first_line
 from mil_cli.labels import LabelTable
 from mil_cli.models import ModelConfig, build_model
 from mil_cli.stores import FeatureSource
@@ -38,8 +38,7 @@ def load_model(path: Path, device: torch.device) -> LoadedModel:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refusals and corrupt files surface as many types
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(path, f"not a loadable milcli model ({first_line})") from None
+        raise InputError(path, f"not a loadable milcli model ({first_line(exc)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != MODEL_FORMAT:
         raise InputError(path, "not a milcli model file (format key missing)")
     config = checkpoint["config"]
@@ -47,7 +46,7 @@ def load_model(path: Path, device: torch.device) -> LoadedModel:
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:
-        raise InputError(path, f"weights do not fit the recorded architecture: {str(exc).splitlines()[0]}") from None
+        raise InputError(path, f"weights do not fit the recorded architecture: {first_line(exc)}") from None
     return LoadedModel(path, module.to(device).eval(), config)
 
 

@@ -53,6 +53,11 @@ def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
 
 
+def whole_bag(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One bag (N, D) as a batch of one: (1, N, D) features and an all-true (1, N) mask."""
+    return features[None], torch.ones(1, len(features), dtype=torch.bool, device=features.device)
+
+
 class MILHead(nn.Module):
     """Shared parts: the patch embedding, the single-bag helpers and the loss."""
 
@@ -68,7 +73,7 @@ class MILHead(nn.Module):
 
     def bag(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One bag (N, D) -> (C,) logits, (N,) attention."""
-        out = self(features[None], torch.ones(1, len(features), dtype=torch.bool, device=features.device))
+        out = self(*whole_bag(features))
         return out.logits[0], out.attention[0]
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
@@ -103,7 +108,7 @@ class AttentionMIL(MILHead):
         return MILOutput(self.classifier(pooled), attention, h)
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
-        h, attention = self.attend(features[None], torch.ones(1, len(features), dtype=torch.bool, device=features.device))
+        h, attention = self.attend(*whole_bag(features))
         return attention[0, :, None] * (h[0] @ self.classifier.weight.T)
 
 

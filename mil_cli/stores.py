@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterable
+from itertools import chain
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from mil_cli import __version__
 from mil_cli.console import warn
-from mil_cli.errors import InputError, MilcliError
+from mil_cli.errors import InputError, MilcliError, first_line
 
 TILES_FORMAT = "milcli-tiles"
 FEATURES_FORMAT = "milcli-features"
@@ -82,7 +83,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     found = re.search(r"error message = '([^']+)'", str(exc))
-    return found.group(1) if found else str(exc).strip().splitlines()[0]
+    return found.group(1) if found else first_line(exc)
 
 
 def _fsync(path: Path) -> None:
@@ -111,6 +112,7 @@ class StoreWriter:
         self.overwrite = overwrite
         self.parts = parts_dir(path)
         self._fresh_marker = self.parts / FRESH_MARKER
+        self._merging = path.with_name(path.name + ".merging")  # the next store, until renamed
         self._lock: int | None = None
 
     def __enter__(self) -> StoreWriter:
@@ -138,7 +140,7 @@ class StoreWriter:
         if self.path.exists() and not self.overwrite and not self._fresh_marker.exists():
             check_store(self.path, self.kind, self.attrs)
         self.parts.mkdir(exist_ok=True)
-        for leftover in [*self.parts.glob("*.tmp"), self.path.with_name(self.path.name + ".merging")]:
+        for leftover in [*self.parts.glob("*.tmp"), self._merging]:
             leftover.unlink(missing_ok=True)
         if self.overwrite:
             for part in self.parts.glob("*.h5"):
@@ -196,7 +198,8 @@ class StoreWriter:
         if not parts and self.path.exists() and not fresh:
             shutil.rmtree(self.parts, ignore_errors=True)
             return
-        merged = self.path.with_name(self.path.name + ".merging")
+        merged = self._merging
+        replaced = set(parts.values())
         try:
             base = self.path if self.path.exists() and not fresh else None
             with open_h5(merged, "w") as new:
@@ -207,7 +210,7 @@ class StoreWriter:
                         root = dict(old.attrs)
                         slides = new.create_group("slides")
                         for slide_id, group in old.get("slides", {}).items():
-                            if slide_id not in parts.values() and group.attrs.get("complete", False):
+                            if slide_id not in replaced and group.attrs.get("complete", False):
                                 old.copy(group, slides, name=slide_id)
                 new.attrs.update(root)
                 slides = new.require_group("slides")
@@ -251,10 +254,14 @@ def _part_ids(folder: Path) -> dict[Path, str]:
 def write_feature_store(path: Path, bags: Iterable[tuple[str, np.ndarray, np.ndarray]], backbone: str) -> None:
     """A feature store from (slide_id, coords, features) triples: features that come from
     elsewhere than `milcli embed` (benchmarks, tests, other tools)."""
-    with StoreWriter(path, FEATURES_FORMAT, {"backbone": backbone}, overwrite=True) as writer:
-        for slide_id, coords, features in bags:
+    bags = iter(bags)
+    first = next(bags, None)
+    attrs = {"backbone": backbone}
+    if first is not None:
+        attrs |= {"dim": int(first[2].shape[1]), "dtype": str(first[2].dtype)}
+    with StoreWriter(path, FEATURES_FORMAT, attrs, overwrite=True) as writer:
+        for slide_id, coords, features in chain([first] if first is not None else [], bags):
             writer.write_slide(slide_id, {"patch_size_level0": 1}, {"coords": coords, "features": features})
-            writer.attrs |= {"dim": int(features.shape[1]), "dtype": str(features.dtype)}
 
 
 def completed_slides(path: Path) -> set[str]:
@@ -264,11 +271,6 @@ def completed_slides(path: Path) -> set[str]:
     with open_h5(path, "r") as f:
         slides = f.get("slides", {})
         return {sid for sid, group in slides.items() if group.attrs.get("complete", False)}
-
-
-def root_attrs(path: Path) -> dict:
-    with open_h5(path, "r") as f:
-        return dict(f.attrs)
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from mil_cli.backbones import BACKBONES, DEFAULT_BACKBONE, efficientnet_lite0_classifier, get_backbone
+from mil_cli.backbones import DEFAULT_BACKBONE, efficientnet_lite0_classifier, get_backbone
 from mil_cli.errors import MilcliError
 
 

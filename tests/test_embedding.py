@@ -18,7 +18,7 @@ import torch
 from conftest import SAMPLE, invoke
 from mil_cli import stores
 from mil_cli.backbones import get_backbone
-from mil_cli.embedding import EmbedOptions, PatchBlocks, Rebatcher, SlideJob, embed_store, group_into_blocks
+from mil_cli.embedding import EmbedOptions, Rebatcher, embed_store, group_into_blocks
 from mil_cli.slides import open_slide
 from mil_cli.tiling import TilingOptions, tile_slides
 
