@@ -281,7 +281,8 @@ def explain(
     features: Annotated[Path, typer.Option(help="Feature store.")] = Path("feats.h5"),
     out: Annotated[Path, typer.Option(help="Folder for <slide_id>/ outputs.")] = Path("explain"),
     k: Annotated[int, typer.Option(min=1, help="Top and bottom patches in the montage.")] = 8,
-    top_pct: Annotated[float, typer.Option(min=0.1, max=100.0, help="Attention percentile above which patches form regions.")] = 20.0,
+    threshold: Annotated[float, typer.Option(min=0.01, max=0.99, help="Regions: where attention, interpolated between patch centres, exceeds this fraction of the slide's highest (CAM's rule).")] = 0.2,
+    top_pct: Annotated[Optional[float], typer.Option(min=0.1, max=100.0, help="Regions instead at the level of this top attention percentile of the patches.", show_default="off")] = None,
     scale: Annotated[str, typer.Option(help="Heatmap values: rank (percentile ranks) or raw (attention weights).")] = "rank",
     smooth: Annotated[float, typer.Option(min=0.0, help="Gaussian smoothing of the maps, sigma in patches (0: none).")] = 0.0,
     width: Annotated[Optional[int], typer.Option(min=64, help="Width of the map PNGs in px.", show_default="thumbnail width")] = None,
@@ -302,8 +303,9 @@ def explain(
     models = load_models(require_file(model, "--model"), torch_device)
     source = FeatureSource(require_file(features, "--features"))
     ids = source.slide_ids if all_slides else list(slide_ids or [])
-    report = explain_slides(models, source, ids, out, ExplainOptions(top_k=k, top_pct=top_pct, scale=scale, smooth=smooth, width=width,
-                                                                 prototypes=prototypes), torch_device)
+    options = ExplainOptions(top_k=k, threshold=threshold, top_pct=top_pct, scale=scale, smooth=smooth, width=width,
+                             prototypes=prototypes)
+    report = explain_slides(models, source, ids, out, options, torch_device)
     finish("explain", report, as_json, {"out": str(out)})
 
 

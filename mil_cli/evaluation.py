@@ -22,3 +22,18 @@ def localisation_auc(scores: np.ndarray, inside: np.ndarray) -> float:
     if inside.all() or not inside.any():
         return float("nan")
     return float(roc_auc_score(inside, scores))
+
+
+def mask_box(mask: np.ndarray) -> list[int]:
+    """Bounding box (x0, y0, x1, y1, exclusive ends) of a non-empty boolean mask."""
+    rows, cols = np.nonzero(mask)
+    return [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1]
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -28,7 +28,8 @@ from mil_cli.stores import FeatureSource, SlideData, SlideImages
 
 COLOUR_MAP = "inferno"          # perceptually uniform, dark = low, bright = high
 REGION_COLOUR = [230, 60, 30]
-UPSAMPLE = 4                    # region outlines are traced on a grid 4x finer than the patches
+UPSAMPLE = 8                    # regions are traced on a grid up to 8x finer than the patch grid
+MAX_REGION_PIXELS = 4_000_000   # ... but no more pixels than this
 
 
 EVIDENCE_COLOUR_MAP = "RdBu_r"  # diverging: red argues for the class, blue against
@@ -39,7 +40,8 @@ BOX_MASS = 0.95                 # boxes.csv: the box holding this share of the a
 class ExplainOptions:
     top_k: int = 8            # patches shown in each row of the montage
     prototypes: bool = False  # also prototypes.png / .csv: similar patches of the training slides
-    top_pct: float = 20.0     # patches above this attention percentile form the regions
+    threshold: float = 0.2    # regions: attention above this fraction of the slide's highest
+    top_pct: float | None = None  # ... or, when set, above this top percentile of the patches
     alpha: float = 0.6        # heatmap opacity over tissue
     scale: str = "rank"       # heatmap values: percentile ranks, or raw attention weights
     smooth: float = 0.0       # Gaussian smoothing of the maps, sigma in patches (0: none)
@@ -50,6 +52,8 @@ class ExplainOptions:
             raise MilcliError(f"--scale {self.scale}: expected rank or raw")
         if self.smooth < 0 or (self.width is not None and self.width < 64):
             raise MilcliError("--smooth must be >= 0 and --width at least 64 px")
+        if not 0 < self.threshold < 1 or (self.top_pct is not None and not 0 < self.top_pct <= 100):
+            raise MilcliError("--threshold must be between 0 and 1, --top-pct between 0 and 100")
 
 
 def rank_percent(values: np.ndarray) -> np.ndarray:
@@ -119,7 +123,8 @@ def attention_box(coords: np.ndarray, step: int, size: int, attention: np.ndarra
     """A small box (level-0 x0, y0, x1, y1) holding at least `mass` of the attention: starting
     from all patches, repeatedly drop the outermost grid row or column that carries the least
     attention while the rest still holds `mass`."""
-    cells = np.round(coords / step).astype(int)
+    origin = coords.min(axis=0)
+    cells = np.round((coords - origin) / step).astype(int)
     lo, hi = cells.min(axis=0), cells.max(axis=0)
     total = attention.sum()
     while True:
@@ -140,7 +145,9 @@ def attention_box(coords: np.ndarray, step: int, size: int, attention: np.ndarra
             lo[axis] += 1
         else:
             hi[axis] -= 1
-    return [int(lo[0] * step), int(lo[1] * step), int(hi[0] * step + size), int(hi[1] * step + size)]
+    x0, y0 = origin + lo * step
+    x1, y1 = origin + hi * step + size
+    return [int(x0), int(y0), int(x1), int(y1)]
 
 
 def polygon_box(rings: list) -> list[int]:
@@ -154,8 +161,7 @@ def write_boxes_csv(path: Path, polygons: list, coords: np.ndarray, step: int, s
     attention, in level-0 px, with the attention mass inside each."""
     rows = []
     if polygons:
-        largest = max(polygons, key=lambda rings: abs(_signed_area(np.array(rings[0]))))
-        rows.append(("largest_region", polygon_box(largest)))
+        rows.append(("largest_region", polygon_box(polygons[0])))
     rows.append((f"attention_{round(BOX_MASS * 100)}pct", attention_box(coords, step, size, attention, BOX_MASS)))
     centre = coords + size / 2
     with open(path, "w", newline="") as f:
@@ -188,24 +194,80 @@ def draw_top_patches(path: Path, data: SlideData, attention: np.ndarray, ranks: 
     fig.savefig(path, bbox_inches="tight", dpi=100)
 
 
-def region_polygons(coords: np.ndarray, step: int, selected: np.ndarray) -> list[list[list[list[float]]]]:
-    """Polygons (outer ring, then holes) in level-0 px around connected selected grid cells."""
-    cells = np.round(coords / step).astype(int)
-    grid = np.zeros((cells[:, 1].max() + 1, cells[:, 0].max() + 1), dtype=bool)
-    grid[cells[selected, 1], cells[selected, 0]] = True
-    labelled = measure.label(grid, connectivity=1)
+@dataclass(frozen=True)
+class RegionGrid:
+    """High-attention regions on a fine level-0 grid: `labels` numbers the connected regions
+    (0 outside), pixel (row, col) covers level-0 x in origin_x + [col, col + 1) * pixel."""
+    labels: np.ndarray
+    origin: np.ndarray
+    pixel: float
+
+    def pixel_of(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cells = np.floor((points - self.origin) / self.pixel).astype(int)
+        return (np.clip(cells[:, 1], 0, self.labels.shape[0] - 1), np.clip(cells[:, 0], 0, self.labels.shape[1] - 1))
+
+
+def region_level(attention: np.ndarray, threshold: float, top_pct: float | None) -> float:
+    """The attention value regions are traced at: `threshold` times the highest (CAM's rule),
+    or, with `top_pct`, midway between the last patch inside that top percentile and the next."""
+    if top_pct is None:
+        return threshold * float(attention.max())
+    ordered = np.sort(attention)[::-1]
+    k = min(len(ordered), max(1, int(round(len(ordered) * top_pct / 100))))
+    return float(ordered[k - 1] + (ordered[k] if k < len(ordered) else 0.0)) / 2
+
+
+def region_grid(coords: np.ndarray, step: int, size: int, values: np.ndarray, level: float) -> RegionGrid:
+    """Regions where `values`, interpolated bilinearly between patch centres as CAM upsamples
+    its map, exceed `level`, within the area the patches cover. Interpolating puts a region's
+    edge between patches where the evidence changes, not on the patch grid, so its boxes are
+    not quantised to whole patches. Grid cells without a patch take their nearest patch's value."""
+    origin = coords.min(axis=0).astype(float)
+    cells = np.round((coords - origin) / step).astype(int)
+    shape = (cells[:, 1].max() + 1, cells[:, 0].max() + 1)
+    grid = np.full(shape, np.nan)
+    grid[cells[:, 1], cells[:, 0]] = values
+    nearest = ndimage.distance_transform_edt(np.isnan(grid), return_distances=False, return_indices=True)
+    grid = grid[tuple(nearest)]
+    upsample = int(np.clip(np.sqrt(MAX_REGION_PIXELS / grid.size), 1, UPSAMPLE))
+    pixel = step / upsample
+    extent = np.ceil(((np.array(shape) - 1) * step + size) / pixel).astype(int)  # rows, cols
+    centre_offset = size / 2 / step
+    rows = (np.arange(extent[0]) + 0.5) / upsample - centre_offset
+    cols = (np.arange(extent[1]) + 0.5) / upsample - centre_offset
+    fine = ndimage.map_coordinates(grid, np.meshgrid(rows, cols, indexing="ij"), order=1, mode="nearest")
+    covered = np.zeros(fine.shape, dtype=bool)
+    side = int(round(size / pixel))
+    for col, row in cells * upsample:
+        covered[row:row + side, col:col + side] = True
+    return RegionGrid(measure.label((fine > level) & covered, connectivity=1), origin, pixel)
+
+
+def region_polygons(regions: RegionGrid) -> list[list[list[list[float]]]]:
+    """One polygon (outer ring, then holes) in level-0 px per region, largest region first."""
+    sizes = np.bincount(regions.labels.ravel())[1:]
+    boxes = ndimage.find_objects(regions.labels)
     polygons = []
-    for component in range(1, labelled.max() + 1):
-        fine = np.kron(np.pad(labelled == component, 1), np.ones((UPSAMPLE, UPSAMPLE))).astype(float)
+    for component in np.argsort(-sizes, kind="stable") + 1:
+        rows, cols = boxes[component - 1]
+        crop = np.pad(regions.labels[rows, cols] == component, 1).astype(float)
+        offset = np.array([cols.start, rows.start]) - 0.5  # padded crop index -> pixel centre
         rings = []
-        for contour in measure.find_contours(fine, 0.5):
+        for contour in measure.find_contours(crop, 0.5):
             contour = measure.approximate_polygon(contour, tolerance=0.75)
-            xy = ((contour[:, ::-1] + 0.5) / UPSAMPLE - 1) * step
-            rings.append(np.round(xy, 1))
+            rings.append(np.round(regions.origin + (contour[:, ::-1] + offset) * regions.pixel, 1))
         rings.sort(key=lambda ring: -abs(_signed_area(ring)))
         outer, holes = rings[0], [r for r in rings[1:] if PolygonPath(rings[0]).contains_point(r[0])]
         polygons.append([_closed(outer)] + [_closed(h) for h in holes])
     return polygons
+
+
+def region_scores(regions: RegionGrid, coords: np.ndarray, size: int, attention: np.ndarray) -> list[float]:
+    """Attention mass of the patches whose centres fall in each region, largest region first."""
+    sizes = np.bincount(regions.labels.ravel())[1:]
+    at_centres = regions.labels[regions.pixel_of(coords + size / 2)]
+    mass = np.bincount(at_centres, weights=attention, minlength=len(sizes) + 1)[1:]
+    return [float(mass[c]) for c in np.argsort(-sizes, kind="stable")]
 
 
 def _signed_area(ring: np.ndarray) -> float:
@@ -278,13 +340,10 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
     else:
         warn(f"{slide_id}: the store has no thumbnail; heatmap.png and evidence maps not drawn")
 
-    selected = ranks > 100.0 - options.top_pct
-    polygons = region_polygons(data.coords, step, selected)
-    centres = (np.round(data.coords / step) + 0.5) * step
-    scores = []
-    for rings in polygons:
-        inside = PolygonPath(np.array(rings[0])).contains_points(centres)
-        scores.append(float(attention[inside & selected].sum()))
+    regions = region_grid(data.coords, step, size, attention,
+                          region_level(attention, options.threshold, options.top_pct))
+    polygons = region_polygons(regions)
+    scores = region_scores(regions, data.coords, size, attention)
     (folder / "regions.geojson").write_text(json.dumps(regions_geojson(polygons, scores, slide_id)))
     write_boxes_csv(folder / "boxes.csv", polygons, data.coords, step, size, attention)
 

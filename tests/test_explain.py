@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import invoke
-from mil_cli.explain import attention_box, rank_percent, region_polygons
+from mil_cli.explain import attention_box, rank_percent, region_grid, region_level, region_polygons, region_scores
 from mil_cli.inference import load_model
 from mil_cli.stores import FeatureSource
 
@@ -56,14 +56,47 @@ def test_explain_outputs_for_one_slide(sample_run: Path) -> None:
             assert (points[:, 1] >= 0).all() and (points[:, 1] <= 1280).all()
 
 
-def test_region_polygons_trace_cells_and_keep_holes() -> None:
-    coords = np.array([(x, y) for y in range(0, 5 * 100, 100) for x in range(0, 5 * 100, 100)])
-    ring = np.array([not (x == 200 and y == 200) and 100 <= x <= 300 and 100 <= y <= 300 for x, y in coords])
-    polygons = region_polygons(coords, 100, ring)
+def grid_coords(columns: int, rows: int, step: int = 100, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    return np.array([(origin[0] + x * step, origin[1] + y * step) for y in range(rows) for x in range(columns)])
+
+
+def test_regions_are_traced_between_patch_centres_and_keep_holes() -> None:
+    coords = grid_coords(5, 5, origin=(30, 70))
+    cells = (coords - (30, 70)) // 100
+    ring = np.array([(x, y) != (2, 2) and 1 <= x <= 3 and 1 <= y <= 3 for x, y in cells], dtype=float)
+    regions = region_grid(coords, 100, 100, ring, 0.5)
+    polygons = region_polygons(regions)
     assert len(polygons) == 1 and len(polygons[0]) == 2  # outer ring and one hole
     outer, hole = np.array(polygons[0][0]), np.array(polygons[0][1])
-    assert outer[:, 0].min() == pytest.approx(100, abs=15) and outer[:, 0].max() == pytest.approx(400, abs=15)
-    assert hole[:, 0].min() == pytest.approx(200, abs=15) and hole[:, 0].max() == pytest.approx(300, abs=15)
+    # value 1 at ring centres, 0 at their neighbours' centres: the 0.5 contour lies midway
+    assert outer[:, 0].min() == pytest.approx(30 + 100, abs=15) and outer[:, 0].max() == pytest.approx(30 + 400, abs=15)
+    assert outer[:, 1].min() == pytest.approx(70 + 100, abs=15) and outer[:, 1].max() == pytest.approx(70 + 400, abs=15)
+    assert hole[:, 0].min() == pytest.approx(30 + 200, abs=15) and hole[:, 0].max() == pytest.approx(30 + 300, abs=15)
+    assert region_scores(regions, coords, 100, ring / ring.sum()) == [pytest.approx(1.0)]
+
+
+def test_region_edges_follow_the_evidence_not_the_patch_grid() -> None:
+    """One hot patch: the region reaches 80 % of the way to a neighbour's centre where the
+    neighbour is cold, and stops at the patch's own edge where no patch is."""
+    coords = grid_coords(3, 3, step=256)
+    attention = np.where((coords == (256, 256)).all(axis=1), 0.9, 0.0)
+    attention[(coords == (512, 256)).all(axis=1)] = 0.1  # a warm neighbour to the right
+    kept = ~(coords == (0, 256)).all(axis=1)  # no patch to the left
+    coords, attention = coords[kept], attention[kept]
+    level = region_level(attention, 0.2, None)
+    assert level == pytest.approx(0.18)
+    polygons = region_polygons(region_grid(coords, 256, 256, attention, level))
+    box = np.array(polygons[0][0])
+    up = 384 - 256 * (0.9 - 0.18) / 0.9  # centre 384, cold neighbour centre 128
+    right = 384 + 256 * (0.9 - 0.18) / (0.9 - 0.1)
+    assert box[:, 1].min() == pytest.approx(up, abs=20) and box[:, 0].max() == pytest.approx(right, abs=20)
+    assert box[:, 0].min() == pytest.approx(256, abs=20)  # the missing patch takes the hot patch's value
+
+
+def test_region_level_by_top_percentile() -> None:
+    attention = np.array([0.5, 0.3, 0.1, 0.05, 0.05])
+    assert region_level(attention, 0.2, 40.0) == pytest.approx(0.2)  # midway between 2nd and 3rd
+    assert region_level(attention, 0.2, None) == pytest.approx(0.1)
 
 
 def test_rank_percent_spreads_tiny_values() -> None:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from conftest import SAMPLE, invoke
-from mil_cli.evaluation import localisation_auc, patch_mask_fraction
+from mil_cli.evaluation import box_iou, localisation_auc, mask_box, patch_mask_fraction
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -100,6 +100,19 @@ def test_attention_falls_on_the_tumour(sample_run: Path) -> None:
             aucs.append(auc)
     assert len(aucs) >= 8
     assert np.mean(aucs) >= 0.85
+
+
+def test_largest_region_box_overlaps_the_tumour_box(sample_run: Path) -> None:
+    """boxes.csv as `run` writes it: the largest region's box has IoU >= 0.5 with the true
+    tumour's box on most positive slides (benchmarks/sample_data_learning.py measures the same
+    on held-out slides)."""
+    ious = []
+    for mask_path in sorted((SAMPLE / "masks").glob("*.png")):
+        boxes = {row["box"]: row for row in read_csv(sample_run / "explain" / mask_path.stem / "boxes.csv")}
+        box = [float(boxes["largest_region"][k]) for k in ("x0", "y0", "x1", "y1")]
+        ious.append(box_iou(box, mask_box(np.array(Image.open(mask_path)).astype(bool))))
+    assert len(ious) == 10
+    assert np.mean(np.array(ious) >= 0.5) > 0.5, ious
 
 
 def test_rerun_resumes_without_redoing_work(sample_run: Path, tmp_path: Path) -> None:
