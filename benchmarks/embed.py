@@ -30,7 +30,7 @@ import torch
 from mil_cli import stores
 from mil_cli.backbones import get_backbone
 from mil_cli.devices import resolve_device
-from mil_cli.embedding import EmbedOptions, Embedder, PatchBlocks, _pending_jobs, default_workers, embed_store
+from mil_cli.embedding import EmbedOptions, Embedder, PatchBlocks, pending_jobs, default_workers, embed_store
 from mil_cli.reports import StageReport
 from mil_cli.slides import find_slides
 from mil_cli.tiling import TilingOptions, tile_slides
@@ -53,7 +53,7 @@ def make_tiles(slides: Path, copies: int, folder: Path, options: TilingOptions =
 def decoded_batches(tiles: Path, batch_size: int, input_size: int) -> list[torch.Tensor]:
     """Every patch of the tile store, decoded once and kept in memory as uint8 batches."""
     source = stores.FeatureSource(tiles, kind=stores.TILES_FORMAT)
-    blocks = PatchBlocks(_pending_jobs(source, source.slide_ids, StageReport()), input_size)
+    blocks = PatchBlocks(pending_jobs(source, set(), StageReport()), input_size)
     patches = torch.cat([blocks[i][0] for i in range(len(blocks))])
     return list(patches.split(batch_size))
 

@@ -41,6 +41,8 @@ MinTissue = Annotated[float, typer.Option(help="Fraction of a patch that must be
 BackboneName = Annotated[str, typer.Option("--backbone", help="Frozen encoder: a name from `milcli embed --list-backbones`, timm:<model> or hf-hub:<org/repo>.")]
 Weights = Annotated[Optional[Path], typer.Option(help="Backbone weight file (.pth/.bin/.safetensors state_dict) instead of its default source.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Patches per forward pass.")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Spread the work over a Ray cluster: 'local' (a private one in this process), 'auto' (the cluster this node is in) or host:port. Needs `pip install 'milcli[ray]'`.", show_default="off")]
+WorkersPerGpu = Annotated[int, typer.Option(min=1, help="With --ray: workers sharing each GPU.")]
 DecodeWorkers = Annotated[Optional[int], typer.Option(min=0, help="Patch-decoding processes (0: decode in the main process).", show_default="CUDA: cores - 1, at most 8; CPU: 0")]
 MICRONS_PER_PX_AT_1X = 10.0  # the usual convention: 10x = 1 µm/px, 20x = 0.5, 40x = 0.25
 
@@ -141,6 +143,9 @@ def embed(
     dtype: Annotated[str, typer.Option(help="Stored feature type: float16 or float32.")] = "float16",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (worth it for long GPU runs).")] = False,
     device: Device = "auto",
+    ray: RayAddress = None,
+    ray_workers: Annotated[Optional[int], typer.Option(min=1, help="With --ray: worker processes, each holding one model.", show_default="GPUs x --workers-per-gpu; CPU-only: one per 4 CPUs")] = None,
+    workers_per_gpu: WorkersPerGpu = 1,
     list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List the backbones and exit.")] = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
@@ -155,8 +160,13 @@ def embed(
     from mil_cli.stores import require_file
 
     options = EmbedOptions(batch_size=batch_size, workers=workers, dtype=dtype, weights=weights, compile=compile)
-    report = embed_store(require_file(tiles, "the TILES argument"), out, get_backbone(backbone), _device(device),
-                         options, overwrite)
+    require_file(tiles, "the TILES argument")
+    if ray is not None:
+        from mil_cli.distributed import RayOptions, ray_embed_store
+
+        report = ray_embed_store(tiles, out, backbone, options, RayOptions(ray, ray_workers, workers_per_gpu), overwrite)
+    else:
+        report = embed_store(tiles, out, get_backbone(backbone), _device(device), options, overwrite)
     finish("embed", report, as_json, {"out": str(out)})
 
 
@@ -248,22 +258,29 @@ def train(
 @command
 def predict(
     model: Annotated[Path, typer.Option(help="Model file, or a folder of fold_*/model.pt (averaged).")] = Path("model.pt"),
-    features: Annotated[Path, typer.Option(help="Feature store (or folder of per-slide .h5 files).")] = Path("feats.h5"),
+    features: Annotated[list[Path], typer.Option(help="Feature store (or folder of per-slide .h5 files); repeat for several.")] = [Path("feats.h5")],
     labels: Annotated[Optional[Path], typer.Option(help="Labels CSV: adds label and correct columns.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="CSV to write.", show_default="stdout")] = None,
     device: Device = "auto",
+    ray: RayAddress = None,
+    workers_per_gpu: WorkersPerGpu = 1,
     quiet: Quiet = False,
 ) -> None:
     """Per-slide class probabilities as CSV."""
-    from mil_cli.inference import load_models, predict_slides, write_predictions
+    from mil_cli.inference import load_models, predict_stores, write_predictions
     from mil_cli.labels import read_labels
     from mil_cli.stores import FeatureSource, require_file
 
-    torch_device = _device(device)
+    torch_device = _device(device if ray is None else "cpu")
     models = load_models(require_file(model, "--model"), torch_device)
-    source = FeatureSource(require_file(features, "--features"))
+    sources = [FeatureSource(require_file(path, "--features")) for path in features]
     table = read_labels(labels) if labels else None
-    predictions = predict_slides(models, source, source.slide_ids, torch_device)
+    if ray is not None:
+        from mil_cli.distributed import RayOptions, ray_predict_stores
+
+        predictions = ray_predict_stores(model, models, sources, RayOptions(ray, workers_per_gpu=workers_per_gpu))
+    else:
+        predictions = predict_stores(models, sources, torch_device)
     if out is None:
         write_predictions(predictions, models, table, sys.stdout)
     else:

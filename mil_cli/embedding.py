@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -206,9 +206,12 @@ def default_workers(device: torch.device) -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def _pending_jobs(tiles: stores.FeatureSource, slide_ids: list[str], report: StageReport) -> list[SlideJob]:
+def pending_jobs(tiles: stores.FeatureSource, finished: set[str], report: StageReport) -> list[SlideJob]:
+    """The tile store's slides not in `finished`; finished ones go to report.skipped, and
+    slides whose file is gone to report.failed."""
+    report.skipped = [s for s in tiles.slide_ids if s in finished]
     jobs = []
-    for slide_id in slide_ids:
+    for slide_id in (s for s in tiles.slide_ids if s not in finished):
         data = tiles.load(slide_id, with_features=False)
         source = Path(str(data.attrs.get("source_path", "")))
         if not source.is_file():
@@ -218,23 +221,30 @@ def _pending_jobs(tiles: stores.FeatureSource, slide_ids: list[str], report: Sta
     return jobs
 
 
+def feature_store_attrs(backbone: Backbone, options: EmbedOptions) -> dict:
+    """What every slide of a feature store must share; a resumed run must match them."""
+    return {"backbone": backbone.name, "dim": backbone.dim, "dtype": options.dtype,
+            "weights": str(options.weights.resolve()) if options.weights else "default"}
+
+
+def decode_blocks(jobs: list[SlideJob], input_size: int, workers: int) -> Iterator:
+    """Blocks of decoded patches of `jobs`, read by `workers` processes (0: in this one)."""
+    loader = DataLoader(PatchBlocks(jobs, input_size), batch_size=None, num_workers=workers,
+                        prefetch_factor=4 if workers else None)
+    return iter(loader)
+
+
 def embed_store(tiles_path: Path, out: Path, backbone: Backbone, device: torch.device,
                 options: EmbedOptions = EmbedOptions(), overwrite: bool = False) -> StageReport:
     """Embed the tile store's slides into the feature store `out`, resuming unless `overwrite`."""
     start = time.perf_counter()
     report = StageReport()
     tiles = stores.FeatureSource(tiles_path, kind=stores.TILES_FORMAT)
-    store_attrs = {"backbone": backbone.name, "dim": backbone.dim, "dtype": options.dtype,
-                   "weights": str(options.weights.resolve()) if options.weights else "default"}
-    with stores.StoreWriter(out, stores.FEATURES_FORMAT, store_attrs, overwrite) as writer:
-        finished = writer.completed()
-        report.skipped = [s for s in tiles.slide_ids if s in finished]
-        jobs = _pending_jobs(tiles, [s for s in tiles.slide_ids if s not in finished], report)
+    with stores.StoreWriter(out, stores.FEATURES_FORMAT, feature_store_attrs(backbone, options), overwrite) as writer:
+        jobs = pending_jobs(tiles, writer.completed(), report)
         if jobs:
             workers = default_workers(device) if options.workers is None else options.workers
-            loader = DataLoader(PatchBlocks(jobs, backbone.input_size), batch_size=None, num_workers=workers,
-                                prefetch_factor=4 if workers else None)
-            blocks = iter(loader)  # the workers start decoding while the model loads
+            blocks = decode_blocks(jobs, backbone.input_size, workers)  # workers decode while the model loads
             embedder = Embedder(backbone, device, options.weights, options.compile)
             report.phases["model_load"] = time.perf_counter() - start
             _embed_jobs(embedder, blocks, jobs, tiles, writer, backbone.name, options, report)
@@ -276,34 +286,47 @@ class SlideAssembly:
         return self.features.pop(j), self.ok.pop(j)
 
 
-def _embed_jobs(embedder: Embedder, blocks: Iterator, jobs: list[SlideJob], tiles: stores.FeatureSource,
-                writer: stores.StoreWriter, backbone_name: str, options: EmbedOptions, report: StageReport) -> None:
+def embed_blocks(embedder: Embedder, blocks: Iterable, jobs: list[SlideJob], options: EmbedOptions,
+                 on_slide: Callable[[int, np.ndarray, np.ndarray], None],
+                 on_batch: Callable[[int], None] = lambda n: None) -> None:
+    """Run the model over `blocks` (from PatchBlocks(jobs)) in batches of exactly the batch size;
+    calls on_slide(job index, features, decoded flags) as each slide completes."""
     rebatcher = Rebatcher(options.batch_size, pinned=embedder.device.type == "cuda")
     assembly = SlideAssembly(jobs, FEATURE_DTYPES[options.dtype])
+
+    def collect(batch: Batch, features: torch.Tensor) -> None:
+        for j in assembly.add(batch, features.float().cpu().numpy()):
+            on_slide(j, *assembly.pop(j))
+        on_batch(len(batch.rows))
+
+    in_flight = None  # one batch on the device while the next one is launched
+    batches = chain(chain.from_iterable(rebatcher.add(*block) for block in blocks), rebatcher.flush())
+    for batch in batches:
+        launched = (batch, embedder(batch.images))
+        if in_flight is not None:
+            collect(*in_flight)
+        in_flight = launched
+    if in_flight is not None:
+        collect(*in_flight)
+
+
+def _embed_jobs(embedder: Embedder, blocks: Iterator, jobs: list[SlideJob], tiles: stores.FeatureSource,
+                writer: stores.StoreWriter, backbone_name: str, options: EmbedOptions, report: StageReport) -> None:
     writes: list[Future] = []
     with ThreadPoolExecutor(max_workers=1) as background, progress_bar() as bar:
         task = bar.add_task(f"embedding ({backbone_name}, {embedder.device})", total=sum(len(j.coords) for j in jobs))
 
-        def collect(batch: Batch, features: torch.Tensor) -> None:
-            for j in assembly.add(batch, features.float().cpu().numpy()):
-                writes.append(background.submit(_write_slide, tiles, writer, jobs[j], *assembly.pop(j), report))
-            bar.advance(task, len(batch.rows))
+        def write(j: int, features: np.ndarray, ok: np.ndarray) -> None:
+            writes.append(background.submit(write_slide, tiles.path, writer, jobs[j], features, ok, report))
 
-        in_flight = None  # one batch on the device while the next one is launched
-        batches = chain(chain.from_iterable(rebatcher.add(*block) for block in blocks), rebatcher.flush())
-        for batch in batches:
-            launched = (batch, embedder(batch.images))
-            if in_flight is not None:
-                collect(*in_flight)
-            in_flight = launched
-        if in_flight is not None:
-            collect(*in_flight)
-        for write in writes:
-            write.result()
+        embed_blocks(embedder, blocks, jobs, options, write, lambda n: bar.advance(task, n))
+        for pending in writes:
+            pending.result()
 
 
-def _write_slide(tiles: stores.FeatureSource, writer: stores.StoreWriter, job: SlideJob, features: np.ndarray,
-                 ok: np.ndarray, report: StageReport) -> None:
+def write_slide(tiles_path: Path, writer: stores.StoreWriter, job: SlideJob, features: np.ndarray,
+                ok: np.ndarray, report: StageReport) -> None:
+    """Store one embedded slide (its decodable patches), or record why it failed."""
     if not ok.any():
         report.failed[job.slide_id] = f"no patch of {job.source_path} could be decoded"
         return
@@ -311,5 +334,5 @@ def _write_slide(tiles: stores.FeatureSource, writer: stores.StoreWriter, job: S
         warn(f"{job.slide_id}: skipped {int((~ok).sum())} of {len(ok)} patches that could not be decoded")
     attrs = {k: v for k, v in job.attrs.items() if k != "complete"} | {"skipped_patches": int((~ok).sum())}
     writer.write_slide(job.slide_id, attrs, {"coords": job.coords[ok], "features": features[ok]},
-                       copy_images_from=tiles.path)
+                       copy_images_from=tiles_path)
     report.done.append(job.slide_id)

@@ -22,3 +22,6 @@ class InputError(MilcliError):
         self.source = str(source)
         self.reason = reason
         super().__init__(f"{source}: {reason}")
+
+    def __reduce__(self) -> tuple:  # pickled with both fields (Ray sends errors between processes)
+        return (type(self), (self.source, self.reason))

@@ -107,6 +107,22 @@ def predict_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: 
     return results
 
 
+def check_unique_slides(sources: list[FeatureSource]) -> None:
+    """Several stores can be predicted together only if no slide id is in two of them."""
+    owners: dict[str, Path] = {}
+    for source in sources:
+        for slide_id in source.slide_ids:
+            if slide_id in owners:
+                raise InputError(source.path, f"slide '{slide_id}' is also in {owners[slide_id]}; give each slide once")
+            owners[slide_id] = source.path
+
+
+def predict_stores(models: list[LoadedModel], sources: list[FeatureSource], device: torch.device) -> list[Prediction]:
+    """Every slide of every store, in store order."""
+    check_unique_slides(sources)
+    return [p for source in sources for p in predict_slides(models, source, source.slide_ids, device)]
+
+
 def training_role(models: list[LoadedModel], slide_id: str) -> str:
     """'train', 'val' or 'test' when the (single) model's training used or held out this
     slide; '' when it never saw it or an ensemble is used."""

@@ -41,6 +41,9 @@ def test_each_command_in_a_working_folder(sample_subset: Path) -> None:
     assert sorted(r["slide_id"] for r in rows) == ["slide_00", "slide_01", "slide_02", "slide_03"]
     assert {"prediction", "prob_normal", "prob_tumour"} <= set(rows[0])
 
+    twice = invoke("predict", "--features", "feats.h5", "--features", "feats.h5", "--device", "cpu", cwd=cwd)
+    assert twice.exit_code == 2 and "slide 'slide_00' is also in feats.h5" in twice.stderr
+
     explained = invoke("explain", "slide_00", "--device", "cpu", cwd=cwd)
     assert explained.exit_code == 0, explained.stderr
     for name in ("heatmap.png", "attention.csv", "top_patches.png", "regions.geojson"):

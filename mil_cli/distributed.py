@@ -1,0 +1,189 @@
+"""Embed and predict on a Ray cluster (`--ray ADDRESS`; the `milcli[ray]` extra).
+
+Slides go to long-lived worker actors, each holding one backbone on the GPU share Ray gave it
+(`num_gpus = 1 / workers_per_gpu`) or on its CPUs. A worker reads its slide's pixels itself,
+from the path the tile store records, so every node must see the slides and the stores at the
+same paths (a shared filesystem); only the features travel back, through Ray's object store,
+because they are small next to the slides (10,000 patches x 1280 dims in float16 is 25 MB).
+The driver alone writes the feature store (HDF5 has no safe concurrent writers), slide by slide
+in completion order, through the same resumable StoreWriter as a local run. A worker killed
+mid-slide is restarted by Ray and the slide retried (actor restarts and task retries).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mil_cli import stores
+from mil_cli.backbones import get_backbone
+from mil_cli.console import progress_bar
+from mil_cli.embedding import (EmbedOptions, Embedder, SlideJob, decode_blocks, default_workers, embed_blocks,
+                               feature_store_attrs, pending_jobs, write_slide)
+from mil_cli.errors import InputError, MilcliError, first_line
+from mil_cli.inference import (LoadedModel, Prediction, check_compatible, check_unique_slides, load_models,
+                               predict_slides)
+from mil_cli.reports import StageReport
+
+LOCAL = "local"      # --ray local: start a private Ray instance inside this process
+RETRIES = 3          # restarts of a dead worker, and retries of the slide it was on
+QUEUED_PER_WORKER = 2  # slides handed to a worker ahead, so it never waits on the driver
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    address: str = LOCAL           # "local" (this machine's Ray, started here if none runs), "auto" or host:port
+    workers: int | None = None     # None: GPUs x workers_per_gpu, or one per 4 CPUs on a CPU-only cluster
+    workers_per_gpu: int = 1
+
+
+def connect(address: str) -> Any:
+    """Import Ray and join the cluster at `address` (or start a local one); returns the module."""
+    if "RAY_AUTH_MODE" not in os.environ and _auth_token_available():
+        # as `ray start` does, and before Ray reads its config: token clusters need it, others ignore it
+        os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        import ray
+    except ImportError:
+        raise MilcliError("--ray needs Ray, an optional extra: pip install 'milcli[ray]'") from None
+    if not ray.is_initialized():
+        try:
+            ray.init(address=None if address == LOCAL else address, include_dashboard=False,
+                     logging_level=logging.WARNING, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise MilcliError(f"--ray {address}: cannot join the Ray cluster ({first_line(exc)}); a cluster with "
+                              "token authentication also needs its token in RAY_AUTH_TOKEN or ~/.ray/auth_token") from None
+    return ray
+
+
+def _auth_token_available() -> bool:
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                or (Path.home() / ".ray" / "auth_token").is_file())
+
+
+def worker_resources(ray: Any, options: RayOptions) -> tuple[int, dict]:
+    """How many workers to start and the resources each asks Ray for."""
+    if options.workers_per_gpu < 1 or (options.workers is not None and options.workers < 1):
+        raise MilcliError("--ray-workers and --workers-per-gpu must be at least 1")
+    cluster = ray.cluster_resources()
+    gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
+    if gpus:
+        count = options.workers or gpus * options.workers_per_gpu
+        return count, {"num_gpus": 1.0 / options.workers_per_gpu, "num_cpus": 1}
+    count = options.workers or max(1, cpus // 4)
+    return count, {"num_cpus": max(1, cpus // count)}
+
+
+class SlideWorker:
+    """A Ray actor: one backbone on the device Ray assigned, embedding whole slides."""
+
+    def __init__(self, backbone_name: str, options: EmbedOptions, cpus: int) -> None:
+        import ray
+
+        self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpus)
+        self.backbone = get_backbone(backbone_name)
+        self.options = options
+        self.embedder = Embedder(self.backbone, self.device, options.weights, options.compile)
+        self.decoders = default_workers(self.device) if options.workers is None else options.workers
+
+    def embed(self, job: SlideJob) -> tuple[np.ndarray, np.ndarray]:
+        """The slide's features (in coords order) and which patches decoded."""
+        result: list[tuple[np.ndarray, np.ndarray]] = []
+        blocks = decode_blocks([job], self.backbone.input_size, self.decoders)
+        embed_blocks(self.embedder, blocks, [job], self.options, lambda _, features, ok: result.append((features, ok)))
+        return result[0]
+
+
+def ray_embed_store(tiles_path: Path, out: Path, backbone_name: str, options: EmbedOptions, cluster: RayOptions,
+                    overwrite: bool = False) -> StageReport:
+    """embed_store's work spread over Ray workers; the same store, written by this process."""
+    start = time.perf_counter()
+    report = StageReport()
+    tiles = stores.FeatureSource(tiles_path, kind=stores.TILES_FORMAT)
+    backbone = get_backbone(backbone_name)
+    with stores.StoreWriter(out, stores.FEATURES_FORMAT, feature_store_attrs(backbone, options), overwrite) as writer:
+        jobs = pending_jobs(tiles, writer.completed(), report)
+        if jobs:
+            ray = connect(cluster.address)
+            count, resources = worker_resources(ray, cluster)
+            actor = ray.remote(SlideWorker).options(**resources, max_restarts=RETRIES, max_task_retries=RETRIES)
+            if options.weights is not None:  # workers do not share this process's working folder
+                options = replace(options, weights=options.weights.resolve())
+            workers = [actor.remote(backbone_name, options, int(resources["num_cpus"]))
+                       for _ in range(min(count, len(jobs)))]
+            _dispatch(ray, workers, jobs, tiles_path, writer, report, f"embedding ({backbone_name}, Ray x{len(workers)})")
+            for worker in workers:
+                ray.kill(worker)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _dispatch(ray: Any, workers: list, jobs: list[SlideJob], tiles_path: Path, writer: stores.StoreWriter,
+              report: StageReport, label: str) -> None:
+    """Keep every worker QUEUED_PER_WORKER slides ahead; store each slide as it comes back."""
+    queue = list(reversed(jobs))
+    running: dict[Any, tuple[SlideJob, Any]] = {}
+
+    def hand_out(worker: Any) -> None:
+        if queue:
+            job = queue.pop()
+            running[worker.embed.remote(job)] = (job, worker)
+
+    for worker in workers:
+        for _ in range(QUEUED_PER_WORKER):
+            hand_out(worker)
+    with progress_bar() as bar:
+        task = bar.add_task(label, total=len(jobs))
+        while running:
+            [done], _ = ray.wait(list(running), num_returns=1)
+            job, worker = running.pop(done)
+            try:
+                features, ok = ray.get(done)
+            except ray.exceptions.RayTaskError as exc:  # the slide itself failed inside the worker
+                report.failed[job.slide_id] = first_line(exc.cause or exc)
+            except ray.exceptions.RayActorError as exc:  # the worker died more often than it may restart
+                report.failed[job.slide_id] = f"Ray worker lost after {RETRIES} restarts ({first_line(exc)})"
+            else:
+                write_slide(tiles_path, writer, job, features, ok, report)
+            hand_out(worker)
+            bar.advance(task)
+
+
+def ray_predict_stores(model: Path, models: list[LoadedModel], sources: list[stores.FeatureSource],
+                       cluster: RayOptions) -> list[Prediction]:
+    """predict_stores with one Ray task per store (each loads `model` itself); `models`, loaded
+    here, vets the model and the stores before any task starts. Predictions in store order."""
+    check_unique_slides(sources)
+    for source in sources:
+        check_compatible(models, source)
+    ray = connect(cluster.address)
+    _, resources = worker_resources(ray, cluster)
+    task = ray.remote(_predict_store).options(**resources, max_retries=RETRIES)
+    refs = [task.remote(model.resolve(), source.path.resolve()) for source in sources]
+    results = []
+    for source, ref in zip(sources, refs):
+        try:
+            results.extend(ray.get(ref))
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, MilcliError):
+                raise exc.cause from None
+            raise InputError(source.path, first_line(exc.cause or exc)) from None
+    return results
+
+
+def _predict_store(model: Path, path: Path) -> list[Prediction]:
+    import ray
+
+    device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+    models = load_models(model, device)
+    source = stores.FeatureSource(path)
+    return predict_slides(models, source, source.slide_ids, device)

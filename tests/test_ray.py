@@ -1,0 +1,122 @@
+"""Embedding and prediction through Ray: a real local cluster on loopback, 2 workers, features
+identical to the local path, a worker killed mid-slide, and `--ray local` in one process.
+Skipped when the `ray` extra is not installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from mil_cli.stores import FeatureSource
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'milcli[ray]')")
+
+ENV = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # a private test cluster
+
+
+def ray_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=ENV, capture_output=True,
+                          text=True, timeout=180)
+
+
+def milcli(*args: object) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mil_cli", *map(str, args)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    return out
+
+
+def assert_same_features(store: Path, reference: Path) -> None:
+    ours, theirs = FeatureSource(store), FeatureSource(reference)
+    assert ours.slide_ids == theirs.slide_ids
+    for slide_id in theirs.slide_ids:
+        a, b = ours.load(slide_id), theirs.load(slide_id)
+        assert np.array_equal(a.coords, b.coords) and np.array_equal(a.features, b.features), slide_id
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[str]:
+    """A Ray head on loopback with 2 CPUs, stopped afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = ray_cli("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+                      "--include-dashboard", "false", "--disable-usage-stats")
+    assert started.returncode == 0, started.stderr
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        ray_cli("stop", "--force")
+
+
+def split_store(store: Path, halves: tuple[Path, Path]) -> None:
+    """Two feature stores holding the first and second half of `store`'s slides."""
+    with h5py.File(store, "r") as source:
+        ids = sorted(source["slides"])
+        for path, part in zip(halves, (ids[: len(ids) // 2], ids[len(ids) // 2:])):
+            with h5py.File(path, "w") as target:
+                target.attrs.update(source.attrs)
+                slides = target.create_group("slides")
+                for slide_id in part:
+                    source.copy(source["slides"][slide_id], slides, name=slide_id)
+
+
+def test_predict_over_two_stores_with_ray_started_in_process(sample_run: Path, tmp_path: Path) -> None:
+    halves = (tmp_path / "a.h5", tmp_path / "b.h5")
+    split_store(sample_run / "feats.h5", halves)
+    local = finish(milcli("predict", "--model", sample_run / "model.pt", "--features", sample_run / "feats.h5", "-q"))
+    distributed = finish(milcli("predict", "--model", sample_run / "model.pt", "--features", halves[0],
+                                "--features", halves[1], "--ray", "local", "-q"))
+    assert distributed == local and len(local.splitlines()) == 21
+
+
+def test_embed_on_a_local_cluster_matches_the_local_path(sample_run: Path, tmp_path: Path, ray_cluster: str) -> None:
+    out = tmp_path / "feats.h5"
+    finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster, "--ray-workers", "2", "-q"))
+    assert_same_features(out, sample_run / "feats.h5")
+    rerun = json.loads(finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster, "--json",
+                                     "-q")))
+    assert rerun["done"] == [] and len(rerun["skipped"]) == 20  # resumable like the local path
+
+
+def worker_pids(title: str) -> list[int]:
+    """Processes whose title (Ray sets `ray::Class.method` while a method runs) starts with `title`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title.encode()):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_a_worker_killed_mid_slide_is_replaced_and_the_run_completes(sample_run: Path, tmp_path: Path,
+                                                                     ray_cluster: str) -> None:
+    out = tmp_path / "feats.h5"
+    process = milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster, "--ray-workers", "2", "-q")
+    deadline, killed = time.monotonic() + 120, None
+    while killed is None and time.monotonic() < deadline and process.poll() is None:
+        busy = worker_pids("ray::SlideWorker.embed")
+        if busy:
+            killed = busy[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    assert killed is not None, "no worker was caught embedding a slide"
+    finish(process)
+    assert_same_features(out, sample_run / "feats.h5")
