@@ -15,6 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mil_cli import __version__
@@ -41,7 +42,7 @@ MinTissue = Annotated[float, typer.Option(help="Fraction of a patch that must be
 BackboneName = Annotated[str, typer.Option("--backbone", help="Frozen encoder: a name from `milcli embed --list-backbones`, timm:<model> or hf-hub:<org/repo>.")]
 Weights = Annotated[Optional[Path], typer.Option(help="Backbone weight file (.pth/.bin/.safetensors state_dict) instead of its default source.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Patches per forward pass.")]
-RayAddress = Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Spread the work over a Ray cluster: 'local' (a private one in this process), 'auto' (the cluster this node is in) or host:port. Needs `pip install 'milcli[ray]'`.", show_default="off")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Spread the work over Ray workers (each on the GPU share Ray gives it, else CPUs; --device is then ignored): 'local' (this machine's Ray, started here if none runs), 'auto' (the cluster this node is in) or host:port. Needs `pip install 'milcli\\[ray]'`.", show_default="off")]
 WorkersPerGpu = Annotated[int, typer.Option(min=1, help="With --ray: workers sharing each GPU.")]
 DecodeWorkers = Annotated[Optional[int], typer.Option(min=0, help="Patch-decoding processes (0: decode in the main process).", show_default="CUDA: cores - 1, at most 8; CPU: 0")]
 MICRONS_PER_PX_AT_1X = 10.0  # the usual convention: 10x = 1 µm/px, 20x = 0.5, 40x = 0.25
@@ -63,7 +64,7 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except MilcliError as exc:
-            error(f"[red]error:[/] {exc}")
+            error(str(exc))
             raise typer.Exit(EXIT_ERROR) from None
         except KeyboardInterrupt:
             console.print("[red]interrupted[/]; finished slides are kept, rerun to resume")
@@ -74,7 +75,7 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
 def finish(name: str, report: StageReport, as_json: bool, extra: dict | None = None) -> None:
     """Report failures by name, print the summary, and exit 1 when any input failed."""
     for source, reason in report.failed.items():
-        error(f"[red]failed:[/] {source}: {reason}")
+        error(f"{source}: {reason}", "failed")
     console.print(f"{name}: {len(report.done)} done, {len(report.skipped)} already done, "
                   f"{len(report.failed)} failed in {report.seconds:.1f} s")
     if as_json:
@@ -243,7 +244,7 @@ def train(
         result = cross_validate(features, labels, options, _device(device), out, folds, repeats)
         console.print(_cv_table(result.metrics))
         missing, seconds, metrics = result.missing, result.seconds, result.metrics
-        console.print(f"fold models, oof_predictions.csv, splits.csv, metrics.json and roc.png in {out}/")
+        console.print(f"fold models, oof_predictions.csv, splits.csv, metrics.json and roc.png in {escape(str(out))}/")
     else:
         out = out or Path("model.pt")
         single = train_model(features, labels, options, _device(device))
@@ -367,7 +368,7 @@ def run(
     failed = {f"{stage}: {source}": reason for stage, report in reports.items()
               for source, reason in report.failed.items()}
     total = StageReport(done=reports["predict"].done, failed=failed, seconds=sum(r.seconds for r in reports.values()))
-    console.print(f"outputs in {out}/ (predictions.csv, explain/, run.json)")
+    console.print(f"outputs in {escape(str(out))}/ (predictions.csv, explain/, run.json)")
     finish("run", total, as_json, {"out": str(out), "metrics": metrics,
                                    "stages": {k: v.to_dict() for k, v in reports.items()}})
 
@@ -381,7 +382,7 @@ def report(
     from mil_cli.report import build_report
 
     page = build_report(run_dir)
-    console.print(f"report: {page} (open it in a browser; images are linked beside it)")
+    console.print(f"report: {escape(str(page))} (open it in a browser; images are linked beside it)")
 
 
 @command
@@ -415,7 +416,7 @@ def info(
         console.quiet = quiet
         console.print(table)
     for source, reason in report.failed.items():
-        error(f"[red]failed:[/] {source}: {reason}")
+        error(f"{source}: {reason}", "failed")
     if as_json:
         print(json.dumps({"command": "info", "slides": rows, "failed": report.failed}))
     if not report.ok:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(stderr=True, highlight=False)
@@ -12,15 +13,16 @@ def set_quiet(quiet: bool) -> None:
     console.quiet = quiet
 
 
-def error(message: str) -> None:
-    """Errors are shown even under --quiet: the exit code alone would not say what failed."""
+def error(message: str, label: str = "error") -> None:
+    """Errors are shown even under --quiet: the exit code alone would not say what failed.
+    Messages are printed as plain text (a path or "milcli[ray]" is not rich markup)."""
     quiet, console.quiet = console.quiet, False
-    console.print(message, soft_wrap=True)
+    console.print(f"[red]{label}:[/] {escape(message)}", soft_wrap=True)
     console.quiet = quiet
 
 
 def warn(message: str) -> None:
-    console.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+    console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def progress_bar() -> Progress:

@@ -44,8 +44,8 @@ class RayOptions:
     workers_per_gpu: int = 1
 
 
-def connect(address: str) -> Any:
-    """Import Ray and join the cluster at `address` (or start a local one); returns the module."""
+def import_ray() -> Any:
+    """The ray module, or a one-line error saying how to install it."""
     if "RAY_AUTH_MODE" not in os.environ and _auth_token_available():
         # as `ray start` does, and before Ray reads its config: token clusters need it, others ignore it
         os.environ["RAY_AUTH_MODE"] = "token"
@@ -53,6 +53,12 @@ def connect(address: str) -> Any:
         import ray
     except ImportError:
         raise MilcliError("--ray needs Ray, an optional extra: pip install 'milcli[ray]'") from None
+    return ray
+
+
+def connect(address: str) -> Any:
+    """Join the Ray cluster at `address` (or start a local one); returns the ray module."""
+    ray = import_ray()
     if not ray.is_initialized():
         try:
             ray.init(address=None if address == LOCAL else address, include_dashboard=False,
@@ -108,6 +114,7 @@ def ray_embed_store(tiles_path: Path, out: Path, backbone_name: str, options: Em
     """embed_store's work spread over Ray workers; the same store, written by this process."""
     start = time.perf_counter()
     report = StageReport()
+    import_ray()  # before any work: a missing extra is a one-line error
     tiles = stores.FeatureSource(tiles_path, kind=stores.TILES_FORMAT)
     backbone = get_backbone(backbone_name)
     with stores.StoreWriter(out, stores.FEATURES_FORMAT, feature_store_attrs(backbone, options), overwrite) as writer:

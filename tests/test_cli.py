@@ -159,3 +159,14 @@ def test_real_process_error_is_one_line_without_traceback(tmp_path: Path) -> Non
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_ray_without_the_extra_is_one_line_naming_it(tmp_path: Path) -> None:
+    """Blocks the ray import (as on a machine without the extra) in a real milcli process."""
+    tiles = tmp_path / "tiles.h5"
+    tiles.write_bytes(b"")
+    code = "import sys; sys.modules['ray'] = None; from mil_cli.cli import app; app()"
+    proc = subprocess.run([sys.executable, "-c", code, "embed", str(tiles), "--ray", "local"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "pip install 'milcli[ray]'" in proc.stderr
