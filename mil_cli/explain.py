@@ -258,7 +258,7 @@ def region_polygons(regions: RegionGrid) -> list[list[list[list[float]]]]:
             rings.append(np.round(regions.origin + (contour[:, ::-1] + offset) * regions.pixel, 1))
         rings.sort(key=lambda ring: -abs(_signed_area(ring)))
         outer, holes = rings[0], [r for r in rings[1:] if PolygonPath(rings[0]).contains_point(r[0])]
-        polygons.append([_closed(outer)] + [_closed(h) for h in holes])
+        polygons.append([_closed(outer, 1)] + [_closed(h, -1) for h in holes])
     return polygons
 
 
@@ -275,7 +275,11 @@ def _signed_area(ring: np.ndarray) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
 
 
-def _closed(ring: np.ndarray) -> list[list[float]]:
+def _closed(ring: np.ndarray, winding: int) -> list[list[float]]:
+    """The ring closed, wound as RFC 7946 asks: outer rings (winding 1) with positive signed
+    area (counter-clockwise in x-right, y-up axes), holes (-1) the other way."""
+    if np.sign(_signed_area(ring)) != winding:
+        ring = ring[::-1]
     points = ring.tolist()
     if points[0] != points[-1]:
         points.append(points[0])

@@ -49,11 +49,17 @@ def test_explain_outputs_for_one_slide(sample_run: Path) -> None:
     for feature in collection["features"]:
         assert feature["geometry"]["type"] == "Polygon"
         assert feature["properties"]["classification"]["name"] == "High attention"
-        for ring in feature["geometry"]["coordinates"]:
+        for k, ring in enumerate(feature["geometry"]["coordinates"]):
             points = np.array(ring)
             assert len(points) >= 4 and (points[0] == points[-1]).all()
+            assert signed_area(points) > 0 if k == 0 else signed_area(points) < 0  # RFC 7946 winding
             assert (points[:, 0] >= 0).all() and (points[:, 0] <= 1792).all()
             assert (points[:, 1] >= 0).all() and (points[:, 1] <= 1280).all()
+
+
+def signed_area(ring: np.ndarray) -> float:
+    x, y = ring[:-1, 0], ring[:-1, 1]
+    return float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2
 
 
 def grid_coords(columns: int, rows: int, step: int = 100, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
@@ -68,6 +74,7 @@ def test_regions_are_traced_between_patch_centres_and_keep_holes() -> None:
     polygons = region_polygons(regions)
     assert len(polygons) == 1 and len(polygons[0]) == 2  # outer ring and one hole
     outer, hole = np.array(polygons[0][0]), np.array(polygons[0][1])
+    assert signed_area(outer) > 0 > signed_area(hole)  # RFC 7946: outer rings one way, holes the other
     # value 1 at ring centres, 0 at their neighbours' centres: the 0.5 contour lies midway
     assert outer[:, 0].min() == pytest.approx(30 + 100, abs=15) and outer[:, 0].max() == pytest.approx(30 + 400, abs=15)
     assert outer[:, 1].min() == pytest.approx(70 + 100, abs=15) and outer[:, 1].max() == pytest.approx(70 + 400, abs=15)
