@@ -30,7 +30,7 @@ from mil_cli.backbones import get_backbone
 from mil_cli.embedding import embed_store
 from mil_cli.evaluation import box_iou, localisation_auc, mask_box, patch_mask_fraction
 from mil_cli.explain import (BOX_MASS, ExplainOptions, attention_box, patch_step, polygon_box, region_grid,
-                             region_level, region_polygons)
+                             region_polygons)
 from mil_cli.inference import load_model, predict_bag
 from mil_cli.labels import read_labels
 from mil_cli.stores import FeatureSource
@@ -85,8 +85,8 @@ def main() -> None:
                     loc_aucs.append(localisation_auc(attention, inside))
                     truth, step = mask_box(masks[ids[i]]), patch_step(data)
                     for name, rule in region_rules.items():
-                        level = region_level(attention, rule.threshold, rule.top_pct)
-                        largest = region_polygons(region_grid(data.coords, step, size, attention, level))[0]
+                        regions = region_grid(data.coords, step, size, attention, rule.threshold, rule.top_pct)
+                        largest = region_polygons(regions)[0]
                         ious[name].append(box_iou(polygon_box(largest), truth))
                     ious["95 % attention box"].append(
                         box_iou(attention_box(data.coords, step, size, attention, BOX_MASS), truth))

@@ -207,40 +207,49 @@ class RegionGrid:
         return (np.clip(cells[:, 1], 0, self.labels.shape[0] - 1), np.clip(cells[:, 0], 0, self.labels.shape[1] - 1))
 
 
-def region_level(attention: np.ndarray, threshold: float, top_pct: float | None) -> float:
-    """The attention value regions are traced at: `threshold` times the highest (CAM's rule),
-    or, with `top_pct`, midway between the last patch inside that top percentile and the next."""
-    if top_pct is None:
-        return threshold * float(attention.max())
-    ordered = np.sort(attention)[::-1]
+def percentile_level(values: np.ndarray, top_pct: float) -> float:
+    """Midway between the last value inside the top `top_pct` percent and the next one."""
+    ordered = np.sort(values)[::-1]
     k = min(len(ordered), max(1, int(round(len(ordered) * top_pct / 100))))
     return float(ordered[k - 1] + (ordered[k] if k < len(ordered) else 0.0)) / 2
 
 
-def region_grid(coords: np.ndarray, step: int, size: int, values: np.ndarray, level: float) -> RegionGrid:
-    """Regions where `values`, interpolated bilinearly between patch centres as CAM upsamples
-    its map, exceed `level`, within the area the patches cover. Interpolating puts a region's
-    edge between patches where the evidence changes, not on the patch grid, so its boxes are
-    not quantised to whole patches. Grid cells without a patch take their nearest patch's value."""
+def cell_means(coords: np.ndarray, step: int, size: int, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The patch values on the grid of `step`-px cells, each cell the mean of the patches
+    covering it (as the heatmap paints overlapping patches; NaN where none does), and the
+    cells' level-0 origin."""
     origin = coords.min(axis=0).astype(float)
     cells = np.round((coords - origin) / step).astype(int)
-    shape = (cells[:, 1].max() + 1, cells[:, 0].max() + 1)
-    grid = np.full(shape, np.nan)
-    grid[cells[:, 1], cells[:, 0]] = values
-    nearest = ndimage.distance_transform_edt(np.isnan(grid), return_distances=False, return_indices=True)
+    span = max(1, int(round(size / step)))  # cells a patch covers per side
+    shape = (cells[:, 1].max() + span, cells[:, 0].max() + span)
+    total, count = np.zeros(shape), np.zeros(shape)
+    for dy in range(span):
+        for dx in range(span):
+            np.add.at(total, (cells[:, 1] + dy, cells[:, 0] + dx), values)
+            np.add.at(count, (cells[:, 1] + dy, cells[:, 0] + dx), 1)
+    with np.errstate(invalid="ignore"):
+        return total / count, origin
+
+
+def region_grid(coords: np.ndarray, step: int, size: int, values: np.ndarray, threshold: float,
+                top_pct: float | None = None) -> RegionGrid:
+    """Regions where the patch values, averaged where patches overlap and interpolated
+    bilinearly between cell centres as CAM upsamples its map, exceed `threshold` times their
+    highest (or, with `top_pct`, the level of that top percentile of the patches), within the
+    area the patches cover. Interpolating puts a region's edge between patches where the
+    evidence changes, not on the patch grid, so its boxes are not quantised to whole patches.
+    Cells without a patch take their nearest cell's value."""
+    grid, origin = cell_means(coords, step, size, values)
+    covered = np.isfinite(grid)
+    level = threshold * float(np.nanmax(grid)) if top_pct is None else percentile_level(values, top_pct)
+    nearest = ndimage.distance_transform_edt(~covered, return_distances=False, return_indices=True)
     grid = grid[tuple(nearest)]
     upsample = int(np.clip(np.sqrt(MAX_REGION_PIXELS / grid.size), 1, UPSAMPLE))
-    pixel = step / upsample
-    extent = np.ceil(((np.array(shape) - 1) * step + size) / pixel).astype(int)  # rows, cols
-    centre_offset = size / 2 / step
-    rows = (np.arange(extent[0]) + 0.5) / upsample - centre_offset
-    cols = (np.arange(extent[1]) + 0.5) / upsample - centre_offset
+    rows = (np.arange(grid.shape[0] * upsample) + 0.5) / upsample - 0.5  # cell c's centre sits at c
+    cols = (np.arange(grid.shape[1] * upsample) + 0.5) / upsample - 0.5
     fine = ndimage.map_coordinates(grid, np.meshgrid(rows, cols, indexing="ij"), order=1, mode="nearest")
-    covered = np.zeros(fine.shape, dtype=bool)
-    side = int(round(size / pixel))
-    for col, row in cells * upsample:
-        covered[row:row + side, col:col + side] = True
-    return RegionGrid(measure.label((fine > level) & covered, connectivity=1), origin, pixel)
+    inside = np.kron(covered, np.ones((upsample, upsample), dtype=bool))
+    return RegionGrid(measure.label((fine > level) & inside, connectivity=1), origin, step / upsample)
 
 
 def region_polygons(regions: RegionGrid) -> list[list[list[list[float]]]]:
@@ -344,8 +353,7 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
     else:
         warn(f"{slide_id}: the store has no thumbnail; heatmap.png and evidence maps not drawn")
 
-    regions = region_grid(data.coords, step, size, attention,
-                          region_level(attention, options.threshold, options.top_pct))
+    regions = region_grid(data.coords, step, size, attention, options.threshold, options.top_pct)
     polygons = region_polygons(regions)
     scores = region_scores(regions, data.coords, size, attention)
     (folder / "regions.geojson").write_text(json.dumps(regions_geojson(polygons, scores, slide_id)))

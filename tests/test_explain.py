@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import invoke
-from mil_cli.explain import attention_box, rank_percent, region_grid, region_level, region_polygons, region_scores
+from mil_cli.explain import attention_box, rank_percent, percentile_level, region_grid, region_polygons, region_scores
 from mil_cli.inference import load_model
 from mil_cli.stores import FeatureSource
 
@@ -90,20 +90,30 @@ def test_region_edges_follow_the_evidence_not_the_patch_grid() -> None:
     attention[(coords == (512, 256)).all(axis=1)] = 0.1  # a warm neighbour to the right
     kept = ~(coords == (0, 256)).all(axis=1)  # no patch to the left
     coords, attention = coords[kept], attention[kept]
-    level = region_level(attention, 0.2, None)
-    assert level == pytest.approx(0.18)
-    polygons = region_polygons(region_grid(coords, 256, 256, attention, level))
+    level = 0.2 * 0.9
+    polygons = region_polygons(region_grid(coords, 256, 256, attention, 0.2))
     box = np.array(polygons[0][0])
-    up = 384 - 256 * (0.9 - 0.18) / 0.9  # centre 384, cold neighbour centre 128
-    right = 384 + 256 * (0.9 - 0.18) / (0.9 - 0.1)
+    up = 384 - 256 * (0.9 - level) / 0.9  # centre 384, cold neighbour centre 128
+    right = 384 + 256 * (0.9 - level) / (0.9 - 0.1)
     assert box[:, 1].min() == pytest.approx(up, abs=20) and box[:, 0].max() == pytest.approx(right, abs=20)
     assert box[:, 0].min() == pytest.approx(256, abs=20)  # the missing patch takes the hot patch's value
 
 
-def test_region_level_by_top_percentile() -> None:
+def test_overlapping_patches_are_averaged_before_regions_are_traced() -> None:
+    """Stride 128, patches of 256: one hot patch is spread over the four cells it covers, so its
+    region is centred on the patch, not on its top-left cell."""
+    coords = grid_coords(6, 6, step=128)
+    attention = np.where((coords == (256, 256)).all(axis=1), 1.0, 0.0)
+    box = np.array(region_polygons(region_grid(coords, 128, 256, attention, 0.2))[0][0])
+    for axis in (0, 1):
+        low, high = box[:, axis].min(), box[:, axis].max()
+        assert (low + high) / 2 == pytest.approx(384, abs=10) and 256 <= high - low <= 400
+
+
+def test_percentile_level() -> None:
     attention = np.array([0.5, 0.3, 0.1, 0.05, 0.05])
-    assert region_level(attention, 0.2, 40.0) == pytest.approx(0.2)  # midway between 2nd and 3rd
-    assert region_level(attention, 0.2, None) == pytest.approx(0.1)
+    assert percentile_level(attention, 40.0) == pytest.approx(0.2)  # midway between the 2nd and 3rd
+    assert percentile_level(attention, 100.0) == pytest.approx(0.025)
 
 
 def test_rank_percent_spreads_tiny_values() -> None:
