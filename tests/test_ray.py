@@ -4,12 +4,15 @@ Skipped when the `ray` extra is not installed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,19 +52,52 @@ def assert_same_features(store: Path, reference: Path) -> None:
         assert np.array_equal(a.coords, b.coords) and np.array_equal(a.features, b.features), slide_id
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Processes whose command line contains `text`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def with_descendants(pids: list[int]) -> list[int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if entry.name.isdigit():  # /proc/PID/stat: "pid (name) state ppid ..."; the name may hold spaces
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found = list(pids)
+    for pid in found:  # grows while walking: children of children
+        found.extend(child for child, parent in parents.items() if parent == pid and child not in found)
+    return found
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
-    """A Ray head on loopback with 2 CPUs, stopped afterwards."""
+    """A private Ray head on loopback with 2 CPUs. Torn down by killing the processes that name
+    its own temp folder and their descendants (not `ray stop`, which would also stop a Ray the
+    user runs on this machine)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    temp = tempfile.mkdtemp(prefix="milcli-ray-")  # short: Ray puts unix sockets under it
     started = ray_cli("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-                      "--include-dashboard", "false", "--disable-usage-stats")
+                      "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp)
     assert started.returncode == 0, started.stderr
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        ray_cli("stop", "--force")
+        cluster = with_descendants(processes_mentioning(temp))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in cluster:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(1)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def split_store(store: Path, halves: tuple[Path, Path]) -> None:
@@ -94,25 +130,13 @@ def test_embed_on_a_local_cluster_matches_the_local_path(sample_run: Path, tmp_p
     assert rerun["done"] == [] and len(rerun["skipped"]) == 20  # resumable like the local path
 
 
-def worker_pids(title: str) -> list[int]:
-    """Processes whose title (Ray sets `ray::Class.method` while a method runs) starts with `title`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(title.encode()):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
 def test_a_worker_killed_mid_slide_is_replaced_and_the_run_completes(sample_run: Path, tmp_path: Path,
                                                                      ray_cluster: str) -> None:
     out = tmp_path / "feats.h5"
     process = milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster, "--ray-workers", "2", "-q")
     deadline, killed = time.monotonic() + 120, None
     while killed is None and time.monotonic() < deadline and process.poll() is None:
-        busy = worker_pids("ray::SlideWorker.embed")
+        busy = processes_mentioning("ray::SlideWorker.embed")  # Ray's title while a method runs
         if busy:
             killed = busy[0]
             os.kill(killed, signal.SIGKILL)
