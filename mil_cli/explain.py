@@ -27,7 +27,8 @@ from mil_cli.slides import open_slide, safe_file_stem
 from mil_cli.stores import FeatureSource, SlideData, SlideImages
 
 COLOUR_MAP = "inferno"          # perceptually uniform, dark = low, bright = high
-REGION_COLOUR = [230, 60, 30]
+REGION_COLOUR = [230, 60, 30]   # QuPath's colour for the regions
+REGION_OUTLINE = "#00e5ff"      # their outline on the heatmap: cyan, apart from every inferno colour
 UPSAMPLE = 8                    # regions are traced on a grid up to 8x finer than the patch grid
 MAX_REGION_PIXELS = 4_000_000   # ... but no more pixels than this
 
@@ -103,9 +104,9 @@ def smooth_map(grid: np.ndarray, sigma_px: float) -> np.ndarray:
 
 
 def draw_map(path: Path, images: SlideImages, grid: np.ndarray, title: str, alpha: float, width: int | None,
-             colour_map: str, limits: tuple[float, float], label: str) -> None:
+             colour_map: str, limits: tuple[float, float], label: str, outlines: list | None = None) -> None:
     """`grid` painted over the thumbnail (NaN cells transparent) with a colour bar, as a PNG
-    whose image part is `width` px wide."""
+    whose image part is `width` px wide; `outlines` (polygons in level-0 px) drawn on top."""
     height, thumb_width = grid.shape
     scale = (width or thumb_width) / thumb_width
     fig = Figure(figsize=(max(4.0, thumb_width * scale / 100 + 1.5), max(3.0, height * scale / 100 + 0.8)), dpi=100)
@@ -113,6 +114,10 @@ def draw_map(path: Path, images: SlideImages, grid: np.ndarray, title: str, alph
     ax.imshow(images.thumbnail)
     shown = ax.imshow(np.ma.masked_invalid(grid), cmap=colour_map, vmin=limits[0], vmax=limits[1], alpha=alpha,
                       interpolation="nearest")
+    for rings in outlines or []:
+        for ring in rings:
+            xy = np.array(ring) / images.downsample - 0.5  # imshow puts pixel centres on integers
+            ax.plot(xy[:, 0], xy[:, 1], color=REGION_OUTLINE, linewidth=1.2)
     fig.colorbar(shown, ax=ax, fraction=0.035, pad=0.02, label=label)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
@@ -346,18 +351,18 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
              f"{f' x{len(models)}' if len(models) > 1 else ''} | predicted {classes[predicted]} "
              f"(p={probs[predicted]:.2f})")
     step = patch_step(data)
-    images = source.images(slide_id)
-    if images is not None:
-        draw_slide_maps(folder, images, data, size, step, attention, ranks, contributions, classes,
-                        models[0].module.additive, title, options)
-    else:
-        warn(f"{slide_id}: the store has no thumbnail; heatmap.png and evidence maps not drawn")
-
     regions = region_grid(data.coords, step, size, attention, options.threshold, options.top_pct)
     polygons = region_polygons(regions)
     scores = region_scores(regions, data.coords, size, attention)
     (folder / "regions.geojson").write_text(json.dumps(regions_geojson(polygons, scores, slide_id)))
     write_boxes_csv(folder / "boxes.csv", polygons, data.coords, step, size, attention)
+
+    images = source.images(slide_id)
+    if images is not None:
+        draw_slide_maps(folder, images, data, size, step, attention, ranks, contributions, classes,
+                        models[0].module.additive, title, options, polygons)
+    else:
+        warn(f"{slide_id}: the store has no thumbnail; heatmap.png and evidence maps not drawn")
 
     try:
         draw_top_patches(folder / "top_patches.png", data, attention, ranks, options.top_k)
@@ -370,16 +375,18 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
 
 def draw_slide_maps(folder: Path, images: SlideImages, data: SlideData, size: int, step: int, attention: np.ndarray,
                     ranks: np.ndarray, patch_scores: np.ndarray, classes: list[str], additive: bool, title: str,
-                    options: ExplainOptions) -> None:
-    """heatmap.png and heatmap.npy (the float map drawn, NaN off tissue), then one
-    evidence_<class>.png per class: signed per-patch evidence on a diverging colour map."""
+                    options: ExplainOptions, regions: list) -> None:
+    """heatmap.png (with the regions outlined) and heatmap.npy (the float map drawn, NaN off
+    tissue), then one evidence_<class>.png per class: signed per-patch evidence on a diverging
+    colour map."""
     sigma = options.smooth * step / images.downsample
     values = ranks if options.scale == "rank" else attention
     grid = smooth_map(paint(images, data.coords, size, values), sigma)
     np.save(folder / "heatmap.npy", grid.astype(np.float32))
     limits = (0.0, 100.0) if options.scale == "rank" else (0.0, float(np.nanmax(grid)))
     label = "attention (percentile rank)" if options.scale == "rank" else "attention weight"
-    draw_map(folder / "heatmap.png", images, grid, title, options.alpha, options.width, COLOUR_MAP, limits, label)
+    draw_map(folder / "heatmap.png", images, grid, title, options.alpha, options.width, COLOUR_MAP, limits, label,
+             regions)
     kind = "contribution to the logit" if additive else "patch score"
     for c, name in enumerate(classes):
         evidence = smooth_map(paint(images, data.coords, size, patch_scores[:, c]), sigma)

@@ -42,6 +42,9 @@ def test_explain_outputs_for_one_slide(sample_run: Path) -> None:
 
     heatmap = Image.open(folder / "heatmap.png")
     assert heatmap.width >= 500 and heatmap.mode in ("RGB", "RGBA")
+    pixels = np.asarray(heatmap.convert("RGB")).astype(int)
+    outline = (pixels[..., 0] < 80) & (pixels[..., 1] > 180) & (pixels[..., 2] > 200)  # the regions, in cyan
+    assert outline.sum() > 50
     assert Image.open(folder / "top_patches.png").width > 800
 
     collection = json.loads((folder / "regions.geojson").read_text())
