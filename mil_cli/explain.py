@@ -34,6 +34,7 @@ MAX_REGION_PIXELS = 4_000_000   # ... but no more pixels than this
 
 
 EVIDENCE_COLOUR_MAP = "RdBu_r"  # diverging: red argues for the class, blue against
+FAST_PNG = {"pil_kwargs": {"compress_level": 1}}  # zlib's fastest: a quarter off explain's time, PNGs ~20 % larger
 BOX_MASS = 0.95                 # boxes.csv: the box holding this share of the attention
 
 
@@ -121,7 +122,7 @@ def draw_map(path: Path, images: SlideImages, grid: np.ndarray, title: str, alph
     fig.colorbar(shown, ax=ax, fraction=0.035, pad=0.02, label=label)
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
-    fig.savefig(path, bbox_inches="tight")
+    fig.savefig(path, bbox_inches="tight", **FAST_PNG)
 
 
 def attention_box(coords: np.ndarray, step: int, size: int, attention: np.ndarray, mass: float) -> list[int]:
@@ -196,7 +197,7 @@ def draw_top_patches(path: Path, data: SlideData, attention: np.ndarray, ranks: 
                 ax.set_title(f"{name} #{col + 1}\na={attention[index]:.4f} ({ranks[index]:.0f}%)", fontsize=7)
                 ax.set_axis_off()
     fig.suptitle(f"{data.slide_id}: top and bottom attention patches", fontsize=9)
-    fig.savefig(path, bbox_inches="tight", dpi=100)
+    fig.savefig(path, bbox_inches="tight", dpi=100, **FAST_PNG)
 
 
 @dataclass(frozen=True)
