@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,6 +61,7 @@ def connect(address: str) -> Any:
     """Join the Ray cluster at `address` (or start a local one); returns the ray module."""
     ray = import_ray()
     if not ray.is_initialized():
+        check_reachable(address)
         try:
             ray.init(address=None if address == LOCAL else address, include_dashboard=False,
                      logging_level=logging.WARNING, configure_logging=False)
@@ -67,6 +69,19 @@ def connect(address: str) -> Any:
             raise MilcliError(f"--ray {address}: cannot join the Ray cluster ({first_line(exc)}); a cluster with "
                               "token authentication also needs its token in RAY_AUTH_TOKEN or ~/.ray/auth_token") from None
     return ray
+
+
+def check_reachable(address: str) -> None:
+    """Fail at once when nothing listens at host:port: Ray itself retries for minutes."""
+    if address in (LOCAL, "auto"):
+        return
+    host, _, port = address.rpartition("://")[2].rpartition(":")
+    if not host or not port.isdigit():
+        return  # not host:port; Ray will say what is wrong with it
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise MilcliError(f"--ray {address}: no Ray head answers there ({exc.strerror or first_line(exc)})") from None
 
 
 def _auth_token_available() -> bool:
@@ -114,7 +129,8 @@ def ray_embed_store(tiles_path: Path, out: Path, backbone_name: str, options: Em
     """embed_store's work spread over Ray workers; the same store, written by this process."""
     start = time.perf_counter()
     report = StageReport()
-    import_ray()  # before any work: a missing extra is a one-line error
+    import_ray()  # before any work: a missing extra or a wrong address is a one-line error
+    check_reachable(cluster.address)
     tiles = stores.FeatureSource(tiles_path, kind=stores.TILES_FORMAT)
     backbone = get_backbone(backbone_name)
     with stores.StoreWriter(out, stores.FEATURES_FORMAT, feature_store_attrs(backbone, options), overwrite) as writer:

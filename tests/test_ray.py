@@ -121,6 +121,17 @@ def test_predict_over_two_stores_with_ray_started_in_process(sample_run: Path, t
     assert distributed == local and len(local.splitlines()) == 21
 
 
+def test_an_address_where_no_ray_runs_fails_at_once(sample_run: Path, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed: nothing listens there
+    start = time.monotonic()
+    process = milcli("embed", sample_run / "tiles.h5", "--out", tmp_path / "feats.h5", "--ray", f"127.0.0.1:{port}")
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and f"--ray 127.0.0.1:{port}: no Ray head answers there" in err
+    assert time.monotonic() - start < 60 and not (tmp_path / "feats.h5").exists()
+
+
 def test_embed_on_a_local_cluster_matches_the_local_path(sample_run: Path, tmp_path: Path, ray_cluster: str) -> None:
     out = tmp_path / "feats.h5"
     finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster, "--ray-workers", "2", "-q"))
