@@ -203,7 +203,8 @@ def draw_top_patches(path: Path, data: SlideData, attention: np.ndarray, ranks: 
 @dataclass(frozen=True)
 class RegionGrid:
     """High-attention regions on a fine level-0 grid: `labels` numbers the connected regions
-    (0 outside), pixel (row, col) covers level-0 x in origin_x + [col, col + 1) * pixel."""
+    from the largest (1) down (0 outside); pixel (row, col) covers level-0 x in
+    origin_x + [col, col + 1) * pixel."""
     labels: np.ndarray
     origin: np.ndarray
     pixel: float
@@ -255,16 +256,16 @@ def region_grid(coords: np.ndarray, step: int, size: int, values: np.ndarray, th
     cols = (np.arange(grid.shape[1] * upsample) + 0.5) / upsample - 0.5
     fine = ndimage.map_coordinates(grid, np.meshgrid(rows, cols, indexing="ij"), order=1, mode="nearest")
     inside = np.kron(covered, np.ones((upsample, upsample), dtype=bool))
-    return RegionGrid(measure.label((fine > level) & inside, connectivity=1), origin, step / upsample)
+    labels = measure.label((fine > level) & inside, connectivity=1)
+    by_size = np.zeros(labels.max() + 1, dtype=labels.dtype)  # renumbered: 1 = the largest region
+    by_size[np.argsort(-np.bincount(labels.ravel())[1:], kind="stable") + 1] = np.arange(1, labels.max() + 1)
+    return RegionGrid(by_size[labels], origin, step / upsample)
 
 
 def region_polygons(regions: RegionGrid) -> list[list[list[list[float]]]]:
     """One polygon (outer ring, then holes) in level-0 px per region, largest region first."""
-    sizes = np.bincount(regions.labels.ravel())[1:]
-    boxes = ndimage.find_objects(regions.labels)
     polygons = []
-    for component in np.argsort(-sizes, kind="stable") + 1:
-        rows, cols = boxes[component - 1]
+    for component, (rows, cols) in enumerate(ndimage.find_objects(regions.labels), start=1):
         crop = np.pad(regions.labels[rows, cols] == component, 1).astype(float)
         offset = np.array([cols.start, rows.start]) - 0.5  # padded crop index -> pixel centre
         rings = []
@@ -279,10 +280,8 @@ def region_polygons(regions: RegionGrid) -> list[list[list[list[float]]]]:
 
 def region_scores(regions: RegionGrid, coords: np.ndarray, size: int, attention: np.ndarray) -> list[float]:
     """Attention mass of the patches whose centres fall in each region, largest region first."""
-    sizes = np.bincount(regions.labels.ravel())[1:]
     at_centres = regions.labels[regions.pixel_of(coords + size / 2)]
-    mass = np.bincount(at_centres, weights=attention, minlength=len(sizes) + 1)[1:]
-    return [float(mass[c]) for c in np.argsort(-sizes, kind="stable")]
+    return np.bincount(at_centres, weights=attention, minlength=regions.labels.max() + 1)[1:].tolist()
 
 
 def _signed_area(ring: np.ndarray) -> float:
