@@ -102,13 +102,18 @@ def worker_resources(ray: Any, options: RayOptions) -> tuple[int, dict]:
     return count, {"num_cpus": max(1, cpus // count)}
 
 
+def assigned_device() -> torch.device:
+    """Inside a Ray worker: the GPU Ray assigned it (it sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    import ray
+
+    return torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+
+
 class SlideWorker:
     """A Ray actor: one backbone on the device Ray assigned, embedding whole slides."""
 
     def __init__(self, backbone_name: str, options: EmbedOptions, cpus: int) -> None:
-        import ray
-
-        self.device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+        self.device = assigned_device()
         if self.device.type == "cpu":
             torch.set_num_threads(cpus)
         self.backbone = get_backbone(backbone_name)
@@ -204,9 +209,7 @@ def ray_predict_stores(model: Path, models: list[LoadedModel], sources: list[sto
 
 
 def _predict_store(model: Path, path: Path) -> list[Prediction]:
-    import ray
-
-    device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+    device = assigned_device()
     models = load_models(model, device)
     source = stores.FeatureSource(path)
     return predict_slides(models, source, source.slide_ids, device)
