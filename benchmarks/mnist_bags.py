@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from mil_cli.console import set_quiet
-from mil_cli.models import ModelConfig
+from mil_cli.config import ModelConfig, TrainOptions
 from mil_cli.synthetic import write_digit_bags
-from mil_cli.training import TrainOptions, train
+from mil_cli.training import train
 
 
 def main() -> None:

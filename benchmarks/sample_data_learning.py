@@ -35,7 +35,8 @@ from mil_cli.inference import load_model, predict_bag
 from mil_cli.labels import read_labels
 from mil_cli.stores import FeatureSource
 from mil_cli.tiling import TilingOptions, tile_slides
-from mil_cli.training import TrainOptions, save_checkpoint, train
+from mil_cli.config import TrainOptions
+from mil_cli.training import save_checkpoint, train
 
 SAMPLE = Path(__file__).resolve().parents[1] / "sample_data"
 

@@ -21,7 +21,8 @@ import torch
 from mil_cli.console import set_quiet
 from mil_cli.devices import fast_bf16, resolve_device
 from mil_cli.metrics import auc
-from mil_cli.training import Bag, TrainOptions, evaluate, fit
+from mil_cli.config import TrainOptions
+from mil_cli.training import Bag, evaluate, fit
 
 
 def synthetic_bags(n_bags: int, patches: int, dim: int, seed: int) -> list[Bag]:
@@ -44,9 +45,10 @@ def run(name: str, options: TrainOptions, train: list[Bag], val: list[Bag], test
     start = time.perf_counter()
     fitted = fit(train, val, 2, options, device)
     seconds = time.perf_counter() - start
-    _, probs = evaluate(fitted.model, test, device, precision=options.precision)
+    _, probs = evaluate(fitted.model, test, device)
     test_auc = auc(np.array([b.target for b in test]), probs)
-    print(f"{name:<34} {seconds / len(fitted.history):6.2f} s/epoch over {len(fitted.history)} epochs, "
+    epochs = sum(len(h) for h in fitted.histories)
+    print(f"{name:<34} {seconds / epochs:6.2f} s/epoch over {epochs} epochs ({len(fitted.histories)} seeds), "
           f"test AUC {test_auc:.3f}")
 
 
@@ -66,7 +68,7 @@ def main() -> None:
     train, val = bags[: int(0.8 * len(bags))], bags[int(0.8 * len(bags)):]
     print(f"{args.bags} bags x {args.patches} patches x {args.dim} dims made in {time.perf_counter() - start:.0f} s; "
           f"device {device}, torch threads {torch.get_num_threads()}, fast bf16: {fast_bf16(device)}")
-    base = TrainOptions(epochs=args.epochs, patience=args.epochs, seed=0)
+    base = TrainOptions(epochs=args.epochs, patience=args.epochs, seed=0, ensemble=1)
     run("one bag per step, fp32, lr 2e-4", replace(base, batch_size=1, max_patches=None, precision="fp32", lr=2e-4),
         train, val, test, device)
     run("batched (8 bags), fp32", replace(base, precision="fp32"), train, val, test, device)

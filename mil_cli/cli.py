@@ -21,6 +21,7 @@ from rich.table import Table
 from mil_cli import __version__
 from mil_cli.console import console, error, set_quiet
 from mil_cli.errors import MilcliError
+from mil_cli.config import ModelConfig, TrainOptions
 from mil_cli.reports import StageReport
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
@@ -45,6 +46,8 @@ BatchSize = Annotated[int, typer.Option(min=1, help="Patches per forward pass.")
 RayAddress = Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Spread the work over Ray workers (each on the GPU share Ray gives it, else CPUs; --device is then ignored): 'local' (this machine's Ray, started here if none runs), 'auto' (the cluster this node is in) or host:port. Needs `pip install 'milcli\\[ray]'`.", show_default="off")]
 WorkersPerGpu = Annotated[int, typer.Option(min=1, help="With --ray: workers sharing each GPU.")]
 DecodeWorkers = Annotated[Optional[int], typer.Option(min=0, help="Patch-decoding processes (0: decode in the main process).", show_default="CUDA: cores - 1, at most 8; CPU: 0")]
+TRAIN_DEFAULTS = TrainOptions()
+MODEL_DEFAULTS = ModelConfig()
 MICRONS_PER_PX_AT_1X = 10.0  # the usual convention: 10x = 1 µm/px, 20x = 0.5, 40x = 0.25
 
 
@@ -176,7 +179,9 @@ METRIC_KEYS = ("auc", "balanced_accuracy", "accuracy", "f1")
 
 
 def _metrics_table(metrics: dict) -> Table:
-    table = Table(title=f"metrics (best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')})")
+    from mil_cli.metrics import epochs_note
+
+    table = Table(title=f"metrics ({epochs_note(metrics)})")
     for column in ("split", "slides", *METRIC_COLUMNS):
         table.add_column(column, justify="right")
     for split in ("train", "val", "test"):
@@ -206,36 +211,46 @@ def train(
     model: Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, mean, max, noisy-and or clam-sb.")] = "abmil",
     folds: Annotated[Optional[int], typer.Option(min=2, help="K-fold cross-validation: writes fold models, oof_predictions.csv, splits.csv, metrics.json, roc.png.")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="With --folds: repeat the cross-validation with other seeds.")] = 1,
-    epochs: Annotated[int, typer.Option(min=1, help="Most epochs (early stopping may end sooner).")] = 100,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-4,
-    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = 1e-5,
-    patience: Annotated[int, typer.Option(min=1, help="Epochs without a better validation loss before stopping.")] = 10,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of slides (patients) held out for validation when there is no split column.")] = 0.2,
-    batch_size: Annotated[int, typer.Option(min=1, help="Bags per step (padded to the largest, masked).")] = 8,
-    max_patches: Annotated[Optional[int], typer.Option(min=1, help="Random patches per training bag and epoch (evaluation uses all).")] = 4096,
-    precision: Annotated[str, typer.Option(help="auto (bf16 where the device has fast bf16), fp32 or bf16.")] = "auto",
-    hidden_dim: Annotated[int, typer.Option(min=1, help="Patch embedding size.")] = 256,
-    attention_dim: Annotated[int, typer.Option(min=1, help="Attention branch size.")] = 128,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout after the patch embedding.")] = 0.25,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per head: exactly this many, or at most with validation slides (early stopping).")] = TRAIN_DEFAULTS.epochs,
+    ensemble: Annotated[int, typer.Option(min=1, help="Heads trained from different seeds and averaged (one model file).")] = TRAIN_DEFAULTS.ensemble,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TRAIN_DEFAULTS.lr,
+    lr_schedule: Annotated[str, typer.Option(help="cosine (decay to 1 % by the last epoch) or constant.")] = TRAIN_DEFAULTS.lr_schedule,
+    weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = TRAIN_DEFAULTS.weight_decay,
+    patience: Annotated[int, typer.Option(min=1, help="With validation slides: epochs without a better validation loss before stopping.")] = TRAIN_DEFAULTS.patience,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of training slides (patients) held out for early stopping when the labels have no 'val' split; 0: none.")] = TRAIN_DEFAULTS.val_fraction,
+    standardise: Annotated[bool, typer.Option("--standardise/--no-standardise", help="z-score each feature dimension with the training patches' mean and sd (kept in the model file), clipped to +-5.")] = TRAIN_DEFAULTS.standardise,
+    batch_size: Annotated[int, typer.Option(min=1, help="Bags per step (padded to the largest, masked).")] = TRAIN_DEFAULTS.batch_size,
+    max_patches: Annotated[Optional[int], typer.Option(min=1, help="Random patches per training bag and epoch (evaluation uses all).")] = TRAIN_DEFAULTS.max_patches,
+    precision: Annotated[str, typer.Option(help="Training steps: auto (bf16 on GPUs with native bf16, else fp32), fp32 or bf16. Evaluation and prediction always run fp32.")] = TRAIN_DEFAULTS.precision,
+    hidden_dim: Annotated[int, typer.Option(min=1, help="Patch embedding size.")] = MODEL_DEFAULTS.hidden_dim,
+    attention_dim: Annotated[int, typer.Option(min=1, help="Attention branch size.")] = MODEL_DEFAULTS.attention_dim,
+    dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout after the patch embedding.")] = MODEL_DEFAULTS.dropout,
+    instance_loss: Annotated[float, typer.Option(min=0.0, max=1.0, help="abmil heads: share of the max-pooled patch-classifier loss (its patch scores localise).")] = MODEL_DEFAULTS.instance_loss,
     instance_k: Annotated[int, typer.Option(min=1, help="clam-sb: top/bottom patches per bag for the instance loss.")] = 8,
     seed: Seed = 0,
     device: Device = "auto",
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Train a MIL head (gated attention by default) on a feature store and a labels CSV."""
-    from mil_cli.models import MODELS, ModelConfig
+    """Train a MIL head (gated attention by default) on a feature store and a labels CSV.
+
+    The rule for small cohorts: every training slide trains (no inner validation split unless
+    the labels' split column names 'val' slides or --val-fraction is set) for exactly --epochs
+    epochs with a cosine learning-rate decay, and --ensemble heads from different seeds are
+    averaged. Early stopping on 10-20 validation slides is noise and costs a fifth of the data;
+    benchmarks/panel.py has the evidence."""
+    from mil_cli.models import MODELS
     from mil_cli.stores import require_file
-    from mil_cli.training import TrainOptions, save_checkpoint
+    from mil_cli.training import save_checkpoint
     from mil_cli.training import train as train_model
 
     if model not in MODELS:
         raise MilcliError(f"--model {model}: expected one of {', '.join(MODELS)}")
-    options = TrainOptions(epochs=epochs, lr=lr, weight_decay=weight_decay, patience=patience,
-                           val_fraction=val_fraction, seed=seed, batch_size=batch_size, max_patches=max_patches,
-                           precision=precision,
+    options = TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, lr_schedule=lr_schedule, weight_decay=weight_decay,
+                           patience=patience, val_fraction=val_fraction, standardise=standardise, seed=seed,
+                           batch_size=batch_size, max_patches=max_patches, precision=precision,
                            model=ModelConfig(architecture=model, hidden_dim=hidden_dim, attention_dim=attention_dim,
-                                             dropout=dropout, instance_k=instance_k))
+                                             dropout=dropout, instance_loss=instance_loss, instance_k=instance_k))
     features, labels = require_file(features, "--features"), require_file(labels, "--labels")
     if folds is not None:
         from mil_cli.crossval import cross_validate
@@ -341,8 +356,8 @@ def run(
     weights: Weights = None,
     batch_size: BatchSize = 64,
     workers: DecodeWorkers = None,
-    epochs: Annotated[int, typer.Option(min=1, help="Most training epochs.")] = 100,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 5e-4,
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs per head (see `milcli train --help`).")] = TRAIN_DEFAULTS.epochs,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TRAIN_DEFAULTS.lr,
     seed: Seed = 0,
     explain_all: Annotated[bool, typer.Option("--explain/--no-explain", help="Explain every slide.")] = True,
     device: Device = "auto",
@@ -355,7 +370,6 @@ def run(
     from mil_cli.pipeline import RunOptions, run_pipeline
     from mil_cli.stores import require_file
     from mil_cli.tiling import TilingOptions
-    from mil_cli.training import TrainOptions
 
     options = RunOptions(
         tiling=TilingOptions(patch_size=patch_size, target_mpp=_target_mpp(target_mpp, magnification),

@@ -27,8 +27,9 @@ from sklearn.model_selection import StratifiedGroupKFold
 from mil_cli.console import warn
 from mil_cli.errors import InputError
 from mil_cli.metrics import classification_metrics, plot_roc, summarise
-from mil_cli.training import (Bag, LabelledBags, TrainOptions, evaluate, fit, load_dataset, make_checkpoint,
-                              require_two_classes, save_checkpoint, split_bags)
+from mil_cli.config import TrainOptions
+from mil_cli.training import (Bag, LabelledBags, epochs_summary, evaluate, fit_pool, load_dataset, make_checkpoint,
+                              require_two_classes, save_checkpoint)
 
 
 @dataclass
@@ -67,13 +68,12 @@ def cross_validate(features_path: Path, labels_path: Path, options: TrainOptions
         for k, (train_idx, test_idx) in enumerate(fold_splits(pool, folds, seed)):
             index = repeat * folds + k
             fold_options = replace(options, seed=seed * 1000 + k)
-            train_bags, val_bags, _ = split_bags([pool[i] for i in train_idx], {}, options.val_fraction,
-                                                 fold_options.seed)
+            fitted, train_bags, val_bags = fit_pool([pool[i] for i in train_idx], len(data.classes), fold_options,
+                                                    device)
             test_bags = [pool[i] for i in test_idx]
-            fitted = fit(train_bags, val_bags, len(data.classes), fold_options, device)
-            _, probs = evaluate(fitted.model, test_bags, device, precision=options.precision)
+            _, probs = evaluate(fitted.model, test_bags, device)
             targets = np.array([b.target for b in test_bags])
-            metrics = {"repeat": repeat, "fold": k, "best_epoch": fitted.best_epoch,
+            metrics = {"repeat": repeat, "fold": k, **epochs_summary(fitted),
                        **classification_metrics(targets, probs)}
             per_fold.append(metrics)
             pooled.setdefault(repeat, ([], []))[0].extend(targets.tolist())
@@ -83,7 +83,7 @@ def cross_validate(features_path: Path, labels_path: Path, options: TrainOptions
                      "test": [b.slide_id for b in test_bags], "holdout": [b.slide_id for b in holdout]}
             split_rows += [(repeat, k, sid, role) for role, ids in roles.items() for sid in ids]
             if holdout:
-                holdout_probs.append(evaluate(fitted.model, holdout, device, precision=options.precision)[1])
+                holdout_probs.append(evaluate(fitted.model, holdout, device)[1])
             checkpoint = make_checkpoint(fitted, data, fold_options, {"fold": metrics}, roles, features_path,
                                          labels_path)
             save_checkpoint(checkpoint, out / f"fold_{index}" / "model.pt")

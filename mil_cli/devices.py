@@ -47,8 +47,10 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 def training_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for training when asked for, or with "auto" where bf16 is fast; else fp32."""
-    if precision == "bf16" or (precision == "auto" and fast_bf16(device)):
+    """bf16 autocast for training steps when asked for, or with "auto" on a GPU with native
+    bf16; else fp32. "auto" keeps CPUs in fp32 even where they have bf16 units, so the same
+    seed gives the same model on every CPU model."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and fast_bf16(device)):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

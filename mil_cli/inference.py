@@ -15,9 +15,10 @@ from torch import nn
 
 from mil_cli.errors import InputError, first_line
 from mil_cli.labels import LabelTable
-from mil_cli.models import ModelConfig, build_model
+from mil_cli.config import ModelConfig
+from mil_cli.models import SeedEnsemble, build_model
 from mil_cli.stores import FeatureSource
-from mil_cli.training import MODEL_FORMAT
+from mil_cli.training import MODEL_FORMAT, MODEL_FORMAT_VERSION
 
 
 @dataclass
@@ -41,8 +42,11 @@ def load_model(path: Path, device: torch.device) -> LoadedModel:
         raise InputError(path, f"not a loadable milcli model ({first_line(exc)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != MODEL_FORMAT:
         raise InputError(path, "not a milcli model file (format key missing)")
+    if checkpoint.get("format_version") != MODEL_FORMAT_VERSION:
+        raise InputError(path, f"model format {checkpoint.get('format_version')} is from another milcli version "
+                               f"(this one reads {MODEL_FORMAT_VERSION}); train it again")
     config = checkpoint["config"]
-    module = build_model(ModelConfig(**config["model"]))
+    module = SeedEnsemble([build_model(ModelConfig(**config["model"])) for _ in range(int(config["ensemble"]))])
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:

@@ -44,6 +44,14 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray) -> dict:
     }
 
 
+def epochs_note(metrics: dict) -> str:
+    """One line on how the model's members were trained, from training's `epochs_summary`."""
+    kept, run = metrics.get("best_epochs", []), metrics.get("epochs_run", [])
+    if kept == run:
+        return f"{len(kept)} seed(s) x {run[0] if len(set(run)) == 1 else run} epochs"
+    return f"{len(kept)} seed(s), epochs kept {kept} of {run} (early stopping)"
+
+
 def summarise(per_fold: list[dict]) -> dict:
     """Mean and standard deviation of each summary metric over folds (NaN folds left out)."""
     summary = {}

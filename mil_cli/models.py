@@ -2,11 +2,18 @@
 
 Every head reads (B, N, D) features with a (B, N) mask (True = a real patch; bags are padded
 to the batch's largest) and returns `MILOutput`. A new head is one MILHead subclass added to MODELS.
+Features are standardised first with per-dimension statistics of the training patches, which
+the head holds as buffers (so they travel in the model file and predict/explain apply them).
+Every head also scores each patch for each class (`instance_scores`, probabilities), the
+patch-level answer that localises; attention only says what the bag pooling weighed.
 
 - `abmil`: gated attention MIL (Ilse, Tomczak & Welling, ICML 2018): patch embeddings, a
   tanh x sigmoid attention branch, a masked softmax over the bag, a linear classifier on the
   attention-weighted mean. Because the classifier is linear, each class logit splits exactly
-  into per-patch contributions a_i (W_c . h_i), which `explain` draws.
+  into per-patch contributions a_i (W_c . h_i), which `explain` draws. A patch classifier on
+  the same embeddings is trained jointly through a max-pooled MIL loss (weight
+  `instance_loss`; mi-Net, Wang et al. 2018): its per-patch probabilities are the instance
+  scores.
 - `abmil-plain`: the same with the ungated (tanh only) attention.
 - `mean`, `max`: pooling baselines (mean embedding; max over per-patch class scores).
 - `noisy-and`: Kraus et al. 2016: per-patch class probabilities, their bag mean passed through
@@ -17,28 +24,14 @@ to the batch's largest) and returns `MILOutput`. A new head is one MILHead subcl
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mil_cli.config import ModelConfig
 from mil_cli.errors import MilcliError
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    architecture: str = "abmil"
-    in_dim: int = 1280
-    n_classes: int = 2
-    hidden_dim: int = 256
-    attention_dim: int = 128
-    dropout: float = 0.25
-    instance_k: int = 8           # clam-sb: patches taken from each end of the attention ranking
-    instance_weight: float = 0.3  # clam-sb: share of the instance loss in the total loss
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -66,7 +59,23 @@ class MILHead(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        self.register_buffer("feature_mean", torch.zeros(config.in_dim))
+        self.register_buffer("feature_std", torch.ones(config.in_dim))
+        self.register_buffer("feature_clip", torch.tensor(float("inf")))
         self.embed = nn.Sequential(nn.Linear(config.in_dim, config.hidden_dim), nn.ReLU(), nn.Dropout(config.dropout))
+
+    def set_standardisation(self, mean: torch.Tensor, std: torch.Tensor, clip: float) -> None:
+        """z = (x - mean) / std, clipped to +-clip: a rarely non-zero dimension (a sparse
+        feature, a pixel that is almost always blank) has a tiny std, and its rare values
+        would otherwise reach z of 100 and swamp the embedding."""
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std)
+        self.feature_clip.fill_(clip)
+
+    def embed_patches(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., D) raw features -> (..., H) patch embeddings, standardised first."""
+        z = (features - self.feature_mean) / self.feature_std
+        return self.embed(z.clamp(-self.feature_clip, self.feature_clip))
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
         raise NotImplementedError
@@ -81,12 +90,17 @@ class MILHead(nn.Module):
         the pooled embedding, rows sum to the class logits minus the bias."""
         raise NotImplementedError
 
+    def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, C) probability of each class for each patch of one bag, judged alone."""
+        raise NotImplementedError
+
     def loss(self, out: MILOutput, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         return F.cross_entropy(out.logits, targets, weight=weight)
 
 
 class AttentionMIL(MILHead):
     gated = True
+    max_instance_loss = True  # the jointly trained, max-pooled patch classifier
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
@@ -94,9 +108,11 @@ class AttentionMIL(MILHead):
         self.attention_u = nn.Linear(config.hidden_dim, config.attention_dim) if self.gated else None
         self.attention_w = nn.Linear(config.attention_dim, 1)
         self.classifier = nn.Linear(config.hidden_dim, config.n_classes)
+        if self.max_instance_loss:
+            self.instance_classifier = nn.Linear(config.hidden_dim, config.n_classes)
 
     def attend(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.embed(features)
+        h = self.embed_patches(features)
         branch = torch.tanh(self.attention_v(h))
         if self.attention_u is not None:
             branch = branch * torch.sigmoid(self.attention_u(h))
@@ -111,6 +127,20 @@ class AttentionMIL(MILHead):
         h, attention = self.attend(*whole_bag(features))
         return attention[0, :, None] * (h[0] @ self.classifier.weight.T)
 
+    def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.instance_classifier(self.embed_patches(features)), -1)
+
+    def loss(self, out: MILOutput, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """Bag loss plus the patch classifier's: its per-class maximum over the bag's patches
+        must name the bag's class (a positive bag needs one convincing patch, a negative bag
+        none)."""
+        bag_loss = F.cross_entropy(out.logits, targets, weight=weight)
+        w = self.config.instance_loss
+        if w == 0:
+            return bag_loss
+        instance_logits = self.instance_classifier(out.embeddings).masked_fill(~mask[..., None], float("-inf"))
+        return (1 - w) * bag_loss + w * F.cross_entropy(instance_logits.amax(dim=1), targets, weight=weight)
+
 
 class PlainAttentionMIL(AttentionMIL):
     gated = False
@@ -122,12 +152,15 @@ class MeanMIL(MILHead):
         self.classifier = nn.Linear(config.hidden_dim, config.n_classes)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
-        h = self.embed(features)
+        h = self.embed_patches(features)
         weights = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)
         return MILOutput(self.classifier(torch.einsum("bn,bnh->bh", weights, h)), weights, h)
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
-        return (self.embed(features) @ self.classifier.weight.T) / len(features)
+        return (self.embed_patches(features) @ self.classifier.weight.T) / len(features)
+
+    def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.classifier(self.embed_patches(features)), -1)
 
 
 class InstanceScoreMIL(MILHead):
@@ -143,7 +176,7 @@ class InstanceScoreMIL(MILHead):
         raise NotImplementedError
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
-        h = self.embed(features)
+        h = self.embed_patches(features)
         scores = self.instance_classifier(h)  # (B, N, C)
         logits = self.pool(scores, mask)
         # weight of a patch: how strongly it argues for the predicted class, softmaxed over the bag
@@ -151,7 +184,10 @@ class InstanceScoreMIL(MILHead):
         return MILOutput(logits, masked_softmax(top, mask), h)
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
-        return self.instance_classifier(self.embed(features))
+        return self.instance_classifier(self.embed_patches(features))
+
+    def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.patch_scores(features))
 
 
 class MaxMIL(InstanceScoreMIL):
@@ -183,9 +219,15 @@ class ClamSingleBranch(AttentionMIL):
     patches are pseudo-positive and its k least attended pseudo-negative for a 2-way patch
     classifier of that class. Bags with fewer than 2 patches skip it; k shrinks to fit."""
 
+    max_instance_loss = False  # CLAM's own instance loss instead
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.instance_classifiers = nn.ModuleList(nn.Linear(config.hidden_dim, 2) for _ in range(config.n_classes))
+
+    def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
+        h = self.embed_patches(features)
+        return torch.stack([torch.softmax(c(h), -1)[:, 1] for c in self.instance_classifiers], dim=1)
 
     def loss(self, out: MILOutput, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         bag_loss = F.cross_entropy(out.logits, targets, weight=weight)
@@ -214,6 +256,35 @@ MODELS: dict[str, type[MILHead]] = {
     "noisy-and": NoisyAndMIL,
     "clam-sb": ClamSingleBranch,
 }
+
+
+class SeedEnsemble(nn.Module):
+    """Heads of one architecture trained on the same bags from different seeds, answering as
+    one: class probabilities, attention and patch scores are the members' means (the logits
+    are the log of the mean probabilities). On small cohorts a single head's result swings
+    with its seed; the mean of a few does not."""
+
+    def __init__(self, members: list[MILHead]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.config = members[0].config
+        self.additive = members[0].additive
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+        outs = [member(features, mask) for member in self.members]
+        probs = torch.stack([torch.softmax(o.logits.float(), -1) for o in outs]).mean(0)
+        return MILOutput(torch.log(probs.clamp(min=1e-12)), torch.stack([o.attention for o in outs]).mean(0),
+                         outs[0].embeddings)
+
+    def bag(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self(*whole_bag(features))
+        return out.logits[0], out.attention[0]
+
+    def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member.patch_scores(features) for member in self.members]).mean(0)
+
+    def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member.instance_scores(features) for member in self.members]).mean(0)
 
 
 def build_model(config: ModelConfig) -> MILHead:

@@ -19,7 +19,8 @@ from mil_cli.labels import read_labels
 from mil_cli.reports import StageReport
 from mil_cli.stores import FeatureSource
 from mil_cli.tiling import TilingOptions, default_tiling_workers, tile_slides
-from mil_cli.training import TrainOptions, save_checkpoint, train
+from mil_cli.config import TrainOptions
+from mil_cli.training import save_checkpoint, train
 
 
 @dataclass

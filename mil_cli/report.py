@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 from mil_cli import __version__
 from mil_cli.errors import InputError
-from mil_cli.metrics import SUMMARY_KEYS
+from mil_cli.metrics import SUMMARY_KEYS, epochs_note
 from mil_cli.slides import safe_file_stem
 
 STYLE = """
@@ -51,7 +51,7 @@ def _metrics_section(record: dict) -> str:
     metrics = record.get("metrics", {})
     rows = [[split, str(m["n"]), *(f"{m.get(k, float('nan')):.3f}" for k in SUMMARY_KEYS)]
             for split, m in metrics.items() if isinstance(m, dict) and "n" in m]
-    note = f"best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}"
+    note = epochs_note(metrics)
     return "<h2>Metrics</h2>" + _table(["split", "slides", *SUMMARY_KEYS], rows) + f"<p>{escape(note)}</p>"
 
 

@@ -31,9 +31,13 @@ def _digit_pools(target: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return pools
 
 
+LabelledBag = tuple[np.ndarray, int, np.ndarray]  # (N, D) features, bag label, (N,) instance labels
+
+
 def digit_bags(n_bags: int, pool: str, seed: int, target: int = 9, mean_size: float = 10.0,
-               sd_size: float = 2.0) -> list[tuple[np.ndarray, int]]:
-    """`n_bags` (features, label) bags, half positive, from the 'train' or 'test' digits."""
+               sd_size: float = 2.0) -> list[LabelledBag]:
+    """`n_bags` bags, half positive, from the 'train' or 'test' digits; an instance is
+    positive when it is the target digit."""
     rng = np.random.default_rng(seed)
     targets, others = _digit_pools(target)[pool]
     bags = []
@@ -44,7 +48,42 @@ def digit_bags(n_bags: int, pool: str, seed: int, target: int = 9, mean_size: fl
         n_target = 1 + rng.binomial(size - 1, 0.1) if positive else 0
         chosen = np.concatenate([targets[rng.integers(0, len(targets), n_target)],
                                  others[rng.integers(0, len(others), size - n_target)]])
-        bags.append((chosen[rng.permutation(size)], int(positive)))
+        order = rng.permutation(size)
+        bags.append((chosen[order], int(positive), (np.arange(size) < n_target)[order]))
+    return bags
+
+
+def key_instance_bags(n_bags: int, dim: int, witness_rate: float, signal: float, seed: int,
+                      mean_size: int = 30, large_range: bool = False) -> list[LabelledBag]:
+    """Bags whose label is carried by a few key instances, half of them positive.
+
+    Instances come from a mixture of 8 Gaussian clusters (unit noise, centres drawn with unit
+    sd per dimension); a quarter of every bag, positive or not, comes from one salient
+    'distractor' cluster (centre drawn with sd 2). In a positive bag a `witness_rate` share of the instances (at
+    least one) is moved `signal` noise-sds along a hidden direction. Bag sizes are Poisson
+    around `mean_size` (at least 4). `large_range` rescales every dimension by a factor
+    between 0.1 and 300 and shifts it by up to +-300, as raw descriptors such as MUSK's are."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (8, dim))
+    distractor = rng.normal(0, 2, dim)
+    direction = rng.normal(0, 1, dim)
+    direction /= np.linalg.norm(direction)
+    scale = 10 ** rng.uniform(-1, 2.5, dim) if large_range else np.ones(dim)
+    shift = rng.uniform(-300, 300, dim) if large_range else np.zeros(dim)
+    bags = []
+    for i in rng.permutation(n_bags):
+        positive = i % 2 == 0
+        size = max(4, int(rng.poisson(mean_size)))
+        x = centres[rng.integers(0, 8, size)] + rng.normal(0, 1, (size, dim))
+        n_distractors = size // 4
+        x[:n_distractors] = distractor + rng.normal(0, 1, (n_distractors, dim))
+        key = np.zeros(size, dtype=bool)
+        if positive:
+            n_key = max(1, int(rng.binomial(size, witness_rate)))
+            key[size - n_key:] = True
+            x[key] += signal * direction
+        order = rng.permutation(size)
+        bags.append(((x[order] * scale + shift).astype(np.float32), int(positive), key[order]))
     return bags
 
 
@@ -54,7 +93,7 @@ def write_digit_bags(folder: Path, n_train: int, n_test: int = 500, seed: int = 
     folder.mkdir(parents=True, exist_ok=True)
     rows, entries = ["slide_id,label,split"], []
     for pool, n in (("train", n_train), ("test", n_test)):
-        for i, (features, label) in enumerate(digit_bags(n, pool, seed=seed * 1000 + (pool == "test"))):
+        for i, (features, label, _) in enumerate(digit_bags(n, pool, seed=seed * 1000 + (pool == "test"))):
             slide_id = f"{pool}_{i:04d}"
             coords = np.stack([np.arange(len(features)) * 8, np.zeros(len(features))], axis=1).astype(np.int64)
             entries.append((slide_id, coords, features))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,30 +23,12 @@ from mil_cli.devices import keep_freed_memory, seed_everything, training_autocas
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.labels import LabelTable, read_labels
 from mil_cli.metrics import classification_metrics
-from mil_cli.models import MILHead, ModelConfig, build_model
+from mil_cli.config import ModelConfig, TrainOptions
+from mil_cli.models import MILHead, SeedEnsemble, build_model
 from mil_cli.stores import FeatureSource
 
 MODEL_FORMAT = "milcli-model"
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    epochs: int = 100
-    lr: float = 5e-4              # 2e-4 (CLAM, one bag per step) scaled by sqrt(batch size 8)
-    weight_decay: float = 1e-5
-    patience: int = 10            # epochs without a better validation loss before stopping
-    val_fraction: float = 0.2     # of the training slides (or patients), when no split column
-    seed: int = 0
-    batch_size: int = 8           # bags per optimiser step
-    max_patches: int | None = 4096  # random patches per training bag and epoch; None: whole bags
-    precision: str = "auto"       # auto: bf16 autocast where the device has fast bf16, else fp32
-    model: ModelConfig = field(default_factory=ModelConfig)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or (self.max_patches is not None and self.max_patches < 1):
-            raise MilcliError("--batch-size and --max-patches must be at least 1")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise MilcliError(f"--precision {self.precision}: expected auto, fp32 or bf16")
+MODEL_FORMAT_VERSION = 2  # 2: a seed ensemble of heads holding their feature standardisation
 
 
 @dataclass
@@ -95,7 +77,7 @@ def split_bags(bags: list[Bag], fixed: dict[str, str | None], val_fraction: floa
     test = [b for b in bags if fixed.get(b.slide_id) == "test"]
     val = [b for b in bags if fixed.get(b.slide_id) == "val"]
     pool = [b for b in bags if fixed.get(b.slide_id) in (None, "train")]
-    if val:
+    if val or val_fraction <= 0:
         return pool, val, test
     groups: dict[str, int] = {}
     for bag in pool:
@@ -150,15 +132,16 @@ def evaluation_batches(bags: list[Bag]) -> list[list[int]]:
     return batches
 
 
-def evaluate(model: MILHead, bags: list[Bag], device: torch.device, weight: torch.Tensor | None = None,
-             precision: str = "fp32") -> tuple[float, np.ndarray]:
-    """Mean loss and (n_bags, C) probabilities over whole bags, in eval mode."""
+def evaluate(model: MILHead | SeedEnsemble, bags: list[Bag], device: torch.device,
+             weight: torch.Tensor | None = None) -> tuple[float, np.ndarray]:
+    """Mean loss and (n_bags, C) probabilities over whole bags, in eval mode and always in
+    fp32, as `predict` runs, so stored metrics are what predict gives on the same slides."""
     if not bags:
         return float("nan"), np.zeros((0, 0))
     model.eval()
     probs = np.zeros((len(bags), model.config.n_classes))
     total_loss = 0.0
-    with torch.inference_mode(), training_autocast(device, precision):
+    with torch.inference_mode():
         for indices in evaluation_batches(bags):
             x, mask, targets = collate([bags[i] for i in indices], device)
             out = model(x, mask)
@@ -168,27 +151,74 @@ def evaluate(model: MILHead, bags: list[Bag], device: torch.device, weight: torc
     return total_loss / len(bags), probs
 
 
+def feature_statistics(bags: list[Bag]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and standard deviation over every patch of `bags` (float64 sums,
+    one bag at a time); constant dimensions get std 1 so they stay finite."""
+    total = torch.zeros(bags[0].features.shape[1], dtype=torch.float64)
+    squares, count = torch.zeros_like(total), 0
+    for bag in bags:
+        features = bag.features.double()
+        total += features.sum(0)
+        squares += features.square().sum(0)
+        count += len(features)
+    mean = total / count
+    std = (squares / count - mean.square()).clamp(min=0).sqrt()
+    std[std <= 1e-6 * mean.abs().clamp(min=1)] = 1.0
+    return mean.float(), std.float()
+
+
+def learning_rate_schedule(optimiser: torch.optim.Optimizer, options: TrainOptions) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per epoch: constant, or cosine from --lr down to 1 % of it at the last epoch."""
+    if options.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimiser, lambda epoch: 1.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=options.epochs, eta_min=options.lr / 100)
+
+
 @dataclass
 class Fitted:
-    model: MILHead
+    model: SeedEnsemble
     config: ModelConfig
-    history: list[dict]
-    best_epoch: int
+    histories: list[list[dict]]  # per member: epoch, train_loss, val_loss
+    best_epochs: list[int]       # per member: the epoch whose weights were kept
+
+
+MEMBER_SEED_STEP = 100_003  # member m trains from seed + m * this (member 0 from the seed itself)
 
 
 def fit(train_bags: list[Bag], val_bags: list[Bag], n_classes: int, options: TrainOptions,
         device: torch.device) -> Fitted:
-    """Train a fresh head; early stopping on validation loss, best weights restored."""
+    """Train `options.ensemble` fresh heads from different seeds and join them."""
     keep_freed_memory()
-    seed_everything(options.seed)
     config = ModelConfig(**{**asdict(options.model), "in_dim": int(train_bags[0].features.shape[1]),
                             "n_classes": n_classes})
-    model = build_model(config).to(device)
+    statistics = feature_statistics(train_bags) if options.standardise else None
+    members, histories, best_epochs = [], [], []
+    for m in range(options.ensemble):
+        head, history, best_epoch = fit_head(train_bags, val_bags, config, statistics,
+                                             replace(options, seed=options.seed + m * MEMBER_SEED_STEP), device)
+        members.append(head)
+        histories.append(history)
+        best_epochs.append(best_epoch)
+    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs)
+
+
+def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig,
+             statistics: tuple[torch.Tensor, torch.Tensor] | None, options: TrainOptions,
+             device: torch.device) -> tuple[MILHead, list[dict], int]:
+    """One head: `options.epochs` epochs, or early stopping on the validation loss (best
+    weights restored) when there are validation bags. Returns it, its history and the epoch
+    kept."""
+    seed_everything(options.seed)
+    model = build_model(config)
+    if statistics is not None:
+        model.set_standardisation(*statistics, options.clip)
+    model = model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
-    weight = class_weights(train_bags, n_classes).to(device)
+    scheduler = learning_rate_schedule(optimiser, options)
+    weight = class_weights(train_bags, config.n_classes).to(device)
     generator = torch.Generator().manual_seed(options.seed)
 
-    best_loss, best_state, best_epoch, stale = float("inf"), copy.deepcopy(model.state_dict()), 0, 0
+    best_loss, best_state, best_epoch, stale = float("inf"), None, options.epochs, 0
     history = []
     for epoch in range(1, options.epochs + 1):
         model.train()
@@ -204,10 +234,10 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], n_classes: int, options: Tra
             loss.backward()
             optimiser.step()
             train_loss += float(loss.detach()) * len(batch) / len(train_bags)
-        val_loss, _ = evaluate(model, val_bags, device, weight, options.precision)
+        scheduler.step()
+        val_loss, _ = evaluate(model, val_bags, device, weight)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         if not val_bags:
-            best_state, best_epoch = copy.deepcopy(model.state_dict()), epoch
             continue
         if val_loss < best_loss - 1e-6:
             best_loss, best_state, best_epoch, stale = val_loss, copy.deepcopy(model.state_dict()), epoch, 0
@@ -215,8 +245,18 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], n_classes: int, options: Tra
             stale += 1
             if stale >= options.patience:
                 break
-    model.load_state_dict(best_state)
-    return Fitted(model, config, history, best_epoch)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model.eval(), history, best_epoch
+
+
+def fit_pool(pool: list[Bag], n_classes: int, options: TrainOptions,
+             device: torch.device) -> tuple[Fitted, list[Bag], list[Bag]]:
+    """The training policy on a pool of training bags: with `val_fraction` > 0 a stratified,
+    patient-grouped share is held out for early stopping; by default (0) every bag trains for
+    exactly `epochs` epochs. Returns the fitted head and the (train, validation) bags."""
+    train_bags, val_bags, _ = split_bags(pool, {}, options.val_fraction, options.seed)
+    return fit(train_bags, val_bags, n_classes, options, device), train_bags, val_bags
 
 
 @dataclass
@@ -256,17 +296,18 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
     """The model file's contents: tensors and plain data only (loads with weights_only=True)."""
     return {
         "format": MODEL_FORMAT,
-        "format_version": 1,
+        "format_version": MODEL_FORMAT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in fitted.model.state_dict().items()},
         "config": {
             "milcli_version": __version__,
             "model": fitted.config.to_dict(),
+            "ensemble": len(fitted.best_epochs),
             "classes": data.classes,
             "backbone": data.backbone,
             "feature_dim": fitted.config.in_dim,
             "training": {k: v for k, v in asdict(options).items() if k != "model"},
             "metrics": metrics,
-            "history": fitted.history,
+            "history": fitted.histories,
             "slides": roles,
             "slide_labels": {sid: data.labels.rows[sid].label for sid in roles.get("train", [])},
             "features": str(features_path),
@@ -275,12 +316,17 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
     }
 
 
-def subset_metrics(model: MILHead, subsets: dict[str, list[Bag]], device: torch.device,
-                   precision: str) -> dict:
+def epochs_summary(fitted: Fitted) -> dict:
+    """The epochs each member ran and kept, for metrics.json and the tables."""
+    return {"ensemble": len(fitted.best_epochs), "best_epochs": fitted.best_epochs,
+            "epochs_run": [len(h) for h in fitted.histories]}
+
+
+def subset_metrics(model: SeedEnsemble, subsets: dict[str, list[Bag]], device: torch.device) -> dict:
     metrics = {}
     for name, subset in subsets.items():
         if subset:
-            _, probs = evaluate(model, subset, device, precision=precision)
+            _, probs = evaluate(model, subset, device)
             metrics[name] = classification_metrics(np.array([b.target for b in subset]), probs)
     return metrics
 
@@ -291,12 +337,11 @@ def train(features_path: Path, labels_path: Path, options: TrainOptions, device:
     fixed = {slide_id: row.split for slide_id, row in data.labels.rows.items()}
     train_bags, val_bags, test_bags = split_bags(data.bags, fixed, options.val_fraction, options.seed)
     require_two_classes(train_bags, data.classes, labels_path)
-    if not val_bags:
+    if not val_bags and options.val_fraction > 0:
         warn(f"too few slides for a validation split; training {options.epochs} epochs without early stopping")
     fitted = fit(train_bags, val_bags, len(data.classes), options, device)
-    metrics: dict = {"best_epoch": fitted.best_epoch, "epochs_run": len(fitted.history)}
-    metrics |= subset_metrics(fitted.model, {"train": train_bags, "val": val_bags, "test": test_bags}, device,
-                              options.precision)
+    metrics: dict = epochs_summary(fitted)
+    metrics |= subset_metrics(fitted.model, {"train": train_bags, "val": val_bags, "test": test_bags}, device)
     roles = {"train": [b.slide_id for b in train_bags], "val": [b.slide_id for b in val_bags],
              "test": [b.slide_id for b in test_bags]}
     checkpoint = make_checkpoint(fitted, data, options, metrics, roles, features_path, labels_path)

@@ -1,0 +1,235 @@
+"""The benchmark panel: milcli's default training against a plain Ilse-style reference
+(benchmarks/reference.py) on the same folds, over public or generated data with known answers.
+
+Rows:
+- digits-N: MNIST-bags rebuilt from scikit-learn's 8 x 8 digits (mil_cli/synthetic.py), N
+  training bags, scored on 500 test bags of held-out digits, one repeat per seed.
+- key-*: synthetic key-instance feature bags (mil_cli/synthetic.py) at several witness rates
+  and signal strengths, in a low-dimensional large-range form (MUSK-like raw descriptors) and
+  in 1024 / 1536-dimensional forms (foundation-model-like), stratified 5-fold CV.
+- sample-data: the 20 sample slides, tiled and embedded with the default backbone (cached).
+- hard-slides: generated slides with small tumours, distractors and stain differences between
+  sites (benchmarks/hard_slides.py), with ground-truth masks; stratified 5-fold CV.
+
+For each row: bag AUC and accuracy (mean ± sd over repeats, each repeat pooling its folds'
+held-out predictions), and where instance labels exist the localisation AUC inside positive
+test bags (mean over bags of the AUC of a patch score for key vs other instances) of
+milcli's instance score, milcli's attention and the reference's attention.
+
+    python benchmarks/panel.py [--rows digits-50 key-...] [--repeats 3] [--cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+
+from mil_cli.console import set_quiet
+from mil_cli.synthetic import LabelledBag, digit_bags, key_instance_bags
+from mil_cli.config import TrainOptions
+from mil_cli.training import Bag, evaluate, fit_pool
+
+from reference import fit_reference, predict_reference  # type: ignore[import-not-found]
+
+Split = tuple[list[LabelledBag], list[LabelledBag]]
+DEVICE = torch.device("cpu")
+
+
+@dataclass
+class Row:
+    name: str
+    splits: Callable[[int], Iterator[Split]]  # repeat -> (train, test) pairs
+
+
+def cross_validation(bags_for: Callable[[int], list[LabelledBag]], folds: int = 5) -> Callable[[int], Iterator[Split]]:
+    def splits(repeat: int) -> Iterator[Split]:
+        bags = bags_for(repeat)
+        labels = np.array([b[1] for b in bags])
+        for train, test in StratifiedKFold(folds, shuffle=True, random_state=repeat).split(labels, labels):
+            yield [bags[i] for i in train], [bags[i] for i in test]
+    return splits
+
+
+def digits_row(n_train: int) -> Row:
+    def splits(repeat: int) -> Iterator[Split]:
+        yield digit_bags(n_train, "train", seed=repeat * 1000), digit_bags(500, "test", seed=repeat * 1000 + 1)
+    return Row(f"digits-{n_train}", splits)
+
+
+def key_row(name: str, **kwargs) -> Row:
+    # the cohort is fixed (seed 0), as a real cohort is; repeats reshuffle the folds
+    bags = key_instance_bags(seed=0, **kwargs)
+    return Row(name, cross_validation(lambda repeat: bags))
+
+
+TUMOUR_SHARE = 0.25  # a patch is a key instance when at least this share of it is annotated tumour
+
+
+def slide_row(name: str, slides: Path, labels_path: Path, masks: Path, cache: Path) -> Row:
+    """Tile and embed a slide folder with milcli's defaults (once; kept in `cache`), then
+    cross-validate its bags; patches are labelled from the ground-truth masks."""
+    from PIL import Image
+
+    from mil_cli.backbones import get_backbone
+    from mil_cli.embedding import embed_store
+    from mil_cli.evaluation import patch_mask_fraction
+    from mil_cli.labels import read_labels
+    from mil_cli.stores import FeatureSource
+    from mil_cli.tiling import TilingOptions, tile_slides
+
+    cache.mkdir(parents=True, exist_ok=True)
+    tile_slides([slides], cache / "tiles.h5", TilingOptions())
+    embed_store(cache / "tiles.h5", cache / "feats.h5", get_backbone("efficientnet-lite0"), DEVICE)
+    table = read_labels(labels_path)
+    source = FeatureSource(cache / "feats.h5")
+    bags = []
+    for slide_id in sorted(table.rows):
+        data = source.load(slide_id)
+        mask_path = masks / f"{slide_id}.png"
+        key = np.zeros(len(data.features), dtype=bool)
+        if mask_path.exists():
+            mask = np.array(Image.open(mask_path)).astype(bool)
+            key = patch_mask_fraction(mask, data.coords, int(data.attrs["patch_size_level0"])) >= TUMOUR_SHARE
+        bags.append((data.features.astype(np.float32), int(table.rows[slide_id].label == "tumour"), key))
+    return Row(name, cross_validation(lambda repeat: bags))
+
+
+def sample_data_row(cache: Path) -> Row:
+    sample = Path(__file__).resolve().parents[1] / "sample_data"
+    return slide_row("sample-data", sample / "slides", sample / "labels.csv", sample / "masks", cache / "sample-data")
+
+
+def hard_slides_row(cache: Path) -> Row:
+    from hard_slides import generate  # type: ignore[import-not-found]
+
+    folder = cache / "hard-slides"
+    labels = generate(folder)
+    return slide_row("hard-slides", folder / "slides", labels, folder / "masks", folder)
+
+
+ROWS: dict[str, Callable[[Path], Row]] = {
+    **{f"digits-{n}": (lambda n: lambda cache: digits_row(n))(n) for n in (30, 50, 100, 200, 500)},
+    "key-166d-range-w20": lambda cache: key_row("key-166d-range-w20", n_bags=100, dim=166, witness_rate=0.2,
+                                                signal=4.0, mean_size=12, large_range=True),
+    "key-166d-range-w5": lambda cache: key_row("key-166d-range-w5", n_bags=150, dim=166, witness_rate=0.05,
+                                               signal=5.0, mean_size=40, large_range=True),
+    "key-1024d-w2": lambda cache: key_row("key-1024d-w2", n_bags=100, dim=1024, witness_rate=0.02, signal=6.0,
+                                          mean_size=150),
+    "key-1024d-w10": lambda cache: key_row("key-1024d-w10", n_bags=60, dim=1024, witness_rate=0.1, signal=4.0,
+                                           mean_size=100),
+    "key-1536d-w20": lambda cache: key_row("key-1536d-w20", n_bags=200, dim=1536, witness_rate=0.2, signal=3.0,
+                                           mean_size=60),
+    "sample-data": sample_data_row,
+    "hard-slides": hard_slides_row,
+}
+
+
+def localisation(scores: list[np.ndarray], bags: list[LabelledBag]) -> float:
+    """Mean over positive bags holding both kinds of instances of the AUC of `scores`."""
+    aucs = [roc_auc_score(key, s) for s, (_, y, key) in zip(scores, bags) if y == 1 and 0 < key.sum() < len(key)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, options: TrainOptions) -> dict:
+    as_bags = [Bag(f"b{i}", torch.from_numpy(x), y, f"b{i}") for i, (x, y, _) in enumerate(train)]
+    fitted, _, _ = fit_pool(as_bags, 2, replace(options, seed=seed), DEVICE)
+    test_bags = [Bag(f"t{i}", torch.from_numpy(x), y, f"t{i}") for i, (x, y, _) in enumerate(test)]
+    _, probs = evaluate(fitted.model, test_bags, DEVICE)
+    attention, instance = [], []
+    with torch.inference_mode():
+        for x, _, _ in test:
+            features = torch.from_numpy(x)
+            attention.append(fitted.model.bag(features)[1].numpy())
+            instance.append(fitted.model.instance_scores(features)[:, 1].numpy())
+    return {"p": probs[:, 1], "attention": attention, "instance": instance}
+
+
+def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int) -> dict:
+    model = fit_reference([(x, y) for x, y, _ in train], seed)
+    out = [predict_reference(model, x) for x, _, _ in test]
+    return {"p": np.array([p for p, _ in out]), "attention": [a for _, a in out]}
+
+
+def evaluate_row(row: Row, repeats: int, options: TrainOptions) -> dict:
+    results: dict[str, list[float]] = {}
+    for repeat in range(repeats):
+        pooled: dict[str, list] = {"y": [], "milcli": [], "reference": []}
+        loc: dict[str, list] = {"instance": [], "attention": [], "reference attention": []}
+        for fold, (train, test) in enumerate(row.splits(repeat)):
+            seed = repeat * 100 + fold
+            ours, theirs = run_milcli(train, test, seed, options), run_reference(train, test, seed)
+            pooled["y"] += [y for _, y, _ in test]
+            pooled["milcli"] += list(ours["p"])
+            pooled["reference"] += list(theirs["p"])
+            loc["instance"] += list(zip(ours["instance"], test))
+            loc["attention"] += list(zip(ours["attention"], test))
+            loc["reference attention"] += list(zip(theirs["attention"], test))
+        y = np.array(pooled["y"])
+        for who in ("milcli", "reference"):
+            p = np.array(pooled[who])
+            results.setdefault(f"{who} auc", []).append(roc_auc_score(y, p))
+            results.setdefault(f"{who} acc", []).append(accuracy_score(y, p >= 0.5))
+        for name, pairs in loc.items():
+            results.setdefault(f"loc {name}", []).append(localisation([s for s, _ in pairs], [b for _, b in pairs]))
+    return results
+
+
+def fmt(values: list[float]) -> str:
+    values = np.array(values, dtype=float)
+    return "n/a" if np.isnan(values).all() else f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=None, help=f"rows to run (default all): {', '.join(ROWS)}")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=Path("runs/panel-cache"),
+                        help="where generated and embedded slide sets are kept between runs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
+                        help="override a TrainOptions or ModelConfig field, e.g. lr=2e-4 model.hidden_dim=128")
+    args = parser.parse_args()
+    set_quiet(True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    options = apply_overrides(TrainOptions(), args.set)
+    print(f"milcli options: {options}")
+    columns = ["row", "milcli AUC", "ref AUC", "milcli acc", "ref acc", "loc instance", "loc attention",
+               "loc ref attention", "s"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + " --- |" * len(columns))
+    summary: dict[str, list[float]] = {}
+    for name in args.rows or list(ROWS):
+        start = time.perf_counter()
+        r = evaluate_row(ROWS[name](args.cache), args.repeats, options)
+        cells = [fmt(r[k]) for k in ("milcli auc", "reference auc", "milcli acc", "reference acc", "loc instance",
+                                     "loc attention", "loc reference attention")]
+        print(f"| {name} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |", flush=True)
+        for k, v in r.items():
+            summary.setdefault(k, []).append(float(np.nanmean(v)))
+    print("mean over rows: " + ", ".join(f"{k} {np.nanmean(v):.3f}" for k, v in summary.items()))
+
+
+def apply_overrides(options: TrainOptions, settings: list[str]) -> TrainOptions:
+    """TrainOptions with `field=value` / `model.field=value` overrides, values typed as the defaults'."""
+    for setting in settings:
+        key, value = setting.split("=", 1)
+        target, field = (options.model, key[6:]) if key.startswith("model.") else (options, key)
+        current = getattr(target, field)
+        typed = (value.lower() in ("1", "true", "yes")) if isinstance(current, bool) else type(current)(value) \
+            if current is not None else int(value)
+        if target is options.model:
+            options = replace(options, model=replace(options.model, **{field: typed}))
+        else:
+            options = replace(options, **{field: typed})
+    return options
+
+
+if __name__ == "__main__":
+    main()

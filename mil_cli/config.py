@@ -1,0 +1,50 @@
+"""The options of a MIL head and of its training, as plain data: the model file records them,
+and the command line shows their defaults without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from mil_cli.errors import MilcliError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str = "abmil"
+    in_dim: int = 1280
+    n_classes: int = 2
+    hidden_dim: int = 256
+    attention_dim: int = 128
+    dropout: float = 0.25
+    instance_loss: float = 0.5    # abmil heads: share of the max-pooled patch-classifier loss
+    instance_k: int = 8           # clam-sb: patches taken from each end of the attention ranking
+    instance_weight: float = 0.3  # clam-sb: share of the instance loss in the total loss
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    epochs: int = 50              # exactly this many without validation bags; at most, with them
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"   # cosine decay to 1 % over the epochs, or constant
+    patience: int = 10            # epochs without a better validation loss before stopping
+    val_fraction: float = 0.0     # of the training slides (or patients) for early stopping, when no split column
+    standardise: bool = True      # z-score features with the training patches' statistics
+    clip: float = 5.0             # ... and clip the z-scores to +-clip
+    ensemble: int = 5             # heads trained from different seeds, averaged
+    seed: int = 0
+    batch_size: int = 1           # bags per optimiser step
+    max_patches: int | None = 4096  # random patches per training bag and epoch; None: whole bags
+    precision: str = "auto"       # training steps: auto = bf16 on GPUs with native bf16, else fp32
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.ensemble < 1 or (self.max_patches is not None and self.max_patches < 1):
+            raise MilcliError("--batch-size, --ensemble and --max-patches must be at least 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise MilcliError(f"--precision {self.precision}: expected auto, fp32 or bf16")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise MilcliError(f"--lr-schedule {self.lr_schedule}: expected cosine or constant")
