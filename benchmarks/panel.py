@@ -158,14 +158,16 @@ def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int) 
     return {"p": np.array([p for p, _ in out]), "attention": [a for _, a in out]}
 
 
-def evaluate_row(row: Row, repeats: int, options: TrainOptions) -> dict:
+def evaluate_row(row: Row, repeats: int, options: TrainOptions, with_reference: bool = True) -> dict:
     results: dict[str, list[float]] = {}
     for repeat in range(repeats):
         pooled: dict[str, list] = {"y": [], "milcli": [], "reference": []}
         loc: dict[str, list] = {"instance": [], "attention": [], "reference attention": []}
         for fold, (train, test) in enumerate(row.splits(repeat)):
             seed = repeat * 100 + fold
-            ours, theirs = run_milcli(train, test, seed, options), run_reference(train, test, seed)
+            ours = run_milcli(train, test, seed, options)
+            theirs = run_reference(train, test, seed) if with_reference else {
+                "p": np.full(len(test), np.nan), "attention": [np.full(len(b[0]), np.nan) for b in test]}
             pooled["y"] += [y for _, y, _ in test]
             pooled["milcli"] += list(ours["p"])
             pooled["reference"] += list(theirs["p"])
@@ -173,10 +175,12 @@ def evaluate_row(row: Row, repeats: int, options: TrainOptions) -> dict:
             loc["attention"] += list(zip(ours["attention"], test))
             loc["reference attention"] += list(zip(theirs["attention"], test))
         y = np.array(pooled["y"])
-        for who in ("milcli", "reference"):
+        for who in ("milcli", "reference") if with_reference else ("milcli",):
             p = np.array(pooled[who])
             results.setdefault(f"{who} auc", []).append(roc_auc_score(y, p))
             results.setdefault(f"{who} acc", []).append(accuracy_score(y, p >= 0.5))
+        if not with_reference:
+            loc.pop("reference attention")
         for name, pairs in loc.items():
             results.setdefault(f"loc {name}", []).append(localisation([s for s, _ in pairs], [b for _, b in pairs]))
     return results
@@ -193,6 +197,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", type=Path, default=Path("runs/panel-cache"),
                         help="where generated and embedded slide sets are kept between runs")
+    parser.add_argument("--skip-reference", action="store_true", help="milcli only (for sweeps over its options)")
     parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
                         help="override a TrainOptions or ModelConfig field, e.g. lr=2e-4 model.hidden_dim=128")
     args = parser.parse_args()
@@ -207,8 +212,8 @@ def main() -> None:
     summary: dict[str, list[float]] = {}
     for name in args.rows or list(ROWS):
         start = time.perf_counter()
-        r = evaluate_row(ROWS[name](args.cache), args.repeats, options)
-        cells = [fmt(r[k]) for k in ("milcli auc", "reference auc", "milcli acc", "reference acc", "loc instance",
+        r = evaluate_row(ROWS[name](args.cache), args.repeats, options, not args.skip_reference)
+        cells = [fmt(r.get(k, [np.nan])) for k in ("milcli auc", "reference auc", "milcli acc", "reference acc", "loc instance",
                                      "loc attention", "loc reference attention")]
         print(f"| {name} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |", flush=True)
         for k, v in r.items():

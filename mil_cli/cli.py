@@ -198,7 +198,10 @@ def _cv_table(summary: dict) -> Table:
     for m in summary["per_fold"]:
         table.add_row(str(m["repeat"]), str(m["fold"]), str(m["n"]), *(f"{m[k]:.3f}" for k in METRIC_KEYS))
     spread = summary["mean_std"]
-    table.add_row("", "mean ± sd", "", *(f"{spread[k]['mean']:.3f} ± {spread[k]['std']:.3f}" for k in METRIC_KEYS),
+    table.add_row("", "folds: mean ± sd", "", *(f"{spread[k]['mean']:.3f} ± {spread[k]['std']:.3f}" for k in METRIC_KEYS))
+    pooled = summary["over_repeats"]
+    table.add_row("", "pooled out-of-fold: mean ± sd over repeats (± s.e.)", "",
+                  *(f"{pooled[k]['mean']:.3f} ± {pooled[k]['std']:.3f} (± {pooled[k]['sem']:.3f})" for k in METRIC_KEYS),
                   style="bold")
     return table
 
@@ -218,7 +221,7 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = TRAIN_DEFAULTS.weight_decay,
     patience: Annotated[int, typer.Option(min=1, help="With validation slides: epochs without a better validation loss before stopping.")] = TRAIN_DEFAULTS.patience,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of training slides (patients) held out for early stopping when the labels have no 'val' split; 0: none.")] = TRAIN_DEFAULTS.val_fraction,
-    standardise: Annotated[bool, typer.Option("--standardise/--no-standardise", help="z-score each feature dimension with the training patches' mean and sd (kept in the model file), clipped to +-5.")] = TRAIN_DEFAULTS.standardise,
+    no_standardise: Annotated[bool, typer.Option("--no-standardise", help="Feed raw features (by default each dimension is z-scored with the training patches' mean and sd, kept in the model file, and clipped to +-5).")] = not TRAIN_DEFAULTS.standardise,
     batch_size: Annotated[int, typer.Option(min=1, help="Bags per step (padded to the largest, masked).")] = TRAIN_DEFAULTS.batch_size,
     max_patches: Annotated[Optional[int], typer.Option(min=1, help="Random patches per training bag and epoch (evaluation uses all).")] = TRAIN_DEFAULTS.max_patches,
     precision: Annotated[str, typer.Option(help="Training steps: auto (bf16 on GPUs with native bf16, else fp32), fp32 or bf16. Evaluation and prediction always run fp32.")] = TRAIN_DEFAULTS.precision,
@@ -234,11 +237,8 @@ def train(
 ) -> None:
     """Train a MIL head (gated attention by default) on a feature store and a labels CSV.
 
-    The rule for small cohorts: every training slide trains (no inner validation split unless
-    the labels' split column names 'val' slides or --val-fraction is set) for exactly --epochs
-    epochs with a cosine learning-rate decay, and --ensemble heads from different seeds are
-    averaged. Early stopping on 10-20 validation slides is noise and costs a fifth of the data;
-    benchmarks/panel.py has the evidence."""
+    The rule for small cohorts: every training slide trains (no inner validation split unless the labels' split column names 'val' slides or --val-fraction is set) for exactly --epochs epochs with a cosine learning-rate decay, and --ensemble heads from different seeds are averaged. Early stopping on 10-20 validation slides is noise and costs a fifth of the data; benchmarks/panel.py has the evidence.
+    """
     from mil_cli.models import MODELS
     from mil_cli.stores import require_file
     from mil_cli.training import save_checkpoint
@@ -247,7 +247,7 @@ def train(
     if model not in MODELS:
         raise MilcliError(f"--model {model}: expected one of {', '.join(MODELS)}")
     options = TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, lr_schedule=lr_schedule, weight_decay=weight_decay,
-                           patience=patience, val_fraction=val_fraction, standardise=standardise, seed=seed,
+                           patience=patience, val_fraction=val_fraction, standardise=not no_standardise, seed=seed,
                            batch_size=batch_size, max_patches=max_patches, precision=precision,
                            model=ModelConfig(architecture=model, hidden_dim=hidden_dim, attention_dim=attention_dim,
                                              dropout=dropout, instance_loss=instance_loss, instance_k=instance_k))
@@ -314,9 +314,11 @@ def explain(
     features: Annotated[Path, typer.Option(help="Feature store.")] = Path("feats.h5"),
     out: Annotated[Path, typer.Option(help="Folder for <slide_id>/ outputs.")] = Path("explain"),
     k: Annotated[int, typer.Option(min=1, help="Top and bottom patches in the montage.")] = 8,
-    threshold: Annotated[float, typer.Option(min=0.01, max=0.99, help="Regions: where attention, interpolated between patch centres, exceeds this fraction of the slide's highest (CAM's rule).")] = 0.2,
-    top_pct: Annotated[Optional[float], typer.Option(min=0.1, max=100.0, help="Regions instead at the level of this top attention percentile of the patches.", show_default="off")] = None,
-    scale: Annotated[str, typer.Option(help="Heatmap values: rank (percentile ranks) or raw (attention weights).")] = "rank",
+    shown_map: Annotated[str, typer.Option("--map", help="What heatmap.png paints and regions trace: instance (each patch's probability of the positive class, or of the predicted one with 3+ classes, from the patch classifier; it localises best in benchmarks/panel.py) or attention.")] = "instance",
+    probability: Annotated[float, typer.Option(min=0.01, max=0.99, help="--map instance: regions where the patch probability, interpolated between patch centres, exceeds this.")] = 0.5,
+    threshold: Annotated[float, typer.Option(min=0.01, max=0.99, help="--map attention: regions where attention, interpolated between patch centres, exceeds this fraction of the slide's highest (CAM's rule).")] = 0.2,
+    top_pct: Annotated[Optional[float], typer.Option(min=0.1, max=100.0, help="--map attention: regions instead at the level of this top attention percentile of the patches.", show_default="off")] = None,
+    scale: Annotated[str, typer.Option(help="--map attention: rank (percentile ranks) or raw (attention weights).")] = "rank",
     smooth: Annotated[float, typer.Option(min=0.0, help="Gaussian smoothing of the maps, sigma in patches (0: none).")] = 0.0,
     width: Annotated[Optional[int], typer.Option(min=64, help="Width of the map PNGs in px.", show_default="thumbnail width")] = None,
     prototypes: Annotated[bool, typer.Option("--prototypes", help="Also prototypes.png/.csv: the closest highly attended patches of each class in the training slides.")] = False,
@@ -336,7 +338,8 @@ def explain(
     models = load_models(require_file(model, "--model"), torch_device)
     source = FeatureSource(require_file(features, "--features"))
     ids = source.slide_ids if all_slides else list(slide_ids or [])
-    options = ExplainOptions(top_k=k, threshold=threshold, top_pct=top_pct, scale=scale, smooth=smooth, width=width,
+    options = ExplainOptions(top_k=k, map=shown_map, probability=probability, threshold=threshold, top_pct=top_pct,
+                             scale=scale, smooth=smooth, width=width,
                              prototypes=prototypes)
     report = explain_slides(models, source, ids, out, options, torch_device)
     finish("explain", report, as_json, {"out": str(out)})

@@ -3,7 +3,8 @@
     DIR/fold_<i>/model.pt      one model per fold (i counts on across repeats)
     DIR/oof_predictions.csv    every slide predicted by the fold that did not train on it
     DIR/splits.csv             repeat, fold, slide_id, role (train / val / test / holdout)
-    DIR/metrics.json           per fold, mean ± std, pooled out-of-fold, and the held-out test
+    DIR/metrics.json           per fold, mean ± std, pooled out-of-fold per repeat and its spread
+                               over repeats, and the held-out test
     DIR/roc.png                out-of-fold ROC with bootstrap 95 % bands
 
 Folds are stratified by label and grouped by patient (StratifiedGroupKFold), and each fold
@@ -26,7 +27,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from mil_cli.console import warn
 from mil_cli.errors import InputError
-from mil_cli.metrics import classification_metrics, plot_roc, summarise
+from mil_cli.metrics import classification_metrics, plot_roc, summarise, summarise_repeats
 from mil_cli.config import TrainOptions
 from mil_cli.training import (Bag, LabelledBags, epochs_summary, evaluate, fit_pool, load_dataset, make_checkpoint,
                               require_two_classes, save_checkpoint)
@@ -88,9 +89,9 @@ def cross_validate(features_path: Path, labels_path: Path, options: TrainOptions
                                          labels_path)
             save_checkpoint(checkpoint, out / f"fold_{index}" / "model.pt")
 
+    out_of_fold = {str(r): classification_metrics(np.array(t), np.concatenate(p)) for r, (t, p) in pooled.items()}
     summary = {"folds": folds, "repeats": repeats, "per_fold": per_fold, "mean_std": summarise(per_fold),
-               "out_of_fold": {str(r): classification_metrics(np.array(t), np.concatenate(p))
-                               for r, (t, p) in pooled.items()}}
+               "out_of_fold": out_of_fold, "over_repeats": summarise_repeats(list(out_of_fold.values()))}
     if holdout:
         summary["holdout_ensemble"] = classification_metrics(np.array([b.target for b in holdout]),
                                                              np.mean(holdout_probs, axis=0))

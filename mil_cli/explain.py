@@ -42,7 +42,9 @@ BOX_MASS = 0.95                 # boxes.csv: the box holding this share of the a
 class ExplainOptions:
     top_k: int = 8            # patches shown in each row of the montage
     prototypes: bool = False  # also prototypes.png / .csv: similar patches of the training slides
-    threshold: float = 0.2    # regions: attention above this fraction of the slide's highest
+    map: str = "instance"     # heatmap and regions: the patch classifier's probability, or attention
+    probability: float = 0.5  # instance map: regions where a patch is judged this likely the class
+    threshold: float = 0.2    # attention map: regions above this fraction of the slide's highest
     top_pct: float | None = None  # ... or, when set, above this top percentile of the patches
     alpha: float = 0.6        # heatmap opacity over tissue
     scale: str = "rank"       # heatmap values: percentile ranks, or raw attention weights
@@ -52,6 +54,10 @@ class ExplainOptions:
     def __post_init__(self) -> None:
         if self.scale not in ("rank", "raw"):
             raise MilcliError(f"--scale {self.scale}: expected rank or raw")
+        if self.map not in ("instance", "attention"):
+            raise MilcliError(f"--map {self.map}: expected instance or attention")
+        if not 0 < self.probability < 1:
+            raise MilcliError("--probability must be between 0 and 1")
         if self.smooth < 0 or (self.width is not None and self.width < 64):
             raise MilcliError("--smooth must be >= 0 and --width at least 64 px")
         if not 0 < self.threshold < 1 or (self.top_pct is not None and not 0 < self.top_pct <= 100):
@@ -239,16 +245,17 @@ def cell_means(coords: np.ndarray, step: int, size: int, values: np.ndarray) -> 
 
 
 def region_grid(coords: np.ndarray, step: int, size: int, values: np.ndarray, threshold: float,
-                top_pct: float | None = None) -> RegionGrid:
+                top_pct: float | None = None, level: float | None = None) -> RegionGrid:
     """Regions where the patch values, averaged where patches overlap and interpolated
     bilinearly between cell centres as CAM upsamples its map, exceed `threshold` times their
-    highest (or, with `top_pct`, the level of that top percentile of the patches), within the
-    area the patches cover. Interpolating puts a region's edge between patches where the
+    highest (or, with `top_pct`, the level of that top percentile of the patches; or the
+    absolute `level`), within the area the patches cover. Interpolating puts a region's edge between patches where the
     evidence changes, not on the patch grid, so its boxes are not quantised to whole patches.
     Cells without a patch take their nearest cell's value."""
     grid, origin = cell_means(coords, step, size, values)
     covered = np.isfinite(grid)
-    level = threshold * float(np.nanmax(grid)) if top_pct is None else percentile_level(values, top_pct)
+    if level is None:
+        level = threshold * float(np.nanmax(grid)) if top_pct is None else percentile_level(values, top_pct)
     nearest = ndimage.distance_transform_edt(~covered, return_distances=False, return_indices=True)
     grid = grid[tuple(nearest)]
     upsample = int(np.clip(np.sqrt(MAX_REGION_PIXELS / grid.size), 1, UPSAMPLE))
@@ -300,31 +307,35 @@ def _closed(ring: np.ndarray, winding: int) -> list[list[float]]:
     return points
 
 
-def regions_geojson(polygons: list, scores: list[float], slide_id: str) -> dict:
-    """A FeatureCollection QuPath imports as annotations classified 'High attention'."""
+def regions_geojson(polygons: list, scores: list[float], slide_id: str, classification: str) -> dict:
+    """A FeatureCollection QuPath imports as annotations of `classification`."""
     features = []
     for i, (rings, score) in enumerate(zip(polygons, scores), start=1):
         features.append({
             "type": "Feature",
             "geometry": {"type": "Polygon", "coordinates": rings},
             "properties": {"objectType": "annotation", "name": f"{slide_id} region {i}",
-                           "classification": {"name": "High attention", "color": REGION_COLOUR},
+                           "classification": {"name": classification, "color": REGION_COLOUR},
                            "score": score, "isLocked": False},
         })
     return {"type": "FeatureCollection", "features": features}
 
 
 def write_attention_csv(path: Path, data: SlideData, size: int, attention: np.ndarray, ranks: np.ndarray,
-                        patch_scores: np.ndarray, classes: list[str], additive: bool) -> None:
+                        patch_scores: np.ndarray, instance_scores: np.ndarray, classes: list[str],
+                        additive: bool) -> None:
     """One row per patch. `contribution_<class>` columns (additive heads) sum to the class logit
-    minus its bias; `score_<class>` columns (max, noisy-and) are the pooled per-patch scores."""
+    minus its bias; `score_<class>` columns (max, noisy-and) are the pooled per-patch scores;
+    `instance_<class>` columns are the patch's own class probabilities (the patch score that
+    localises best in benchmarks/panel.py)."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         prefix = "contribution" if additive else "score"
-        writer.writerow(["x", "y", "size", "attention", "rank_pct"] + [f"{prefix}_{c}" for c in classes])
+        writer.writerow(["x", "y", "size", "attention", "rank_pct"] + [f"{prefix}_{c}" for c in classes]
+                        + [f"instance_{c}" for c in classes])
         for i, (x, y) in enumerate(data.coords):
             writer.writerow([int(x), int(y), size, f"{attention[i]:.6g}", f"{ranks[i]:.2f}"]
-                            + [f"{v:.6g}" for v in patch_scores[i]])
+                            + [f"{v:.6g}" for v in patch_scores[i]] + [f"{v:.6g}" for v in instance_scores[i]])
 
 
 def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: str, out: Path,
@@ -342,8 +353,9 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
     with torch.inference_mode():  # averaged over an ensemble's models, like the probabilities
         x = torch.from_numpy(data.features).to(device)
         contributions = np.mean([m.module.patch_scores(x).cpu().numpy() for m in models], axis=0)
+        instance = np.mean([m.module.instance_scores(x).cpu().numpy() for m in models], axis=0)
     size = patch_size_level0(data)
-    write_attention_csv(folder / "attention.csv", data, size, attention, ranks, contributions, classes,
+    write_attention_csv(folder / "attention.csv", data, size, attention, ranks, contributions, instance, classes,
                         models[0].module.additive)
 
     predicted = int(np.argmax(probs))
@@ -351,15 +363,17 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
              f"{f' x{len(models)}' if len(models) > 1 else ''} | predicted {classes[predicted]} "
              f"(p={probs[predicted]:.2f})")
     step = patch_step(data)
-    regions = region_grid(data.coords, step, size, attention, options.threshold, options.top_pct)
+    shown = shown_map(options, attention, ranks, instance, probs, classes)
+    regions = region_grid(data.coords, step, size, shown.values, options.threshold, options.top_pct, shown.level)
     polygons = region_polygons(regions)
     scores = region_scores(regions, data.coords, size, attention)
-    (folder / "regions.geojson").write_text(json.dumps(regions_geojson(polygons, scores, slide_id)))
+    (folder / "regions.geojson").write_text(json.dumps(regions_geojson(polygons, scores, slide_id,
+                                                                       shown.region_class)))
     write_boxes_csv(folder / "boxes.csv", polygons, data.coords, step, size, attention)
 
     images = source.images(slide_id)
     if images is not None:
-        draw_slide_maps(folder, images, data, size, step, attention, ranks, contributions, classes,
+        draw_slide_maps(folder, images, data, size, step, shown, contributions, classes,
                         models[0].module.additive, title, options, polygons)
     else:
         warn(f"{slide_id}: the store has no thumbnail; heatmap.png and evidence maps not drawn")
@@ -373,20 +387,46 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
     return folder
 
 
-def draw_slide_maps(folder: Path, images: SlideImages, data: SlideData, size: int, step: int, attention: np.ndarray,
-                    ranks: np.ndarray, patch_scores: np.ndarray, classes: list[str], additive: bool, title: str,
+@dataclass(frozen=True)
+class ShownMap:
+    """The per-patch values heatmap.png paints and the regions are traced on."""
+    values: np.ndarray
+    limits: tuple[float, float] | None  # colour scale; None: 0 to the map's highest
+    label: str
+    level: float | None                 # absolute region level; None: ExplainOptions' relative rule
+    region_class: str                   # the regions' classification in QuPath
+
+
+def shown_class(probs: np.ndarray, classes: list[str]) -> int:
+    """The class whose patch probabilities are shown: the second (positive) class of a binary
+    model, whatever was predicted (so a slide predicted negative shows where, if anywhere,
+    positive patches are), else the predicted class."""
+    return 1 if len(classes) == 2 else int(np.argmax(probs))
+
+
+def shown_map(options: ExplainOptions, attention: np.ndarray, ranks: np.ndarray, instance: np.ndarray,
+              probs: np.ndarray, classes: list[str]) -> ShownMap:
+    if options.map == "instance":
+        c = shown_class(probs, classes)
+        return ShownMap(instance[:, c], (0.0, 1.0), f"P({classes[c]}) of each patch", options.probability,
+                        classes[c])
+    if options.scale == "rank":
+        return ShownMap(ranks, (0.0, 100.0), "attention (percentile rank)", None, "High attention")
+    return ShownMap(attention, None, "attention weight", None, "High attention")
+
+
+def draw_slide_maps(folder: Path, images: SlideImages, data: SlideData, size: int, step: int, shown: ShownMap,
+                    patch_scores: np.ndarray, classes: list[str], additive: bool, title: str,
                     options: ExplainOptions, regions: list) -> None:
     """heatmap.png (with the regions outlined) and heatmap.npy (the float map drawn, NaN off
     tissue), then one evidence_<class>.png per class: signed per-patch evidence on a diverging
     colour map."""
     sigma = options.smooth * step / images.downsample
-    values = ranks if options.scale == "rank" else attention
-    grid = smooth_map(paint(images, data.coords, size, values), sigma)
+    grid = smooth_map(paint(images, data.coords, size, shown.values), sigma)
     np.save(folder / "heatmap.npy", grid.astype(np.float32))
-    limits = (0.0, 100.0) if options.scale == "rank" else (0.0, float(np.nanmax(grid)))
-    label = "attention (percentile rank)" if options.scale == "rank" else "attention weight"
-    draw_map(folder / "heatmap.png", images, grid, title, options.alpha, options.width, COLOUR_MAP, limits, label,
-             regions)
+    limits = shown.limits or (0.0, float(np.nanmax(grid)))
+    draw_map(folder / "heatmap.png", images, grid, title, options.alpha, options.width, COLOUR_MAP, limits,
+             shown.label, regions)
     kind = "contribution to the logit" if additive else "patch score"
     for c, name in enumerate(classes):
         evidence = smooth_map(paint(images, data.coords, size, patch_scores[:, c]), sigma)

@@ -63,6 +63,17 @@ def summarise(per_fold: list[dict]) -> dict:
     return summary
 
 
+def summarise_repeats(per_repeat: list[dict]) -> dict:
+    """Each summary metric of the repeats' pooled out-of-fold predictions: mean, sd over the
+    repeats, and the standard error of the mean (sd / sqrt(repeats)), the figure that says
+    how far another run of the same cross-validation could land."""
+    spread = {}
+    for key, values in summarise(per_repeat).items():
+        values["sem"] = values["std"] / np.sqrt(len(per_repeat))
+        spread[key] = values
+    return spread
+
+
 def bootstrap_roc(targets: np.ndarray, scores: np.ndarray, seed: int = 0) -> dict:
     """ROC of binary `targets` vs `scores` on a fixed FPR grid, with a 95 % band and AUC
     interval from resampling the slides with replacement."""

@@ -108,8 +108,8 @@ class AttentionMIL(MILHead):
         self.attention_u = nn.Linear(config.hidden_dim, config.attention_dim) if self.gated else None
         self.attention_w = nn.Linear(config.attention_dim, 1)
         self.classifier = nn.Linear(config.hidden_dim, config.n_classes)
-        if self.max_instance_loss:
-            self.instance_classifier = nn.Linear(config.hidden_dim, config.n_classes)
+        if self.max_instance_loss:  # binary: one logit, the positive class's; else one per class
+            self.instance_classifier = nn.Linear(config.hidden_dim, 1 if config.n_classes == 2 else config.n_classes)
 
     def attend(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.embed_patches(features)
@@ -128,18 +128,29 @@ class AttentionMIL(MILHead):
         return attention[0, :, None] * (h[0] @ self.classifier.weight.T)
 
     def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.instance_classifier(self.embed_patches(features)), -1)
+        logits = self.instance_classifier(self.embed_patches(features))
+        if self.config.n_classes == 2:
+            positive = torch.sigmoid(logits)
+            return torch.cat([1 - positive, positive], dim=-1)
+        return torch.softmax(logits, -1)
 
     def loss(self, out: MILOutput, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        """Bag loss plus the patch classifier's: its per-class maximum over the bag's patches
-        must name the bag's class (a positive bag needs one convincing patch, a negative bag
-        none)."""
+        """Bag loss plus the patch classifier's, through the bag's most convincing patch. Binary
+        (the MIL assumption): a bag is positive when one patch is, so the highest positive
+        logit must say whether the bag is positive; negative patches in positive bags are left
+        free. With more classes, the per-class maxima must name the bag's class."""
         bag_loss = F.cross_entropy(out.logits, targets, weight=weight)
         w = self.config.instance_loss
         if w == 0:
             return bag_loss
         instance_logits = self.instance_classifier(out.embeddings).masked_fill(~mask[..., None], float("-inf"))
-        return (1 - w) * bag_loss + w * F.cross_entropy(instance_logits.amax(dim=1), targets, weight=weight)
+        strongest = instance_logits.amax(dim=1)
+        if self.config.n_classes == 2:
+            per_bag = weight[targets] if weight is not None else None
+            instance_loss = F.binary_cross_entropy_with_logits(strongest[:, 0], targets.float(), weight=per_bag)
+        else:
+            instance_loss = F.cross_entropy(strongest, targets, weight=weight)
+        return (1 - w) * bag_loss + w * instance_loss
 
 
 class PlainAttentionMIL(AttentionMIL):

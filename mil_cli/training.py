@@ -213,7 +213,8 @@ def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig,
     if statistics is not None:
         model.set_standardisation(*statistics, options.clip)
     model = model.to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    optimiser = torch.optim.Adam(model.parameters(), lr=options.lr, weight_decay=options.weight_decay,
+                                 foreach=True)  # one kernel per op over all tensors: tiny heads are overhead-bound
     scheduler = learning_rate_schedule(optimiser, options)
     weight = class_weights(train_bags, config.n_classes).to(device)
     generator = torch.Generator().manual_seed(options.seed)

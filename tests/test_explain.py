@@ -21,12 +21,14 @@ def test_contributions_sum_to_the_logit(sample_run: Path) -> None:
     model = load_model(sample_run / "model.pt", torch.device("cpu"))
     data = FeatureSource(sample_run / "feats.h5").load("slide_00")
     x = torch.from_numpy(data.features)
+    assert len(model.module.members) == 5  # the default seed ensemble
     with torch.inference_mode():
-        logits, attention = model.module.bag(x)
-        contributions = model.module.patch_scores(x)
-    assert attention.sum().item() == pytest.approx(1.0, abs=1e-5)
-    bias = model.module.classifier.bias
-    assert torch.allclose(contributions.sum(0), logits - bias, atol=1e-4)
+        _, attention = model.module.bag(x)
+        assert attention.sum().item() == pytest.approx(1.0, abs=1e-5)
+        for member in model.module.members:  # each head's logits split exactly into patch contributions
+            logits, _ = member.bag(x)
+            contributions = member.patch_scores(x)
+            assert torch.allclose(contributions.sum(0), logits - member.classifier.bias, atol=1e-4)
 
 
 def test_explain_outputs_for_one_slide(sample_run: Path) -> None:
@@ -39,6 +41,8 @@ def test_explain_outputs_for_one_slide(sample_run: Path) -> None:
     assert attention.sum() == pytest.approx(1.0, abs=1e-3) and (attention >= 0).all()
     assert ranks.min() > 0 and ranks.max() == pytest.approx(100.0)
     assert np.argmax(ranks) == np.argmax(attention)
+    instance = np.array([float(r["instance_tumour"]) for r in rows])
+    assert ((instance >= 0) & (instance <= 1)).all() and instance.std() > 0
 
     heatmap = Image.open(folder / "heatmap.png")
     assert heatmap.width >= 500 and heatmap.mode in ("RGB", "RGBA")
