@@ -213,7 +213,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Model file to write; with --folds, a folder.", show_default="model.pt, or cv/ with --folds")] = None,
     model: Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, mean, max, noisy-and or clam-sb.")] = "abmil",
     folds: Annotated[Optional[int], typer.Option(min=2, help="K-fold cross-validation: writes fold models, oof_predictions.csv, splits.csv, metrics.json, roc.png.")] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="With --folds: repeat the cross-validation with other seeds.")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, help="With --folds: repeat the cross-validation with other fold assignments and seeds; the pooled out-of-fold metrics are reported as mean ± sd over repeats with their standard error.")] = 3,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs per head: exactly this many, or at most with validation slides (early stopping).")] = TRAIN_DEFAULTS.epochs,
     ensemble: Annotated[int, typer.Option(min=1, help="Heads trained from different seeds and averaged (one model file).")] = TRAIN_DEFAULTS.ensemble,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TRAIN_DEFAULTS.lr,

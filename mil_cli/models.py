@@ -11,9 +11,9 @@ patch-level answer that localises; attention only says what the bag pooling weig
   tanh x sigmoid attention branch, a masked softmax over the bag, a linear classifier on the
   attention-weighted mean. Because the classifier is linear, each class logit splits exactly
   into per-patch contributions a_i (W_c . h_i), which `explain` draws. A patch classifier on
-  the same embeddings is trained jointly through a max-pooled MIL loss (weight
-  `instance_loss`; mi-Net, Wang et al. 2018): its per-patch probabilities are the instance
-  scores.
+  the same embeddings is trained jointly through the bag's most convincing patch (weight
+  `instance_loss`; max-pooling MIL as in mi-Net, Wang et al. 2018): its per-patch
+  probabilities are the instance scores.
 - `abmil-plain`: the same with the ungated (tanh only) attention.
 - `mean`, `max`: pooling baselines (mean embedding; max over per-patch class scores).
 - `noisy-and`: Kraus et al. 2016: per-patch class probabilities, their bag mean passed through
@@ -36,9 +36,11 @@ from mil_cli.errors import MilcliError
 
 @dataclass
 class MILOutput:
-    logits: torch.Tensor      # (B, C)
+    logits: torch.Tensor      # (B, C) the prediction (log-probabilities where streams are averaged)
     attention: torch.Tensor   # (B, N) patch weights, 0 on padding, summing to 1 per bag
     embeddings: torch.Tensor  # (B, N, H) patch embeddings
+    pooled_logits: torch.Tensor | None = None  # (B, C) abmil: the attention stream's own logits
+    strongest: torch.Tensor | None = None      # (B, 1 or C) abmil: the patch classifier's highest logits
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -87,7 +89,8 @@ class MILHead(nn.Module):
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         """(N, C) per-patch evidence for each class. For heads whose classifier is linear in
-        the pooled embedding, rows sum to the class logits minus the bias."""
+        the pooled embedding, rows sum to that classifier's logits (`pooled_logits`) minus its
+        bias."""
         raise NotImplementedError
 
     def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
@@ -119,9 +122,22 @@ class AttentionMIL(MILHead):
         return h, masked_softmax(self.attention_w(branch).squeeze(-1), mask)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+        """With the patch classifier, the prediction averages two streams' class probabilities
+        (as DSMIL does): the attention-pooled classifier's, and the one the bag's most
+        convincing patch gives. The max stream is what a key-instance task needs, the
+        attention stream what a diffuse one needs (benchmarks/panel.py)."""
         h, attention = self.attend(features, mask)
-        pooled = torch.einsum("bn,bnh->bh", attention, h)
-        return MILOutput(self.classifier(pooled), attention, h)
+        pooled_logits = self.classifier(torch.einsum("bn,bnh->bh", attention, h))
+        if not self.max_instance_loss or self.config.instance_loss == 0:
+            return MILOutput(pooled_logits, attention, h, pooled_logits)
+        strongest = self.instance_classifier(h).masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
+        if self.config.n_classes == 2:
+            positive = torch.sigmoid(strongest)
+            from_patches = torch.cat([1 - positive, positive], dim=-1)
+        else:
+            from_patches = torch.softmax(strongest, -1)
+        probs = (torch.softmax(pooled_logits, -1) + from_patches) / 2
+        return MILOutput(torch.log(probs.clamp(min=1e-12)), attention, h, pooled_logits, strongest)
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         h, attention = self.attend(*whole_bag(features))
@@ -139,17 +155,15 @@ class AttentionMIL(MILHead):
         (the MIL assumption): a bag is positive when one patch is, so the highest positive
         logit must say whether the bag is positive; negative patches in positive bags are left
         free. With more classes, the per-class maxima must name the bag's class."""
-        bag_loss = F.cross_entropy(out.logits, targets, weight=weight)
+        bag_loss = F.cross_entropy(out.pooled_logits, targets, weight=weight)
         w = self.config.instance_loss
         if w == 0:
             return bag_loss
-        instance_logits = self.instance_classifier(out.embeddings).masked_fill(~mask[..., None], float("-inf"))
-        strongest = instance_logits.amax(dim=1)
         if self.config.n_classes == 2:
             per_bag = weight[targets] if weight is not None else None
-            instance_loss = F.binary_cross_entropy_with_logits(strongest[:, 0], targets.float(), weight=per_bag)
+            instance_loss = F.binary_cross_entropy_with_logits(out.strongest[:, 0], targets.float(), weight=per_bag)
         else:
-            instance_loss = F.cross_entropy(strongest, targets, weight=weight)
+            instance_loss = F.cross_entropy(out.strongest, targets, weight=weight)
         return (1 - w) * bag_loss + w * instance_loss
 
 

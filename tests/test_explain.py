@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import invoke
 from mil_cli.explain import attention_box, rank_percent, percentile_level, region_grid, region_polygons, region_scores
 from mil_cli.inference import load_model
+from mil_cli.models import whole_bag
 from mil_cli.stores import FeatureSource
 
 
@@ -25,8 +26,8 @@ def test_contributions_sum_to_the_logit(sample_run: Path) -> None:
     with torch.inference_mode():
         _, attention = model.module.bag(x)
         assert attention.sum().item() == pytest.approx(1.0, abs=1e-5)
-        for member in model.module.members:  # each head's logits split exactly into patch contributions
-            logits, _ = member.bag(x)
+        for member in model.module.members:  # each head's attention stream splits exactly into patch contributions
+            logits = member(*whole_bag(x)).pooled_logits[0]
             contributions = member.patch_scores(x)
             assert torch.allclose(contributions.sum(0), logits - member.classifier.bias, atol=1e-4)
 

@@ -137,7 +137,7 @@ def test_five_fold_cv_on_sample_data_writes_the_layout_and_repeats_exactly(sampl
     metrics = []
     for name in ("first", "second"):
         result = invoke("train", "--features", sample_run / "feats.h5", "--labels", SAMPLE / "labels.csv",
-                        "--folds", "5", "--ensemble", "2", "--out", tmp_path / name, "--device", "cpu",
+                        "--folds", "5", "--repeats", "1", "--ensemble", "2", "--out", tmp_path / name, "--device", "cpu",
                         "--quiet")
         assert result.exit_code == 0, result.stderr
         metrics.append(json.loads((tmp_path / name / "metrics.json").read_text()))

@@ -19,7 +19,7 @@ from mil_cli import stores
 from mil_cli.errors import InputError
 from mil_cli.labels import read_labels
 from mil_cli.config import ModelConfig, TrainOptions
-from mil_cli.models import MODELS, build_model
+from mil_cli.models import MODELS, build_model, whole_bag
 from mil_cli.metrics import classification_metrics
 from mil_cli.synthetic import digit_bags, write_digit_bags
 from mil_cli.training import Bag, collate, train
@@ -138,8 +138,10 @@ def test_every_head_ignores_padding_and_learns_the_key_instance(architecture: st
     assert model.patch_scores(small).shape == (5, 3)
     scores = model.instance_scores(small)
     assert scores.shape == (5, 3) and ((scores >= 0) & (scores <= 1)).all()
-    if model.additive:  # per-patch contributions sum to the logits minus the bias
-        assert torch.allclose(model.patch_scores(small).sum(0) + model.classifier.bias, alone_logits, atol=1e-4)
+    if model.additive:  # per-patch contributions sum to the attention stream's logits minus the bias
+        with torch.no_grad():
+            pooled = model(*whole_bag(small)).pooled_logits[0]
+        assert torch.allclose(model.patch_scores(small).sum(0) + model.classifier.bias, pooled, atol=1e-4)
     model.train()
     loss = model.loss(model(x, mask), torch.tensor([0, 2]), mask, None)
     loss.backward()  # clam-sb's instance loss copes with any bag size
@@ -249,6 +251,10 @@ def test_cross_validation_writes_the_layout_and_repeats_exactly(tmp_path: Path) 
         assert sorted(held_out) == sorted({r["slide_id"] for r in splits if r["slide_id"].startswith("train_")})
     metrics = runs[0]
     assert len(metrics["per_fold"]) == 6 and set(metrics["mean_std"]) == {"auc", "balanced_accuracy", "accuracy", "f1"}
+    per_repeat = [metrics["out_of_fold"][r]["auc"] for r in ("0", "1")]
+    spread = metrics["over_repeats"]["auc"]
+    assert spread["mean"] == pytest.approx(np.mean(per_repeat))
+    assert spread["std"] == pytest.approx(np.std(per_repeat, ddof=1)) and spread["sem"] == pytest.approx(spread["std"] / np.sqrt(2))
     assert metrics["holdout_ensemble"]["n"] == 10 and len(metrics["holdout_ensemble"]["confusion"]) == 2
     predicted = invoke("predict", "--model", out, "--features", feats, "--device", "cpu")
     assert predicted.exit_code == 0 and len(predicted.stdout.strip().splitlines()) == 51
