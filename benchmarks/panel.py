@@ -210,15 +210,18 @@ def main() -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + " --- |" * len(columns))
     summary: dict[str, list[float]] = {}
+    per_repeat: list[str] = []
     for name in args.rows or list(ROWS):
         start = time.perf_counter()
         r = evaluate_row(ROWS[name](args.cache), args.repeats, options, not args.skip_reference)
         cells = [fmt(r.get(k, [np.nan])) for k in ("milcli auc", "reference auc", "milcli acc", "reference acc", "loc instance",
                                      "loc attention", "loc reference attention")]
         print(f"| {name} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |", flush=True)
+        per_repeat.append(f"{name}: milcli AUC per repeat " + ", ".join(f"{v:.3f}" for v in r["milcli auc"]))
         for k, v in r.items():
             summary.setdefault(k, []).append(float(np.nanmean(v)))
     print("mean over rows: " + ", ".join(f"{k} {np.nanmean(v):.3f}" for k, v in summary.items()))
+    print("\n".join(per_repeat))
 
 
 def apply_overrides(options: TrainOptions, settings: list[str]) -> TrainOptions:

@@ -1,10 +1,13 @@
-"""Train a MIL head on a feature store and a labels CSV: validation split, class-weighted loss,
-early stopping on validation loss with the best weights restored, and honest metrics.
+"""Train a MIL head on a feature store and a labels CSV: a seed ensemble of heads on
+standardised features, class-weighted loss, and honest metrics (evaluated in fp32, as predict).
 
-Steps take batches of bags padded to the batch's largest with a mask (not one bag per step),
-and each training bag contributes a fresh random subset of at most `max_patches` patches per
-epoch (instance dropout, and a bound on memory); evaluation always sees whole bags. All bags
-are loaded once and kept in memory."""
+The small-cohort rule: without validation slides (the default) every training slide trains for
+exactly `epochs` epochs under a cosine learning-rate decay; with them (the split column, or
+`val_fraction`) each head stops early on the validation loss with its best weights restored.
+Steps take `batch_size` bags padded to the batch's largest with a mask, and each training bag
+contributes a fresh random subset of at most `max_patches` patches per epoch (instance
+dropout, and a bound on memory); evaluation always sees whole bags. All bags are loaded once
+and kept in memory."""
 
 from __future__ import annotations
 
@@ -72,8 +75,9 @@ def load_bags(source: FeatureSource, labels: LabelTable, classes: list[str]) -> 
 def split_bags(bags: list[Bag], fixed: dict[str, str | None], val_fraction: float,
                seed: int) -> tuple[list[Bag], list[Bag], list[Bag]]:
     """(train, val, test). Fixed roles (the labels' split column, slide id -> role) are
-    honoured; when they name no validation slides, a stratified random share of the training
-    patients is held out, so no patient straddles train and validation."""
+    honoured; when they name no validation slides and `val_fraction` > 0, a stratified random
+    share of the training patients is held out, so no patient straddles train and validation;
+    with `val_fraction` 0 there is no validation set."""
     test = [b for b in bags if fixed.get(b.slide_id) == "test"]
     val = [b for b in bags if fixed.get(b.slide_id) == "val"]
     pool = [b for b in bags if fixed.get(b.slide_id) in (None, "train")]

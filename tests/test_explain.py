@@ -56,7 +56,7 @@ def test_explain_outputs_for_one_slide(sample_run: Path) -> None:
     assert collection["type"] == "FeatureCollection" and collection["features"]
     for feature in collection["features"]:
         assert feature["geometry"]["type"] == "Polygon"
-        assert feature["properties"]["classification"]["name"] == "High attention"
+        assert feature["properties"]["classification"]["name"] == "tumour"  # the class the map shows
         for k, ring in enumerate(feature["geometry"]["coordinates"]):
             points = np.array(ring)
             assert len(points) >= 4 and (points[0] == points[-1]).all()
@@ -131,7 +131,8 @@ def test_rank_percent_spreads_tiny_values() -> None:
 
 def test_raw_scale_smoothing_width_evidence_and_boxes(sample_run: Path, tmp_path: Path) -> None:
     result = invoke("explain", "slide_00", "--model", sample_run / "model.pt", "--features", sample_run / "feats.h5",
-                    "--out", tmp_path, "--scale", "raw", "--smooth", "1", "--width", "700", "--device", "cpu", "-q")
+                    "--out", tmp_path, "--map", "attention", "--scale", "raw", "--smooth", "1", "--width", "700",
+                    "--device", "cpu", "-q")
     assert result.exit_code == 0, result.stderr
     folder = tmp_path / "slide_00"
     raw = np.load(folder / "heatmap.npy")
@@ -141,8 +142,13 @@ def test_raw_scale_smoothing_width_evidence_and_boxes(sample_run: Path, tmp_path
     assert np.isnan(raw[~images.tissue_mask]).all()
     on_tissue = raw[np.isfinite(raw)]
     assert on_tissue.min() >= 0 and on_tissue.max() < 1  # raw attention weights, smoothed
-    default = np.load(sample_run / "explain" / "slide_00" / "heatmap.npy")
-    assert np.nanmax(default) == pytest.approx(100.0) and np.nanmin(default) > 0  # rank scale by default
+    default = np.load(sample_run / "explain" / "slide_00" / "heatmap.npy")  # patch probabilities by default
+    assert np.nanmin(default) >= 0 and 0.5 < np.nanmax(default) <= 1
+    ranked = invoke("explain", "slide_00", "--model", sample_run / "model.pt", "--features", sample_run / "feats.h5",
+                    "--out", tmp_path / "ranked", "--map", "attention", "--device", "cpu", "-q")
+    assert ranked.exit_code == 0, ranked.stderr
+    ranks = np.load(tmp_path / "ranked" / "slide_00" / "heatmap.npy")
+    assert np.nanmax(ranks) == pytest.approx(100.0) and np.nanmin(ranks) > 0  # attention's rank scale
     assert 690 <= Image.open(folder / "heatmap.png").width <= 900  # 700 px of map plus the colour bar
     for name in ("normal", "tumour"):
         evidence = Image.open(folder / f"evidence_{name}.png").convert("RGB")
