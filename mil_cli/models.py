@@ -39,8 +39,12 @@ class MILOutput:
     logits: torch.Tensor      # (B, C) the prediction (log-probabilities where streams are averaged)
     attention: torch.Tensor   # (B, N) patch weights, 0 on padding, summing to 1 per bag
     embeddings: torch.Tensor  # (B, N, H) patch embeddings
-    pooled_logits: torch.Tensor | None = None  # (B, C) abmil: the attention stream's own logits
+    pooled_logits: torch.Tensor | None = None  # (B, C) the pooled classifier's own logits (default: logits)
     strongest: torch.Tensor | None = None      # (B, 1 or C) abmil: the patch classifier's highest logits
+
+    def __post_init__(self) -> None:
+        if self.pooled_logits is None:
+            self.pooled_logits = self.logits
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -129,7 +133,7 @@ class AttentionMIL(MILHead):
         h, attention = self.attend(features, mask)
         pooled_logits = self.classifier(torch.einsum("bn,bnh->bh", attention, h))
         if not self.max_instance_loss or self.config.instance_loss == 0:
-            return MILOutput(pooled_logits, attention, h, pooled_logits)
+            return MILOutput(pooled_logits, attention, h)
         strongest = self.instance_classifier(h).masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
         if self.config.n_classes == 2:
             positive = torch.sigmoid(strongest)
