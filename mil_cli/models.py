@@ -60,7 +60,7 @@ def whole_bag(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class MILHead(nn.Module):
     """Shared parts: the patch embedding, the single-bag helpers and the loss."""
 
-    additive = True  # patch_scores rows sum to the logits minus the classifier bias
+    additive = True  # patch_scores rows sum to the pooled classifier's logits minus its bias
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -135,12 +135,7 @@ class AttentionMIL(MILHead):
         if not self.max_instance_loss or self.config.instance_loss == 0:
             return MILOutput(pooled_logits, attention, h)
         strongest = self.instance_classifier(h).masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
-        if self.config.n_classes == 2:
-            positive = torch.sigmoid(strongest)
-            from_patches = torch.cat([1 - positive, positive], dim=-1)
-        else:
-            from_patches = torch.softmax(strongest, -1)
-        probs = (torch.softmax(pooled_logits, -1) + from_patches) / 2
+        probs = (torch.softmax(pooled_logits, -1) + self.patch_probabilities(strongest)) / 2
         return MILOutput(torch.log(probs.clamp(min=1e-12)), attention, h, pooled_logits, strongest)
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
@@ -148,7 +143,11 @@ class AttentionMIL(MILHead):
         return attention[0, :, None] * (h[0] @ self.classifier.weight.T)
 
     def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
-        logits = self.instance_classifier(self.embed_patches(features))
+        return self.patch_probabilities(self.instance_classifier(self.embed_patches(features)))
+
+    def patch_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """The patch classifier's logits -> class probabilities: binary models have one
+        (positive-class) logit, others one per class."""
         if self.config.n_classes == 2:
             positive = torch.sigmoid(logits)
             return torch.cat([1 - positive, positive], dim=-1)
