@@ -230,8 +230,12 @@ def apply_overrides(options: TrainOptions, settings: list[str]) -> TrainOptions:
         key, value = setting.split("=", 1)
         target, field = (options.model, key[6:]) if key.startswith("model.") else (options, key)
         current = getattr(target, field)
-        typed = (value.lower() in ("1", "true", "yes")) if isinstance(current, bool) else type(current)(value) \
-            if current is not None else int(value)
+        if isinstance(current, bool):
+            typed = value.lower() in ("1", "true", "yes")
+        elif current is None:  # max_patches: None or a count
+            typed = int(value)
+        else:
+            typed = type(current)(value)
         if target is options.model:
             options = replace(options, model=replace(options.model, **{field: typed}))
         else:

@@ -229,7 +229,7 @@ def train(
     attention_dim: Annotated[int, typer.Option(min=1, help="Attention branch size.")] = MODEL_DEFAULTS.attention_dim,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout after the patch embedding.")] = MODEL_DEFAULTS.dropout,
     instance_loss: Annotated[float, typer.Option(min=0.0, max=1.0, help="abmil heads: share of the max-pooled patch-classifier loss (its patch scores localise).")] = MODEL_DEFAULTS.instance_loss,
-    instance_k: Annotated[int, typer.Option(min=1, help="clam-sb: top/bottom patches per bag for the instance loss.")] = 8,
+    instance_k: Annotated[int, typer.Option(min=1, help="clam-sb: top/bottom patches per bag for the instance loss.")] = MODEL_DEFAULTS.instance_k,
     seed: Seed = 0,
     device: Device = "auto",
     quiet: Quiet = False,

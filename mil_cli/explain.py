@@ -249,8 +249,9 @@ def region_grid(coords: np.ndarray, step: int, size: int, values: np.ndarray, th
     """Regions where the patch values, averaged where patches overlap and interpolated
     bilinearly between cell centres as CAM upsamples its map, exceed `threshold` times their
     highest (or, with `top_pct`, the level of that top percentile of the patches; or the
-    absolute `level`), within the area the patches cover. Interpolating puts a region's edge between patches where the
-    evidence changes, not on the patch grid, so its boxes are not quantised to whole patches.
+    absolute `level`), within the area the patches cover. Interpolating puts a region's edge
+    between patches where the evidence changes, not on the patch grid, so its boxes are not
+    quantised to whole patches.
     Cells without a patch take their nearest cell's value."""
     grid, origin = cell_means(coords, step, size, values)
     covered = np.isfinite(grid)

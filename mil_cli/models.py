@@ -304,9 +304,7 @@ class SeedEnsemble(nn.Module):
         return MILOutput(torch.log(probs.clamp(min=1e-12)), torch.stack([o.attention for o in outs]).mean(0),
                          outs[0].embeddings)
 
-    def bag(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self(*whole_bag(features))
-        return out.logits[0], out.attention[0]
+    bag = MILHead.bag  # one bag (N, D) -> (C,) logits, (N,) attention, through this forward
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         return torch.stack([member.patch_scores(features) for member in self.members]).mean(0)
