@@ -30,7 +30,7 @@ from mil_cli.errors import InputError
 from mil_cli.metrics import classification_metrics, plot_roc, summarise, summarise_repeats
 from mil_cli.config import TrainOptions
 from mil_cli.training import (Bag, LabelledBags, epochs_summary, evaluate, fit_pool, load_dataset, make_checkpoint,
-                              require_two_classes, save_checkpoint)
+                              save_checkpoint)
 
 
 @dataclass
@@ -55,12 +55,11 @@ def fold_splits(bags: list[Bag], folds: int, seed: int) -> list[tuple[list[int],
 def cross_validate(features_path: Path, labels_path: Path, options: TrainOptions, device: torch.device,
                    out: Path, folds: int, repeats: int = 1) -> CrossValidationResult:
     start = time.perf_counter()
-    data = load_dataset(features_path, labels_path)
+    data = load_dataset(features_path, labels_path, held_out=frozenset({"test"}), folds=folds)
     holdout = [b for b in data.bags if data.labels.rows[b.slide_id].split == "test"]
     pool = [b for b in data.bags if data.labels.rows[b.slide_id].split != "test"]
     if any(data.labels.rows[b.slide_id].split == "val" for b in pool):
         warn(f"{labels_path}: 'val' in the split column is ignored with --folds (each fold holds out its own)")
-    require_two_classes(pool, data.classes, labels_path)
     out.mkdir(parents=True, exist_ok=True)
     per_fold, oof_rows, split_rows, holdout_probs = [], [], [], []
     pooled: dict[int, tuple[list[int], list[np.ndarray]]] = {}
@@ -113,5 +112,5 @@ def _write_oof(path: Path, rows: list[tuple[Bag, np.ndarray, int, int]], data: L
         for bag, probs, repeat, fold in rows:
             predicted = data.classes[int(np.argmax(probs))]
             label = data.classes[bag.target]
-            writer.writerow([bag.slide_id, predicted, *[f"{p:.6f}" for p in probs], label, int(predicted == label), fold]
+            writer.writerow([bag.slide_id, predicted, *[f"{p:.6f}" for p in probs], label, str(predicted == label).lower(), fold]
                             + ([repeat] if with_repeat else []))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mil_cli.errors import InputError
 
 SPLITS = {"train", "val", "test"}
+MIN_SLIDES_PER_CLASS = 2  # fewer training slides of a class than this and there is nothing to learn from
 
 
 @dataclass(frozen=True)
@@ -72,3 +75,46 @@ def read_labels(path: Path) -> LabelTable:
     if not rows:
         raise InputError(path, "has a header but no rows")
     return LabelTable(rows)
+
+
+def _examples(ids: Iterable[str], n: int = 3) -> str:
+    chosen = sorted(ids)[:n]
+    return ", ".join(repr(i) for i in chosen) + (", ..." if len(chosen) == n else "")
+
+
+def check_cohort(labels: LabelTable, labels_path: Path, available: Iterable[str], where: str,
+                 held_out: frozenset[str] = frozenset({"val", "test"}), folds: int | None = None) -> list[str]:
+    """Check, before any work, that the labelled slides found in `where` (a store or the slide
+    inputs) can train a model; returns the labelled slide ids missing there.
+
+    Training slides are those whose split is not in `held_out`; each class needs at least
+    MIN_SLIDES_PER_CLASS of them (and `folds` of them with cross-validation)."""
+    classes = labels.classes
+    if len(classes) < 2:
+        raise InputError(labels_path, f"only one class ({classes[0]!r}); training needs at least two")
+    available = set(available)
+    found = [sid for sid in labels.rows if sid in available]
+    missing = [sid for sid in labels.rows if sid not in available]
+    if not found:
+        raise InputError(labels_path, f"none of its {len(labels.rows)} slides is in {where} (its ids: "
+                                      f"{_examples(labels.rows)}; in {where}: {_examples(available) or 'none'})")
+    counts = Counter(labels.rows[sid].label for sid in found if labels.rows[sid].split not in held_out)
+    needed = max(MIN_SLIDES_PER_CLASS, folds or 0)
+    short = [c for c in classes if counts[c] < needed]
+    if short:
+        per_class = ", ".join(f"{c}: {counts[c]}" for c in classes)
+        purpose = f"{folds}-fold cross-validation" if folds and folds > MIN_SLIDES_PER_CLASS else "training"
+        raise InputError(labels_path, f"{purpose} needs at least {needed} training slides of every class; found in "
+                                      f"{where}: {per_class} ({len(found)} of its {len(labels.rows)} slides)")
+    return missing
+
+
+def check_label_classes(labels: LabelTable, labels_path: Path, classes: list[str], slide_ids: Iterable[str]) -> None:
+    """The labels of the slides to predict must be classes the model knows; otherwise every
+    such slide would silently count as wrong."""
+    unknown = Counter(labels.rows[sid].label for sid in slide_ids if sid in labels.rows
+                      and labels.rows[sid].label not in classes)
+    if unknown:
+        listed = ", ".join(f"{label!r} ({n} slide{'s' * (n > 1)})" for label, n in sorted(unknown.items()))
+        raise InputError(labels_path, f"label(s) {listed} are not classes of the model ({', '.join(classes)}); "
+                                      f"give the labels it was trained with, or predict without --labels")

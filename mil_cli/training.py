@@ -23,8 +23,8 @@ from torch import nn
 from mil_cli import __version__
 from mil_cli.console import warn
 from mil_cli.devices import keep_freed_memory, seed_everything, training_autocast
-from mil_cli.errors import InputError, MilcliError
-from mil_cli.labels import LabelTable, read_labels
+from mil_cli.errors import InputError
+from mil_cli.labels import LabelTable, check_cohort, read_labels
 from mil_cli.metrics import classification_metrics
 from mil_cli.config import ModelConfig, TrainOptions
 from mil_cli.models import MILHead, SeedEnsemble, build_model
@@ -51,13 +51,12 @@ class TrainResult:
     seconds: float
 
 
-def load_bags(source: FeatureSource, labels: LabelTable, classes: list[str]) -> tuple[list[Bag], list[str]]:
-    """Bags for every labelled slide in the store, and the labelled slide ids it lacks."""
-    bags, missing = [], []
+def load_bags(source: FeatureSource, labels: LabelTable, classes: list[str]) -> list[Bag]:
+    """Bags for every labelled slide in the store."""
+    bags = []
     expected_dim = None
     for slide_id, row in labels.rows.items():
         if slide_id not in source.slide_ids:
-            missing.append(slide_id)
             continue
         data = source.load(slide_id)
         assert data.features is not None
@@ -69,7 +68,7 @@ def load_bags(source: FeatureSource, labels: LabelTable, classes: list[str]) -> 
         elif data.features.shape[1] != expected_dim:
             raise InputError(f"{source.path} [{slide_id}]", f"feature dim {data.features.shape[1]}, others have {expected_dim}")
         bags.append(Bag(slide_id, torch.from_numpy(data.features), classes.index(row.label), row.patient_id or slide_id))
-    return bags, missing
+    return bags
 
 
 def split_bags(bags: list[Bag], fixed: dict[str, str | None], val_fraction: float,
@@ -275,25 +274,17 @@ class LabelledBags:
     missing: list[str]
 
 
-def load_dataset(features_path: Path, labels_path: Path) -> LabelledBags:
+def load_dataset(features_path: Path, labels_path: Path, held_out: frozenset[str] = frozenset({"val", "test"}),
+                 folds: int | None = None) -> LabelledBags:
+    """The labelled bags in the store, after checking that they can train (labels.check_cohort)."""
     labels = read_labels(labels_path)
-    classes = labels.classes
-    if len(classes) < 2:
-        raise InputError(labels_path, f"only one class ({classes[0]!r}); training needs at least two")
     source = FeatureSource(features_path)
-    bags, missing = load_bags(source, labels, classes)
-    if not bags:
-        raise MilcliError(f"{labels_path}: none of its {len(labels.rows)} slides is in {features_path}")
+    missing = check_cohort(labels, labels_path, source.slide_ids, str(features_path), held_out, folds)
+    bags = load_bags(source, labels, labels.classes)
     unlabelled = len(set(source.slide_ids) - set(labels.rows))
     if unlabelled:
         warn(f"{unlabelled} slide(s) in {features_path} have no label in {labels_path}; not used for training")
-    return LabelledBags(bags, classes, labels, str(source.attrs.get("backbone", "unknown")), missing)
-
-
-def require_two_classes(bags: list[Bag], classes: list[str], where: Path) -> None:
-    present = {classes[b.target] for b in bags}
-    if len(present) < 2:
-        raise InputError(where, f"the training slides found in the store hold one class only ({', '.join(present)})")
+    return LabelledBags(bags, labels.classes, labels, str(source.attrs.get("backbone", "unknown")), missing)
 
 
 def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, metrics: dict,
@@ -341,7 +332,6 @@ def train(features_path: Path, labels_path: Path, options: TrainOptions, device:
     data = load_dataset(features_path, labels_path)
     fixed = {slide_id: row.split for slide_id, row in data.labels.rows.items()}
     train_bags, val_bags, test_bags = split_bags(data.bags, fixed, options.val_fraction, options.seed)
-    require_two_classes(train_bags, data.classes, labels_path)
     if not val_bags and options.val_fraction > 0:
         warn(f"too few slides for a validation split; training {options.epochs} epochs without early stopping")
     fitted = fit(train_bags, val_bags, len(data.classes), options, device)

@@ -271,4 +271,4 @@ def test_training_errors_are_clear(tmp_path: Path) -> None:
     result = invoke("train", "--features", feats, "--labels", labels, "--model", "transformer", "--device", "cpu")
     assert result.exit_code == 2 and "--model transformer" in result.stderr
     result = invoke("train", "--features", feats, "--labels", labels, "--folds", "3", "--device", "cpu")
-    assert result.exit_code == 2 and "3 folds need at least 3 slides of every class" in result.stderr
+    assert result.exit_code == 2 and "3-fold cross-validation needs at least 3 training slides of every class" in result.stderr
