@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from mil_cli.stores import FeatureSource
 from mil_cli.training import MODEL_FORMAT, MODEL_FORMAT_VERSION
 
 
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 @dataclass
 class LoadedModel:
     path: Path
@@ -36,10 +40,18 @@ def load_model(path: Path, device: torch.device) -> LoadedModel:
     """Load a model file with `weights_only=True`: plain tensors and data, never pickled code."""
     if not path.is_file():
         raise InputError(path, "no such model file (pass --model)")
+    with open(path, "rb") as f:
+        is_archive = f.read(4) == ZIP_MAGIC
+    if not is_archive:  # torch.save writes a zip archive; anything else is another kind of file
+        raise InputError(path, "not a model file (`milcli train` writes model.pt files; is this the right path?)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle refusals and corrupt files surface as many types
-        raise InputError(path, f"not a loadable milcli model ({first_line(exc)})") from None
+    except pickle.UnpicklingError:  # weights_only refused an object: code or classes, not plain data
+        raise InputError(path, "not a loadable milcli model: it holds Python objects besides tensors and plain "
+                               "data, which are never loaded (weights_only)") from None
+    except Exception:  # a damaged archive surfaces as many types
+        raise InputError(path, "not a loadable milcli model: the file is damaged or truncated; copy it again "
+                               "or retrain") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != MODEL_FORMAT:
         raise InputError(path, "not a milcli model file (format key missing)")
     if checkpoint.get("format_version") != MODEL_FORMAT_VERSION:

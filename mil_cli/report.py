@@ -75,7 +75,7 @@ def build_report(run_dir: Path) -> Path:
     prob_columns = [c for c in (predictions[0] if predictions else {}) if c.startswith("prob_")]
     header = ["slide_id", "prediction", *prob_columns, "label", "split"]
     rows = [[p.get(c, "") for c in header] for p in predictions]
-    wrong = ["wrong" if p.get("correct") == "0" else "" for p in predictions]
+    wrong = ["wrong" if p.get("correct") == "false" else "" for p in predictions]
 
     options = record.get("options", {})
     parts = [f"<h1>milcli run: {escape(run_dir.name)}</h1>",

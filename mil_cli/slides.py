@@ -15,9 +15,10 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
+import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from mil_cli.errors import InputError
+from mil_cli.errors import InputError, first_line
 from mil_cli.tiff_tiles import TiledTiff
 
 TIFF_SUFFIXES = {".svs", ".tif", ".tiff"}
@@ -216,6 +217,26 @@ class PillowSlide(Slide):
             raise InputError(self.path, f"cannot decode image: {exc}") from None
 
 
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+
+
+def unreadable_reason(path: Path, backend: str, exc: Exception) -> str:
+    """Why a slide library could not open `path`, in the user's terms where the file says it."""
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        with open(path, "rb") as f:
+            if f.read(4) not in TIFF_MAGIC:
+                return "not a TIFF file (it does not start with a TIFF header); is it named right?"
+        try:
+            with tifffile.TiffFile(path) as tif:
+                readable = len(tif.pages) > 0 and tif.pages[0].shape is not None
+        except Exception:
+            readable = False
+        if not readable:
+            return (f"a TIFF file whose image directory cannot be read: it is truncated or damaged "
+                    f"({path.stat().st_size:,} bytes); copy it again")
+    return f"not a readable slide ({backend}: {first_line(exc)})"
+
+
 class WholeSlideReader(Slide):
     """Pyramidal slides through an OpenSlide-style library: tiffslide (TIFF, SVS; pure
     Python) or OpenSlide itself (NDPI, MIRAX, SCN, ...; the `openslide` extra)."""
@@ -237,7 +258,7 @@ class WholeSlideReader(Slide):
             self._slide = opener(str(path))
             width, height = self._slide.dimensions
         except Exception as exc:  # each library raises its own types for corrupt files
-            raise InputError(path, f"not a readable slide ({backend}: {exc})") from None
+            raise InputError(path, unreadable_reason(path, backend, exc)) from None
         if width * height > MAX_TILED_PIXELS:
             raise InputError(path, f"claims {width} x {height} px, beyond any real slide; refusing it")
         props = self._slide.properties
@@ -330,6 +351,10 @@ def open_slide(path: str | Path) -> Slide:
     raise InputError(path, f"unsupported file type '{suffix or '(none)'}' (supported: {supported})")
 
 
+def no_slides_found() -> str:
+    return f"no slide files found (looked for {' '.join(sorted(SLIDE_SUFFIXES))})"
+
+
 def find_slides(inputs: list[Path]) -> list[Path]:
     """Expand files and folders into slide files. Folders contribute files with slide
     suffixes (recursively, hidden files skipped); files named directly are always kept,
@@ -345,5 +370,7 @@ def find_slides(inputs: list[Path]) -> list[Path]:
         elif item.exists():
             found.append(item)
         else:
-            raise InputError(item, "no such file or folder")
+            flag_value = item.name.lower() in {"true", "false", "yes", "no", "on", "off"}
+            raise InputError(item, "no such file or folder" + (" (flags such as --previews take no value: "
+                                                               "write --previews, not --previews true)" if flag_value else ""))
     return found

@@ -22,7 +22,7 @@ import numpy as np
 
 from mil_cli import __version__
 from mil_cli.console import warn
-from mil_cli.errors import InputError, MilcliError, first_line
+from mil_cli.errors import InputError, first_line
 
 TILES_FORMAT = "milcli-tiles"
 FEATURES_FORMAT = "milcli-features"
@@ -382,5 +382,5 @@ class FeatureSource:
 def require_file(path: Path, option: str) -> Path:
     """Fail with a one-line error naming the option to pass when a default input is absent."""
     if not path.exists():
-        raise MilcliError(f"{path}: no such file (pass {option} to name it)")
+        raise InputError(path, f"no such file (pass {option} to name it)")
     return path

@@ -21,7 +21,7 @@ from mil_cli import stores
 from mil_cli.console import progress_bar, warn
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.reports import StageReport
-from mil_cli.slides import SLIDE_SUFFIXES, Slide, find_slides, open_slide, safe_file_stem, slide_id_from_path
+from mil_cli.slides import Slide, find_slides, no_slides_found, open_slide, safe_file_stem, slide_id_from_path
 from mil_cli.tissue import tissue_mask
 
 
@@ -178,8 +178,7 @@ def _tile_into(writer: stores.StoreWriter, paths: list[Path], inputs: list[Path]
                workers: int, previews: Path | None, report: StageReport) -> None:
     finished = writer.completed()
     if not paths:
-        report.failed[", ".join(map(str, inputs))] = (f"no slide files found (looked for "
-                                                      f"{' '.join(sorted(SLIDE_SUFFIXES))})")
+        report.failed[", ".join(map(str, inputs))] = no_slides_found()
     seen: dict[str, Path] = {}
     todo: list[tuple[str, Path]] = []
     for path in paths:
