@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +172,6 @@ def test_attention_box_trims_to_the_mass() -> None:
 
 
 def test_report_links_every_output_and_renders_in_chromium(sample_run: Path, tmp_path: Path) -> None:
-    import re
     import shutil
     import subprocess
     from urllib.parse import unquote
@@ -195,6 +195,20 @@ def test_report_links_every_output_and_renders_in_chromium(sample_run: Path, tmp
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     bright_inferno = (pixels[..., 0] > 230) & (pixels[..., 1] > 180) & (pixels[..., 2] < 140)  # the heatmap's yellow
     assert bright_inferno.sum() > 500
+
+
+def test_report_tints_wrong_predictions(sample_run: Path, tmp_path: Path) -> None:
+    """predictions.csv says correct=false for a wrong one; the report used to look for "0"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text((sample_run / "run.json").read_text())
+    lines = (sample_run / "predictions.csv").read_text().splitlines()
+    assert ",true," in lines[1]
+    (run / "predictions.csv").write_text("\n".join([lines[0], lines[1].replace(",true,", ",false,"), *lines[2:]]) + "\n")
+    assert invoke("report", run).exit_code == 0
+    page = (run / "report.html").read_text()
+    assert page.count('<tr class="wrong">') == 1
+    assert re.search(r'<tr class="wrong"><td>' + lines[1].split(",")[0] + "</td>", page)
 
 
 def test_prototypes_come_from_other_training_slides_of_each_class(sample_run: Path, tmp_path: Path) -> None:
