@@ -20,22 +20,104 @@ from rich.table import Table
 
 from mil_cli import __version__
 from mil_cli.console import console, error, set_quiet
-from mil_cli.errors import MilcliError
-from mil_cli.config import ModelConfig, TrainOptions
+from mil_cli.errors import InputError, MilcliError
+from mil_cli.config import ModelConfig, TrainOptions, read_options_file
 from mil_cli.reports import StageReport
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
-                  help="Attention multiple-instance learning for whole-slide images: "
-                       "tile -> embed -> train -> predict -> explain.")
 
 EXIT_PARTIAL = 1
 EXIT_ERROR = 2
+UsageError = typer.BadParameter.__mro__[1]  # click's UsageError, from the click that typer uses
 
+
+def json_failure(command_name: str, message: str, source: str | None) -> None:
+    """With --json, a command that exits 2 still says why on stdout, for pipelines."""
+    print(json.dumps({"ok": False, "command": command_name, "error": message, "file": source}))
+
+
+def fail(command_name: str, exc: MilcliError, as_json: bool) -> typer.Exit:
+    """Report an expected error as one line (and as JSON with --json); the exit to raise."""
+    error(str(exc))
+    if as_json:
+        json_failure(command_name, str(exc), exc.source if isinstance(exc, InputError) else None)
+    return typer.Exit(EXIT_ERROR)
+
+
+def _flags_without_placeholder(params: list) -> list:
+    """Boolean flags take no value, so their help shows none (typer would print <bool>)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class MilcliGroup(typer.core.TyperGroup):
+    def get_params(self, ctx: typer.Context) -> list:
+        return _flags_without_placeholder(super().get_params(ctx))
+
+
+class MilcliCommand(typer.core.TyperCommand):
+    """Usage lines as a user types them (`milcli tile [OPTIONS] SLIDES...`), flags without a
+    value placeholder, and usage errors also reported as JSON on stdout when --json is given."""
+
+    def get_params(self, ctx: typer.Context) -> list:
+        return _flags_without_placeholder(super().get_params(ctx))
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = (param.metavar or param.name or "").upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        as_json = "--json" in args
+        try:
+            return super().parse_args(ctx, args)
+        except UsageError as exc:
+            if as_json:
+                json_failure(self.name or "", exc.format_message(), None)
+            raise
+        except MilcliError as exc:  # from --config FILE, read while the options are parsed
+            raise fail(self.name or "", exc, as_json) from None
+
+
+app = typer.Typer(cls=MilcliGroup, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Whole-slide images in, an attention-MIL model and maps of where it looked out.\n\n"
+                       "Stages: tile, embed, train, predict, explain; run does them all.")
+
+def _options_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """Load --config FILE as the command's defaults; options on the command line still win."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    names = {}  # option name without dashes -> (parameter, negated)
+    for p in ctx.command.params:
+        names |= {opt.lstrip("-"): (p.name, False) for opt in p.opts}
+        names |= {opt.lstrip("-"): (p.name, True) for opt in getattr(p, "secondary_opts", [])}
+    names.pop("config", None)
+    defaults = {}
+    for key, item in read_options_file(value).items():
+        if key not in names:
+            raise InputError(value, f"unknown option '{key}' for `milcli {ctx.command.name}` (see its --help)")
+        name, negated = names[key]
+        defaults[name] = (not item) if negated and isinstance(item, bool) else item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+ConfigFile = Annotated[Optional[Path], typer.Option(
+    "--config", metavar="FILE", is_eager=True, callback=_options_file, show_default="none",
+    help="TOML file of option values, named as the options without dashes (epochs = 30, patch-size = 512, "
+         "no-explain = true); options on the command line win.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log output on stderr.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout (also on failure: "
+                                             '{"ok": false, "error": ..., "file": ...}).')]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (auto takes CUDA when present).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo finished slides instead of resuming.")]
 Seed = Annotated[int, typer.Option(help="Random seed (same seed + device = same numbers).")]
+PatchSize = Annotated[int, typer.Option(help="Patch side in px at the target resolution.")]
+Stride = Annotated[Optional[int], typer.Option(help="Step between patches in target px.", show_default="patch size")]
+LabelsFile = Annotated[Path, typer.Option(help="CSV with slide_id,label[,patient_id][,split].")]
 TargetMpp = Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 = 20x, 1.0 = 10x).")]
 Magnification = Annotated[Optional[float], typer.Option(help="Patch magnification, instead of --target-mpp (20 = 0.5 µm/px).")]
 Mpp = Annotated[Optional[float], typer.Option(help="Override the slides' own µm/px (level 0).")]
@@ -45,9 +127,16 @@ Weights = Annotated[Optional[Path], typer.Option(help="Backbone weight file (.pt
 BatchSize = Annotated[int, typer.Option(min=1, help="Patches per forward pass.")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Spread the work over Ray workers (each on the GPU share Ray gives it, else CPUs; --device is then ignored): 'local' (this machine's Ray, started here if none runs), 'auto' (the cluster this node is in) or host:port. Needs `pip install 'milcli\\[ray]'`.", show_default="off")]
 WorkersPerGpu = Annotated[int, typer.Option(min=1, help="With --ray: workers sharing each GPU.")]
-DecodeWorkers = Annotated[Optional[int], typer.Option(min=0, help="Patch-decoding processes (0: decode in the main process).", show_default="CUDA: cores - 1, at most 8; CPU: 0")]
+WORKERS_HELP = "Processes that read slides (tile: one slide each; embed: they decode patches for the model); 0: read in this process."
+TileWorkers = Annotated[Optional[int], typer.Option(min=0, help=WORKERS_HELP, show_default="cores, at most 4")]
+EmbedWorkers = Annotated[Optional[int], typer.Option(min=0, help=WORKERS_HELP, show_default="CUDA: cores - 1, at most 8; CPU: 0")]
+Slides = Annotated[list[Path], typer.Argument(metavar="SLIDES", help="Slide files or folders of slides.", show_default=False)]
 TRAIN_DEFAULTS = TrainOptions()
 MODEL_DEFAULTS = ModelConfig()
+ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, mean, max, noisy-and or clam-sb.")]
+Ensemble = Annotated[int, typer.Option(min=1, help="Heads trained from different seeds and averaged (one model file).")]
+MaxPatches = Annotated[Optional[int], typer.Option(min=1, help="Random patches per training bag and epoch (evaluation uses all).")]
+Repeats = Annotated[int, typer.Option(min=1, help="With --folds: repeat the cross-validation with other fold assignments and seeds; the pooled out-of-fold metrics are reported as mean ± sd over repeats with their standard error.")]
 MICRONS_PER_PX_AT_1X = 10.0  # the usual convention: 10x = 1 µm/px, 20x = 0.5, 40x = 0.25
 
 
@@ -67,12 +156,11 @@ def command(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except MilcliError as exc:
-            error(str(exc))
-            raise typer.Exit(EXIT_ERROR) from None
+            raise fail(func.__name__, exc, bool(kwargs.get("as_json"))) from None
         except KeyboardInterrupt:
             console.print("[red]interrupted[/]; finished slides are kept, rerun to resume")
             raise typer.Exit(130) from None
-    return app.command()(wrapper)
+    return app.command(cls=MilcliCommand)(wrapper)
 
 
 def finish(name: str, report: StageReport, as_json: bool, extra: dict | None = None) -> None:
@@ -82,9 +170,16 @@ def finish(name: str, report: StageReport, as_json: bool, extra: dict | None = N
     console.print(f"{name}: {len(report.done)} done, {len(report.skipped)} already done, "
                   f"{len(report.failed)} failed in {report.seconds:.1f} s")
     if as_json:
-        print(json.dumps({"command": name, **report.to_dict(), **(extra or {})}, default=str))
+        print(json.dumps({"ok": report.ok, "command": name, **report.to_dict(), **(extra or {})}, default=str))
     if not report.ok:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+def _check_model(name: str) -> None:
+    from mil_cli.models import MODELS
+
+    if name not in MODELS:
+        raise MilcliError(f"--model {name}: expected one of {', '.join(MODELS)}")
 
 
 def _device(spec: str):
@@ -94,18 +189,19 @@ def _device(spec: str):
 
 @command
 def tile(
-    inputs: Annotated[list[Path], typer.Argument(help="Slide files or folders of slides.")],
+    inputs: Slides,
     out: Annotated[Path, typer.Option(help="Tile store to write (HDF5).")] = Path("tiles.h5"),
-    patch_size: Annotated[int, typer.Option(help="Patch side in px at the target resolution.")] = 256,
-    stride: Annotated[Optional[int], typer.Option(help="Step between patches in target px.", show_default="patch size")] = None,
+    patch_size: PatchSize = 256,
+    stride: Stride = None,
     target_mpp: TargetMpp = 0.5,
     magnification: Magnification = None,
     mpp: Mpp = None,
     min_tissue: MinTissue = 0.25,
     thumbnail_size: Annotated[int, typer.Option(help="Longer side of the stored thumbnail / mask in px.")] = 1024,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Slides tiled in parallel (processes).", show_default="cores, at most 4")] = None,
+    workers: TileWorkers = None,
     previews: Annotated[bool, typer.Option("--previews", help="Write <out>_previews/<slide>.png: thumbnail, tissue outline, patch grid.")] = False,
     overwrite: Overwrite = False,
+    config: ConfigFile = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -115,7 +211,7 @@ def tile(
     options = TilingOptions(patch_size=patch_size, stride=stride, target_mpp=_target_mpp(target_mpp, magnification),
                             mpp_override=mpp, min_tissue=min_tissue, thumbnail_size=thumbnail_size)
     preview_dir = out.with_name(f"{out.stem}_previews") if previews else None
-    report = tile_slides(inputs, out, options, overwrite=overwrite, workers=workers or default_tiling_workers(),
+    report = tile_slides(inputs, out, options, overwrite=overwrite, workers=default_tiling_workers() if workers is None else workers,
                          previews=preview_dir)
     finish("tile", report, as_json, {"out": str(out)})
 
@@ -143,7 +239,7 @@ def embed(
     backbone: BackboneName = "efficientnet-lite0",
     weights: Weights = None,
     batch_size: BatchSize = 64,
-    workers: DecodeWorkers = None,
+    workers: EmbedWorkers = None,
     dtype: Annotated[str, typer.Option(help="Stored feature type: float16 or float32.")] = "float16",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (worth it for long GPU runs).")] = False,
     device: Device = "auto",
@@ -152,6 +248,7 @@ def embed(
     workers_per_gpu: WorkersPerGpu = 1,
     list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List the backbones and exit.")] = False,
     overwrite: Overwrite = False,
+    config: ConfigFile = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -209,13 +306,13 @@ def _cv_table(summary: dict) -> Table:
 @command
 def train(
     features: Annotated[Path, typer.Option(help="Feature store (or folder of per-slide .h5 files).")] = Path("feats.h5"),
-    labels: Annotated[Path, typer.Option(help="CSV with slide_id,label[,patient_id][,split].")] = Path("labels.csv"),
+    labels: LabelsFile = Path("labels.csv"),
     out: Annotated[Optional[Path], typer.Option(help="Model file to write; with --folds, a folder.", show_default="model.pt, or cv/ with --folds")] = None,
-    model: Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, mean, max, noisy-and or clam-sb.")] = "abmil",
+    model: ModelName = MODEL_DEFAULTS.architecture,
     folds: Annotated[Optional[int], typer.Option(min=2, help="K-fold cross-validation: writes fold models, oof_predictions.csv, splits.csv, metrics.json, roc.png.")] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="With --folds: repeat the cross-validation with other fold assignments and seeds; the pooled out-of-fold metrics are reported as mean ± sd over repeats with their standard error.")] = 3,
+    repeats: Repeats = 3,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs per head: exactly this many, or at most with validation slides (early stopping).")] = TRAIN_DEFAULTS.epochs,
-    ensemble: Annotated[int, typer.Option(min=1, help="Heads trained from different seeds and averaged (one model file).")] = TRAIN_DEFAULTS.ensemble,
+    ensemble: Ensemble = TRAIN_DEFAULTS.ensemble,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TRAIN_DEFAULTS.lr,
     lr_schedule: Annotated[str, typer.Option(help="cosine (decay to 1 % by the last epoch) or constant.")] = TRAIN_DEFAULTS.lr_schedule,
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = TRAIN_DEFAULTS.weight_decay,
@@ -223,7 +320,7 @@ def train(
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of training slides (patients) held out for early stopping when the labels have no 'val' split; 0: none.")] = TRAIN_DEFAULTS.val_fraction,
     no_standardise: Annotated[bool, typer.Option("--no-standardise", help="Feed raw features (by default each dimension is z-scored with the training patches' mean and sd, kept in the model file, and clipped to +-5).")] = not TRAIN_DEFAULTS.standardise,
     batch_size: Annotated[int, typer.Option(min=1, help="Bags per step (padded to the largest, masked).")] = TRAIN_DEFAULTS.batch_size,
-    max_patches: Annotated[Optional[int], typer.Option(min=1, help="Random patches per training bag and epoch (evaluation uses all).")] = TRAIN_DEFAULTS.max_patches,
+    max_patches: MaxPatches = TRAIN_DEFAULTS.max_patches,
     precision: Annotated[str, typer.Option(help="Training steps: auto (bf16 on GPUs with native bf16, else fp32), fp32 or bf16. Evaluation and prediction always run fp32.")] = TRAIN_DEFAULTS.precision,
     hidden_dim: Annotated[int, typer.Option(min=1, help="Patch embedding size.")] = MODEL_DEFAULTS.hidden_dim,
     attention_dim: Annotated[int, typer.Option(min=1, help="Attention branch size.")] = MODEL_DEFAULTS.attention_dim,
@@ -232,6 +329,7 @@ def train(
     instance_k: Annotated[int, typer.Option(min=1, help="clam-sb: top/bottom patches per bag for the instance loss.")] = MODEL_DEFAULTS.instance_k,
     seed: Seed = 0,
     device: Device = "auto",
+    config: ConfigFile = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -239,13 +337,11 @@ def train(
 
     The rule for small cohorts: every training slide trains (no inner validation split unless the labels' split column names 'val' slides or --val-fraction is set) for exactly --epochs epochs with a cosine learning-rate decay, and --ensemble heads from different seeds are averaged. Early stopping on 10-20 validation slides is noise and costs a fifth of the data; benchmarks/panel.py has the evidence.
     """
-    from mil_cli.models import MODELS
     from mil_cli.stores import require_file
     from mil_cli.training import save_checkpoint
     from mil_cli.training import train as train_model
 
-    if model not in MODELS:
-        raise MilcliError(f"--model {model}: expected one of {', '.join(MODELS)}")
+    _check_model(model)
     options = TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, lr_schedule=lr_schedule, weight_decay=weight_decay,
                            patience=patience, val_fraction=val_fraction, standardise=not no_standardise, seed=seed,
                            batch_size=batch_size, max_patches=max_patches, precision=precision,
@@ -284,13 +380,15 @@ def predict(
 ) -> None:
     """Per-slide class probabilities as CSV."""
     from mil_cli.inference import load_models, predict_stores, write_predictions
-    from mil_cli.labels import read_labels
+    from mil_cli.labels import check_label_classes, read_labels
     from mil_cli.stores import FeatureSource, require_file
 
     torch_device = _device(device if ray is None else "cpu")
     models = load_models(require_file(model, "--model"), torch_device)
     sources = [FeatureSource(require_file(path, "--features")) for path in features]
     table = read_labels(labels) if labels else None
+    if table is not None:
+        check_label_classes(table, labels, models[0].classes, {sid for source in sources for sid in source.slide_ids})
     if ray is not None:
         from mil_cli.distributed import RayOptions, ray_predict_stores
 
@@ -308,7 +406,7 @@ def predict(
 
 @command
 def explain(
-    slide_ids: Annotated[Optional[list[str]], typer.Argument(help="Slide ids to explain.")] = None,
+    slide_ids: Annotated[Optional[list[str]], typer.Argument(metavar="SLIDE_ID", help="Slide ids to explain.", show_default=False)] = None,
     all_slides: Annotated[bool, typer.Option("--all", help="Explain every slide in the store.")] = False,
     model: Annotated[Path, typer.Option(help="Model file, or a folder of fold_*/model.pt.")] = Path("model.pt"),
     features: Annotated[Path, typer.Option(help="Feature store.")] = Path("feats.h5"),
@@ -323,11 +421,11 @@ def explain(
     width: Annotated[Optional[int], typer.Option(min=64, help="Width of the map PNGs in px.", show_default="thumbnail width")] = None,
     prototypes: Annotated[bool, typer.Option("--prototypes", help="Also prototypes.png/.csv: the closest highly attended patches of each class in the training slides.")] = False,
     device: Device = "auto",
+    config: ConfigFile = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Heatmap (+ .npy), per-class evidence maps, attention.csv, top/bottom patches, QuPath
-    regions and boxes per slide."""
+    """Heatmap (+ .npy), per-class evidence maps, attention.csv, top/bottom patches, QuPath regions and boxes per slide."""
     from mil_cli.explain import ExplainOptions, explain_slides
     from mil_cli.inference import load_models
     from mil_cli.stores import FeatureSource, require_file
@@ -347,45 +445,65 @@ def explain(
 
 @command
 def run(
-    inputs: Annotated[list[Path], typer.Argument(help="Slide files or folders of slides.")],
-    labels: Annotated[Path, typer.Option(help="CSV with slide_id,label[,patient_id][,split].")] = Path("labels.csv"),
+    inputs: Slides,
+    labels: LabelsFile = Path("labels.csv"),
     out: Annotated[Path, typer.Option(help="Output folder (resumed when it exists).")] = Path("run"),
-    patch_size: Annotated[int, typer.Option(help="Patch side in px at the target resolution.")] = 256,
     target_mpp: TargetMpp = 0.5,
     magnification: Magnification = None,
     mpp: Mpp = None,
+    patch_size: PatchSize = 256,
+    stride: Stride = None,
     min_tissue: MinTissue = 0.25,
+    previews: Annotated[bool, typer.Option("--previews", help="Write previews/<slide>.png: thumbnail, tissue outline, patch grid.")] = False,
     backbone: BackboneName = "efficientnet-lite0",
     weights: Weights = None,
     batch_size: BatchSize = 64,
-    workers: DecodeWorkers = None,
+    workers: Annotated[Optional[int], typer.Option(min=0, help=WORKERS_HELP, show_default="tile: cores, at most 4; embed: CUDA cores - 1, at most 8, CPU 0")] = None,
+    model: ModelName = MODEL_DEFAULTS.architecture,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs per head (see `milcli train --help`).")] = TRAIN_DEFAULTS.epochs,
+    ensemble: Ensemble = TRAIN_DEFAULTS.ensemble,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TRAIN_DEFAULTS.lr,
+    max_patches: MaxPatches = TRAIN_DEFAULTS.max_patches,
+    folds: Annotated[Optional[int], typer.Option(min=2, help="Also K-fold cross-validation into cv/ (the model still trains on every slide); its metrics go into run.json and the report.", show_default="off")] = None,
+    repeats: Repeats = 3,
     seed: Seed = 0,
-    explain_all: Annotated[bool, typer.Option("--explain/--no-explain", help="Explain every slide.")] = True,
+    explain_all: Annotated[bool, typer.Option("--explain/--no-explain", help="Explain every slide into explain/.")] = True,
     device: Device = "auto",
     overwrite: Overwrite = False,
+    config: ConfigFile = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """All stages in one go: tiles.h5, feats.h5, model.pt, predictions.csv, explain/, run.json."""
+    """All stages in one go: tiles.h5, feats.h5, model.pt, predictions.csv, explain/, run.json.
+
+    The slides, the labels (two or more classes, enough slides of each among those given) and the backbone's weights are checked first: a mistake costs seconds and writes nothing."""
     from mil_cli.embedding import EmbedOptions
     from mil_cli.pipeline import RunOptions, run_pipeline
     from mil_cli.stores import require_file
     from mil_cli.tiling import TilingOptions
 
+    _check_model(model)
     options = RunOptions(
-        tiling=TilingOptions(patch_size=patch_size, target_mpp=_target_mpp(target_mpp, magnification),
+        tiling=TilingOptions(patch_size=patch_size, stride=stride, target_mpp=_target_mpp(target_mpp, magnification),
                              mpp_override=mpp, min_tissue=min_tissue),
-        training=TrainOptions(epochs=epochs, lr=lr, seed=seed), backbone=backbone,
-        embedding=EmbedOptions(batch_size=batch_size, workers=workers, weights=weights), explain_all=explain_all, overwrite=overwrite)
+        training=TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, max_patches=max_patches, seed=seed,
+                              model=ModelConfig(architecture=model)),
+        backbone=backbone, embedding=EmbedOptions(batch_size=batch_size, workers=workers, weights=weights),
+        explain_all=explain_all, previews=previews, folds=folds, repeats=repeats, overwrite=overwrite)
     reports = run_pipeline(inputs, require_file(labels, "--labels"), out, options, _device(device))
-    metrics = json.loads((out / "run.json").read_text())["metrics"]
+    record = json.loads((out / "run.json").read_text())
+    metrics = record["metrics"]
     console.print(_metrics_table(metrics))
+    if "cross_validation" in record:
+        cv = record["cross_validation"]
+        console.print(f"cross-validation ({folds} folds x {repeats}), pooled out-of-fold: "
+                      + ", ".join(f"{name} {cv[key]['mean']:.3f} ± {cv[key]['std']:.3f}"
+                                  for name, key in zip(METRIC_COLUMNS, METRIC_KEYS)))
     failed = {f"{stage}: {source}": reason for stage, report in reports.items()
               for source, reason in report.failed.items()}
     total = StageReport(done=reports["predict"].done, failed=failed, seconds=sum(r.seconds for r in reports.values()))
-    console.print(f"outputs in {escape(str(out))}/ (predictions.csv, explain/, run.json)")
+    written = ["predictions.csv", "model.pt", "run.json"] + ["explain/"] * explain_all + ["cv/"] * bool(folds)
+    console.print(f"outputs in {escape(str(out))}/ ({', '.join(written)})")
     finish("run", total, as_json, {"out": str(out), "metrics": metrics,
                                    "stages": {k: v.to_dict() for k, v in reports.items()}})
 
@@ -404,7 +522,7 @@ def report(
 
 @command
 def info(
-    slides: Annotated[list[Path], typer.Argument(help="Slide files or folders.")],
+    slides: Slides,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
@@ -429,7 +547,7 @@ def info(
         table.add_row(path.name, row["reader"], "{} x {}".format(*row["dimensions"]), str(len(row["level_dimensions"])),
                       ", ".join(f"{d:g}" for d in row["level_downsamples"]),
                       f"{row['mpp']:.4g}" if row["mpp"] else "unknown", row["vendor"] or "")
-    if not as_json:
+    if rows and not as_json:
         console.quiet = quiet
         console.print(table)
     for source, reason in report.failed.items():

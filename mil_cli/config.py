@@ -1,11 +1,30 @@
 """The options of a MIL head and of its training, as plain data: the model file records them,
-and the command line shows their defaults without importing torch."""
+and the command line shows their defaults without importing torch. Also the options file
+(`--config FILE`, TOML) that holds a command's option values."""
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
-from mil_cli.errors import MilcliError
+from mil_cli.errors import InputError, MilcliError
+
+
+def read_options_file(path: Path) -> dict[str, Any]:
+    """A flat TOML table of option values, keys as on the command line without the dashes
+    (`patch-size = 512`; `patch_size` is accepted too)."""
+    if not path.is_file():
+        raise InputError(path, "no such options file (check --config)")
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"not a TOML file ({exc})") from None
+    nested = [key for key, value in table.items() if isinstance(value, dict)]
+    if nested:
+        raise InputError(path, f"[{nested[0]}]: sections are not used; write the options at the top level")
+    return {key.replace("_", "-"): value for key, value in table.items()}
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,11 @@ from mil_cli.backbones import get_backbone
 from mil_cli.embedding import EmbedOptions, embed_store
 from mil_cli.explain import ExplainOptions, explain_slides
 from mil_cli.inference import load_models, predict_slides, write_predictions
-from mil_cli.labels import read_labels
+from mil_cli.crossval import cross_validate
+from mil_cli.errors import InputError
+from mil_cli.labels import check_cohort, read_labels
 from mil_cli.reports import StageReport
+from mil_cli.slides import find_slides, no_slides_found, slide_id_from_path
 from mil_cli.stores import FeatureSource
 from mil_cli.tiling import TilingOptions, default_tiling_workers, tile_slides
 from mil_cli.config import TrainOptions
@@ -29,9 +32,26 @@ class RunOptions:
     training: TrainOptions = field(default_factory=TrainOptions)
     explain: ExplainOptions = field(default_factory=ExplainOptions)
     backbone: str = "efficientnet-lite0"
-    embedding: EmbedOptions = field(default_factory=EmbedOptions)
+    embedding: EmbedOptions = field(default_factory=EmbedOptions)  # its workers read slides for tile too
     explain_all: bool = True
+    previews: bool = False
+    folds: int | None = None      # also cross-validate into cv/ (the final model still trains on all)
+    repeats: int = 3
     overwrite: bool = False
+
+
+def check_run(inputs: list[Path], labels_path: Path, options: RunOptions) -> list[Path]:
+    """Everything that can be checked before hours of tiling and embedding: the slides exist,
+    the labels file reads and names enough of them in two or more classes, and the backbone's
+    weights are at hand. Returns the slide files."""
+    paths = find_slides(inputs)
+    if not paths:
+        raise InputError(", ".join(map(str, inputs)), no_slides_found())
+    held_out = frozenset({"test"} if options.folds else {"val", "test"})
+    check_cohort(read_labels(labels_path), labels_path, {slide_id_from_path(p) for p in paths},
+                 "the slides given", held_out, options.folds)
+    get_backbone(options.backbone).weights_file(options.embedding.weights)
+    return paths
 
 
 def _model_matches(path: Path, options: TrainOptions) -> bool:
@@ -47,15 +67,26 @@ def _model_matches(path: Path, options: TrainOptions) -> bool:
     return config.get("training") == wanted and all(config["model"].get(k) == v for k, v in head.items())
 
 
+def _cv_matches(path: Path, options: RunOptions) -> bool:
+    """True when `path` holds the cross-validation these options ask for."""
+    if not path.exists():
+        return False
+    summary = json.loads(path.read_text())
+    return (summary.get("folds"), summary.get("repeats")) == (options.folds, options.repeats)
+
+
 def run_pipeline(inputs: list[Path], labels_path: Path, out: Path, options: RunOptions,
                  device: torch.device) -> dict[str, StageReport]:
-    """Tile, embed, train, predict and explain into `out`; returns each stage's report."""
-    read_labels(labels_path)  # fail on a bad labels file before hours of embedding
+    """Tile, embed, train, predict and explain into `out`; returns each stage's report.
+    Nothing is written when check_run finds a problem."""
+    check_run(inputs, labels_path, options)
     out.mkdir(parents=True, exist_ok=True)
     tiles, feats, model_path = out / "tiles.h5", out / "feats.h5", out / "model.pt"
     reports: dict[str, StageReport] = {}
+    workers = options.embedding.workers
     reports["tile"] = tile_slides(inputs, tiles, options.tiling, overwrite=options.overwrite,
-                                  workers=default_tiling_workers())
+                                  workers=default_tiling_workers() if workers is None else workers,
+                                  previews=out / "previews" if options.previews else None)
     reports["embed"] = embed_store(tiles, feats, get_backbone(options.backbone), device, options.embedding,
                                    overwrite=options.overwrite)
 
@@ -68,6 +99,10 @@ def run_pipeline(inputs: list[Path], labels_path: Path, out: Path, options: RunO
                                        seconds=result.seconds)
     else:
         reports["train"].skipped.append("model.pt")
+    if options.folds and (stale or not _cv_matches(out / "cv" / "metrics.json", options)):
+        result = cross_validate(feats, labels_path, options.training, device, out / "cv", options.folds,
+                                options.repeats)
+        reports["cross_validation"] = StageReport(done=["cv"], seconds=result.seconds)
 
     start = time.perf_counter()
     models = load_models(model_path, device)
@@ -89,5 +124,7 @@ def run_pipeline(inputs: list[Path], labels_path: Path, out: Path, options: RunO
         "stages": {name: report.to_dict() for name, report in reports.items()},
         "metrics": models[0].config["metrics"],
     }
+    if options.folds:
+        record["cross_validation"] = json.loads((out / "cv" / "metrics.json").read_text())["over_repeats"]
     (out / "run.json").write_text(json.dumps(record, indent=2, default=str))
     return reports

@@ -16,6 +16,7 @@ from mil_cli.cli import app
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data"
 TEST_DATA = Path(__file__).resolve().parent / "data"
+FAST = ("--target-mpp", "1.0")  # 512 level-0 px per patch on the 0.5 µm/px sample slides: few patches
 
 
 def invoke(*args: str, cwd: Path | None = None):
@@ -75,3 +76,11 @@ def sample_subset(tmp_path: Path) -> Path:
         shutil.copy(SAMPLE / "slides" / f"{line.split(',')[0]}.tif", folder / "slides")
     (folder / "labels.csv").write_text("\n".join([lines[0], *keep]) + "\n")
     return folder
+
+
+@pytest.fixture
+def embedded_subset(sample_subset: Path) -> Path:
+    """The four-slide subset tiled (FAST) and embedded in place: tiles.h5, feats.h5, labels.csv."""
+    assert invoke("tile", "slides/", *FAST, "--quiet", cwd=sample_subset).exit_code == 0
+    assert invoke("embed", "--device", "cpu", "--workers", "0", "--quiet", cwd=sample_subset).exit_code == 0
+    return sample_subset

@@ -16,9 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import invoke
-
-FAST = ("--target-mpp", "1.0")  # 512 level-0 px per patch on the 0.5 µm/px sample slides: few patches
+from conftest import FAST, invoke
 
 
 def test_each_command_in_a_working_folder(sample_subset: Path) -> None:
@@ -79,13 +77,6 @@ def test_missing_default_input_names_the_option(tmp_path: Path) -> None:
     assert "tiles.h5: no such file (pass the TILES argument" in result.stderr
     result = invoke("predict", cwd=tmp_path)
     assert result.exit_code == 2 and "pass --model" in result.stderr
-
-
-@pytest.fixture
-def embedded_subset(sample_subset: Path) -> Path:
-    assert invoke("tile", "slides/", *FAST, "--quiet", cwd=sample_subset).exit_code == 0
-    assert invoke("embed", "--device", "cpu", "--workers", "0", "--quiet", cwd=sample_subset).exit_code == 0
-    return sample_subset
 
 
 def test_labels_naming_a_slide_not_in_the_store(embedded_subset: Path) -> None:
