@@ -46,13 +46,20 @@ class Backbone:
     precision: str = "bf16"       # preferred CUDA autocast type; bf16 falls back to fp16 where unsupported
 
     def weights_file(self, weights: Path | None = None) -> Path:
-        """The weight file `create` will load: `weights` when given, else the default source.
-        Cheap (no loading, no hub retries offline), so commands call it before any work."""
+        """The weight file `create` will load: `weights` when given, else the default source
+        (found without loading it, and without hub retries when offline)."""
         if weights is None:
             return self.default_weights()
         if not weights.is_file():
             raise InputError(weights, "weight file not found (check --weights)")
         return weights
+
+    def check(self, weights: Path | None = None) -> None:
+        """Before any work: the weights are at hand, and a file the user names holds a state_dict
+        (loaded once to see; it fits the architecture is checked when the model is built)."""
+        path = self.weights_file(weights)
+        if weights is not None:
+            load_weight_file(path)
 
     def create(self, weights: Path | None = None) -> nn.Module:
         """The encoder in eval mode with frozen weights (patch -> `dim` features)."""

@@ -240,7 +240,7 @@ def embed_store(tiles_path: Path, out: Path, backbone: Backbone, device: torch.d
     start = time.perf_counter()
     report = StageReport()
     tiles = stores.FeatureSource(tiles_path, kind=stores.TILES_FORMAT)
-    backbone.weights_file(options.weights)  # missing weights: one line, before the store is touched
+    backbone.check(options.weights)  # missing or unreadable weights: one line, before the store is touched
     with stores.StoreWriter(out, stores.FEATURES_FORMAT, feature_store_attrs(backbone, options), overwrite) as writer:
         jobs = pending_jobs(tiles, writer.completed(), report)
         if jobs:

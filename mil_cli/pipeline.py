@@ -50,7 +50,7 @@ def check_run(inputs: list[Path], labels_path: Path, options: RunOptions) -> lis
     held_out = frozenset({"test"} if options.folds else {"val", "test"})
     check_cohort(read_labels(labels_path), labels_path, {slide_id_from_path(p) for p in paths},
                  "the slides given", held_out, options.folds)
-    get_backbone(options.backbone).weights_file(options.embedding.weights)
+    get_backbone(options.backbone).check(options.embedding.weights)
     return paths
 
 

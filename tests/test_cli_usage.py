@@ -68,6 +68,10 @@ def test_run_without_backbone_weights_fails_before_tiling(tmp_path: Path, monkey
     result = invoke("run", SAMPLE / "slides", "--labels", SAMPLE / "labels.csv", "--out", out,
                     "--weights", tmp_path / "nope.pth", "--device", "cpu")
     assert result.exit_code == 2 and "nope.pth: weight file not found" in result.stderr
+    (tmp_path / "notes.pth").write_text("these are not weights")
+    result = invoke("run", SAMPLE / "slides", "--labels", SAMPLE / "labels.csv", "--out", out,
+                    "--weights", tmp_path / "notes.pth", "--device", "cpu")
+    assert result.exit_code == 2 and "notes.pth: not a loadable weight file" in one_error_line(result.stderr)
     assert not out.exists()
 
 
