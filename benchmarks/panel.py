@@ -140,7 +140,9 @@ def localisation(scores: list[np.ndarray], bags: list[LabelledBag]) -> float:
 
 def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, options: TrainOptions) -> dict:
     as_bags = [Bag(f"b{i}", torch.from_numpy(x), y, f"b{i}") for i, (x, y, _) in enumerate(train)]
+    start = time.perf_counter()
     fitted, _, _ = fit_pool(as_bags, 2, replace(options, seed=seed), DEVICE)
+    seconds_per_epoch = (time.perf_counter() - start) / sum(len(h) for h in fitted.histories)
     test_bags = [Bag(f"t{i}", torch.from_numpy(x), y, f"t{i}") for i, (x, y, _) in enumerate(test)]
     _, probs = evaluate(fitted.model, test_bags, DEVICE)
     attention, instance = [], []
@@ -149,7 +151,7 @@ def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, opt
             features = torch.from_numpy(x)
             attention.append(fitted.model.bag(features)[1].numpy())
             instance.append(fitted.model.instance_scores(features)[:, 1].numpy())
-    return {"p": probs[:, 1], "attention": attention, "instance": instance}
+    return {"p": probs[:, 1], "attention": attention, "instance": instance, "seconds_per_epoch": seconds_per_epoch}
 
 
 def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int) -> dict:
@@ -161,7 +163,7 @@ def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int) 
 def evaluate_row(row: Row, repeats: int, options: TrainOptions, with_reference: bool = True) -> dict:
     results: dict[str, list[float]] = {}
     for repeat in range(repeats):
-        pooled: dict[str, list] = {"y": [], "milcli": [], "reference": []}
+        pooled: dict[str, list] = {"y": [], "milcli": [], "reference": [], "epoch seconds": []}
         loc: dict[str, list] = {"instance": [], "attention": [], "reference attention": []}
         for fold, (train, test) in enumerate(row.splits(repeat)):
             seed = repeat * 100 + fold
@@ -170,11 +172,13 @@ def evaluate_row(row: Row, repeats: int, options: TrainOptions, with_reference: 
                 "p": np.full(len(test), np.nan), "attention": [np.full(len(b[0]), np.nan) for b in test]}
             pooled["y"] += [y for _, y, _ in test]
             pooled["milcli"] += list(ours["p"])
+            pooled["epoch seconds"].append(ours["seconds_per_epoch"])
             pooled["reference"] += list(theirs["p"])
             loc["instance"] += list(zip(ours["instance"], test))
             loc["attention"] += list(zip(ours["attention"], test))
             loc["reference attention"] += list(zip(theirs["attention"], test))
         y = np.array(pooled["y"])
+        results.setdefault("milcli s/epoch", []).append(float(np.mean(pooled["epoch seconds"])))
         for who in ("milcli", "reference") if with_reference else ("milcli",):
             p = np.array(pooled[who])
             results.setdefault(f"{who} auc", []).append(roc_auc_score(y, p))
@@ -206,7 +210,7 @@ def main() -> None:
     options = apply_overrides(TrainOptions(), args.set)
     print(f"milcli options: {options}")
     columns = ["row", "milcli AUC", "ref AUC", "milcli acc", "ref acc", "loc instance", "loc attention",
-               "loc ref attention", "s"]
+               "loc ref attention", "s/epoch", "s"]
     print("| " + " | ".join(columns) + " |")
     print("|" + " --- |" * len(columns))
     summary: dict[str, list[float]] = {}
@@ -215,7 +219,8 @@ def main() -> None:
         start = time.perf_counter()
         r = evaluate_row(ROWS[name](args.cache), args.repeats, options, not args.skip_reference)
         cells = [fmt(r.get(k, [np.nan])) for k in ("milcli auc", "reference auc", "milcli acc", "reference acc", "loc instance",
-                                     "loc attention", "loc reference attention")]
+                                                  "loc attention", "loc reference attention")]
+        cells.append(f"{np.mean(r['milcli s/epoch']):.4f}")
         print(f"| {name} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |", flush=True)
         per_repeat.append(f"{name}: milcli AUC per repeat " + ", ".join(f"{v:.3f}" for v in r["milcli auc"]))
         for k, v in r.items():

@@ -133,7 +133,7 @@ EmbedWorkers = Annotated[Optional[int], typer.Option(min=0, help=WORKERS_HELP, s
 Slides = Annotated[list[Path], typer.Argument(metavar="SLIDES", help="Slide files or folders of slides.", show_default=False)]
 TRAIN_DEFAULTS = TrainOptions()
 MODEL_DEFAULTS = ModelConfig()
-ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, mean, max, noisy-and or clam-sb.")]
+ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, mean, max, noisy-and, clam-sb, clam-mb, dsmil or transmil.")]
 Ensemble = Annotated[int, typer.Option(min=1, help="Heads trained from different seeds and averaged (one model file).")]
 MaxPatches = Annotated[Optional[int], typer.Option(min=1, help="Random patches per training bag and epoch (evaluation uses all).")]
 Repeats = Annotated[int, typer.Option(min=1, help="With --folds: repeat the cross-validation with other fold assignments and seeds; the pooled out-of-fold metrics are reported as mean ± sd over repeats with their standard error.")]
@@ -326,7 +326,7 @@ def train(
     attention_dim: Annotated[int, typer.Option(min=1, help="Attention branch size.")] = MODEL_DEFAULTS.attention_dim,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout after the patch embedding.")] = MODEL_DEFAULTS.dropout,
     instance_loss: Annotated[float, typer.Option(min=0.0, max=1.0, help="abmil heads: share of the max-pooled patch-classifier loss (its patch scores localise).")] = MODEL_DEFAULTS.instance_loss,
-    instance_k: Annotated[int, typer.Option(min=1, help="clam-sb: top/bottom patches per bag for the instance loss.")] = MODEL_DEFAULTS.instance_k,
+    instance_k: Annotated[int, typer.Option(min=1, help="clam-sb, clam-mb: top/bottom patches per bag for the instance loss.")] = MODEL_DEFAULTS.instance_k,
     seed: Seed = 0,
     device: Device = "auto",
     config: ConfigFile = None,

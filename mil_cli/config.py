@@ -36,8 +36,8 @@ class ModelConfig:
     attention_dim: int = 128
     dropout: float = 0.25
     instance_loss: float = 0.5    # abmil heads: share of the max-pooled patch-classifier loss
-    instance_k: int = 8           # clam-sb: patches taken from each end of the attention ranking
-    instance_weight: float = 0.3  # clam-sb: share of the instance loss in the total loss
+    instance_k: int = 8           # clam-sb/-mb: patches taken from each end of the attention ranking
+    instance_weight: float = 0.3  # clam-sb/-mb: share of the instance loss in the total loss
 
     def to_dict(self) -> dict:
         return asdict(self)

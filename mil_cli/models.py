@@ -20,10 +20,16 @@ patch-level answer that localises; attention only says what the bag pooling weig
   a soft AND with a learnable threshold per class.
 - `clam-sb`: gated attention plus CLAM's instance-clustering loss: the k most and least
   attended patches of the bag's true class get pseudo-labels for a per-class patch classifier.
+- `clam-mb`: CLAM's multi-branch form: one attention branch and bag classifier per class.
+- `dsmil`: dual-stream MIL: a max-pooled patch classifier finds each class's critical patch,
+  every patch attends to it, and the two streams' logits are averaged.
+- `transmil`: a class token and the patches through two self-attention layers with TransMIL's
+  convolutional position encoding.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +46,8 @@ class MILOutput:
     attention: torch.Tensor   # (B, N) patch weights, 0 on padding, summing to 1 per bag
     embeddings: torch.Tensor  # (B, N, H) patch embeddings
     pooled_logits: torch.Tensor | None = None  # (B, C) the pooled classifier's own logits (default: logits)
-    strongest: torch.Tensor | None = None      # (B, 1 or C) abmil: the patch classifier's highest logits
+    strongest: torch.Tensor | None = None      # (B, 1 or C) abmil, dsmil: the patch classifier's highest logits
+    class_attention: torch.Tensor | None = None  # (B, N, C) clam-mb, dsmil: one attention per class
 
     def __post_init__(self) -> None:
         if self.pooled_logits is None:
@@ -257,15 +264,20 @@ class ClamSingleBranch(AttentionMIL):
         h = self.embed_patches(features)
         return torch.stack([torch.softmax(c(h), -1)[:, 1] for c in self.instance_classifiers], dim=1)
 
+    def branch_attention(self, out: MILOutput, targets: torch.Tensor) -> torch.Tensor:
+        """(B, N) the attention whose extremes give the pseudo-labels: the one branch here."""
+        return out.attention
+
     def loss(self, out: MILOutput, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         bag_loss = F.cross_entropy(out.logits, targets, weight=weight)
+        branch = self.branch_attention(out, targets)
         instance_losses = []
         for b in range(len(targets)):
             n = int(mask[b].sum())
             k = min(self.config.instance_k, n // 2)
             if k < 1:
                 continue
-            attention = out.attention[b, :n]
+            attention = branch[b, :n]
             picked = torch.cat([attention.topk(k).indices, (-attention).topk(k).indices])
             pseudo = torch.cat([torch.ones(k), torch.zeros(k)]).long().to(targets.device)
             logits = self.instance_classifiers[int(targets[b])](out.embeddings[b, picked])
@@ -276,6 +288,177 @@ class ClamSingleBranch(AttentionMIL):
         return (1 - w) * bag_loss + w * torch.stack(instance_losses).mean()
 
 
+class ClamMultiBranch(ClamSingleBranch):
+    """CLAM-MB (Lu et al., Nat. Biomed. Eng. 2021): one gated attention branch and one bag
+    classifier per class; class c's logit reads the embedding pooled with class c's attention.
+    The instance loss is CLAM's in-class one, on the true class's own branch. The attention
+    reported is the predicted class's."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.attention_w = nn.Linear(config.attention_dim, config.n_classes)
+        # classifier.weight[c] . pooled_c + bias[c]: CLAM-MB's per-class bag classifiers in one layer
+
+    def attend_per_class(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed_patches(features)
+        branch = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
+        scores = self.attention_w(branch).masked_fill(~mask[..., None], float("-inf"))
+        return h, torch.softmax(scores, dim=1)  # (B, N, C), each class's weights summing to 1
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+        h, attention = self.attend_per_class(features, mask)
+        pooled = torch.einsum("bnc,bnh->bch", attention, h)
+        logits = (pooled * self.classifier.weight).sum(-1) + self.classifier.bias
+        predicted = attention.gather(2, logits.argmax(1)[:, None, None].expand(-1, h.shape[1], 1)).squeeze(-1)
+        return MILOutput(logits, predicted, h, class_attention=attention)
+
+    def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+        h, attention = self.attend_per_class(*whole_bag(features))
+        return attention[0] * (h[0] @ self.classifier.weight.T)
+
+    def branch_attention(self, out: MILOutput, targets: torch.Tensor) -> torch.Tensor:
+        return out.class_attention.gather(2, targets[:, None, None].expand(-1, out.class_attention.shape[1], 1)).squeeze(-1)
+
+
+class DualStreamMIL(MILHead):
+    """DSMIL (Li, Li & Eliceiri, CVPR 2021). Stream one: a patch classifier, max-pooled per
+    class, finds each class's critical patch. Stream two: every patch attends to the critical
+    patch (softmax over the bag of <q_i, q_m> / sqrt(d), queries from a small MLP) and the
+    per-class attention-pooled value vectors go through one linear bag classifier (DSMIL's
+    Conv1d over classes). The prediction averages the two streams' logits, as DSMIL does; each
+    stream is trained by its own cross-entropy. Contributions: the bag classifier is linear in
+    the pooled values, so its logits split exactly into per-patch parts."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        c, hidden, q = config.n_classes, config.hidden_dim, config.attention_dim
+        self.instance_classifier = nn.Linear(hidden, c)
+        self.query = nn.Sequential(nn.Linear(hidden, q), nn.ReLU(), nn.Linear(q, q), nn.Tanh())
+        self.value = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(hidden, hidden))
+        self.classifier = nn.Linear(c * hidden, c)
+
+    def streams(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Embeddings, patch logits (B, N, C), attention to each class's critical patch (B, N, C)
+        and values (B, N, H)."""
+        h = self.embed_patches(features)
+        patch_logits = self.instance_classifier(h)
+        critical = patch_logits.masked_fill(~mask[..., None], float("-inf")).argmax(dim=1)  # (B, C)
+        q = self.query(h)
+        q_critical = q.gather(1, critical[..., None].expand(-1, -1, q.shape[-1]))            # (B, C, Q)
+        scores = torch.einsum("bnq,bcq->bnc", q, q_critical) / q.shape[-1] ** 0.5
+        attention = torch.softmax(scores.masked_fill(~mask[..., None], float("-inf")), dim=1)
+        return h, patch_logits, attention, self.value(h)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+        h, patch_logits, attention, values = self.streams(features, mask)
+        pooled = torch.einsum("bnc,bnh->bch", attention, values)
+        bag_logits = self.classifier(pooled.flatten(1))
+        strongest = patch_logits.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
+        logits = (bag_logits + strongest) / 2
+        predicted = attention.gather(2, logits.argmax(1)[:, None, None].expand(-1, h.shape[1], 1)).squeeze(-1)
+        return MILOutput(logits, predicted, h, bag_logits, strongest, attention)
+
+    def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Patch i's part of the bag classifier's logit c: sum over classes k of
+        attention_ik (W_ck . v_i)."""
+        _, _, attention, values = self.streams(*whole_bag(features))
+        c = self.config.n_classes
+        weight = self.classifier.weight.view(c, c, -1)                     # (C out, C in, H)
+        return torch.einsum("nk,ckh,nh->nc", attention[0], weight, values[0])
+
+    def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.instance_classifier(self.embed_patches(features)), -1)
+
+    def loss(self, out: MILOutput, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        return (F.cross_entropy(out.pooled_logits, targets, weight=weight)
+                + F.cross_entropy(out.strongest, targets, weight=weight)) / 2
+
+
+class SelfAttention(nn.Module):
+    """Pre-norm multi-head self-attention with a residual, TransMIL's layer (it has no MLP).
+    Exact attention through scaled_dot_product_attention, which does not hold the N x N
+    matrix on backends with a memory-efficient kernel."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, S, D) tokens -> the same updated, and the first token's attention over all
+        tokens (S,), averaged over heads."""
+        q, k, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        first = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return x + self.out(mixed), first[0, :, 0].mean(0)
+
+
+class PositionEncoding(nn.Module):
+    """TransMIL's PPEG: patch tokens laid on a square grid, plus three depthwise convolutions
+    (7, 5, 3) of it; the class token passes through."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim) for k in (7, 5, 3))
+
+    def forward(self, x: torch.Tensor, side: int) -> torch.Tensor:
+        grid = x[:, 1:].transpose(1, 2).unflatten(2, (side, side))
+        grid = grid + sum(conv(grid) for conv in self.convs)
+        return torch.cat([x[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+class TransMIL(MILHead):
+    """TransMIL (Shao et al., NeurIPS 2021): a class token and the patch embeddings go through
+    two self-attention layers with TransMIL's position encoding between them; the class token's
+    output is classified. The tokens, in bag order, fill the smallest square grid (the first
+    ones repeated), as TransMIL does. Exact attention replaces its Nystrom approximation.
+    Attention reported: the class token's over the patches in the last layer (heads
+    averaged; a repeated token's share goes to its patch). Patch scores: each patch's output
+    token read by the bag classifier. The bags of a padded batch go through one by one, so
+    padding cannot change an answer."""
+
+    additive = False
+    heads = 8
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        dim = config.hidden_dim
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.layer1 = SelfAttention(dim, self.heads)
+        self.position = PositionEncoding(dim)
+        self.layer2 = SelfAttention(dim, self.heads)
+        self.norm = nn.LayerNorm(dim)
+        self.classifier = nn.Linear(dim, config.n_classes)
+
+    def encode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One bag's embeddings (N, H) -> class-token logits (C,), attention (N,), patch logits (N, C)."""
+        n = len(h)
+        side = math.ceil(math.sqrt(n))
+        filled = h[torch.arange(side * side, device=h.device) % n]
+        x, _ = self.layer1(torch.cat([self.class_token, filled[None]], dim=1))
+        x, attention = self.layer2(self.position(x, side))
+        x = self.norm(x[0])
+        on_patches = torch.zeros(n, device=h.device, dtype=attention.dtype)
+        on_patches.index_add_(0, torch.arange(side * side, device=h.device) % n, attention[1:])
+        return self.classifier(x[0]), on_patches / on_patches.sum(), self.classifier(x[1:n + 1])
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+        h = self.embed_patches(features)
+        logits, attention = [], torch.zeros(mask.shape, device=h.device, dtype=h.dtype)
+        for b in range(len(h)):
+            bag_logits, attention[b, mask[b]], _ = self.encode(h[b, mask[b]])
+            logits.append(bag_logits)
+        return MILOutput(torch.stack(logits), attention, h)
+
+    def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.embed_patches(features))[2]
+
+    def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.patch_scores(features), -1)
+
+
 MODELS: dict[str, type[MILHead]] = {
     "abmil": AttentionMIL,
     "abmil-plain": PlainAttentionMIL,
@@ -283,6 +466,9 @@ MODELS: dict[str, type[MILHead]] = {
     "max": MaxMIL,
     "noisy-and": NoisyAndMIL,
     "clam-sb": ClamSingleBranch,
+    "clam-mb": ClamMultiBranch,
+    "dsmil": DualStreamMIL,
+    "transmil": TransMIL,
 }
 
 
