@@ -44,6 +44,20 @@ class Backbone:
     build: Callable[[Path], nn.Module] = field(repr=False)         # build(weight file)
     default_weights: Callable[[], Path] = field(repr=False)         # its weight file, or a one-line error
     precision: str = "bf16"       # preferred CUDA autocast type; bf16 falls back to fp16 where unsupported
+    hub_files: tuple[str, tuple[str, ...]] | None = None  # (repo, candidate files) when weights come from the HF hub
+
+    def weights_present(self) -> bool:
+        """Whether the default weights are on this machine (looked up, never downloaded)."""
+        if self.hub_files is not None:
+            from huggingface_hub import try_to_load_from_cache
+
+            repo, filenames = self.hub_files
+            return any(isinstance(try_to_load_from_cache(repo, f), str) for f in filenames)
+        try:
+            self.default_weights()
+        except MilcliError:
+            return False
+        return True
 
     def weights_file(self, weights: Path | None = None) -> Path:
         """The weight file `create` will load: `weights` when given, else the default source
@@ -256,6 +270,7 @@ def _timm_backbone(name: str) -> Backbone:
                     default_weights=partial(_timm_hub_weights, name, probe.pretrained_cfg.get("hf_hub_id")))
 
 
+UNI_FILES = ("MahmoodLab/UNI", ("pytorch_model.bin",))
 BACKBONES: dict[str, Backbone] = {
     "efficientnet-lite0": Backbone(
         name="efficientnet-lite0", dim=1280, input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
@@ -275,7 +290,7 @@ BACKBONES: dict[str, Backbone] = {
         description="UNI ViT-L/16 pathology foundation model (MahmoodLab/UNI); HF cache or --weights",
         build=partial(_build_timm, "vit_large_patch16_224",
                       {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True}),
-        default_weights=partial(_hub_file, "uni", "MahmoodLab/UNI", ("pytorch_model.bin",)),
+        default_weights=partial(_hub_file, "uni", *UNI_FILES), hub_files=UNI_FILES,
     ),
 }
 DEFAULT_BACKBONE = "efficientnet-lite0"

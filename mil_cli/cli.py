@@ -216,20 +216,26 @@ def tile(
     finish("tile", report, as_json, {"out": str(out)})
 
 
-def _list_backbones() -> None:
+def _list_backbones(as_json: bool) -> None:
     from mil_cli.backbones import BACKBONES
 
+    rows = [{"name": b.name, "dim": b.dim, "input_size": b.input_size, "mean": b.mean, "std": b.std,
+             "precision": b.precision, "licence": b.licence, "weights_present": b.weights_present(),
+             "description": b.description} for b in BACKBONES.values()]
+    if as_json:
+        print(json.dumps({"ok": True, "command": "embed --list-backbones", "backbones": rows}))
+        return
     table = Table(title="backbones")
-    for column in ("name", "dim", "input", "CUDA precision", "licence", "description"):
+    for column in ("name", "dim", "input", "CUDA precision", "licence", "weights here", "description"):
         table.add_column(column)
-    for b in BACKBONES.values():
-        table.add_row(b.name, str(b.dim), f"{b.input_size} px", b.precision, b.licence, b.description)
-    table.add_row("timm:<model>", "model's", "model's", "bf16", "model's",
+    for r in rows:
+        table.add_row(r["name"], str(r["dim"]), f"{r['input_size']} px", r["precision"], r["licence"],
+                      "yes" if r["weights_present"] else "no", r["description"])
+    table.add_row("timm:<model>", "model's", "model's", "bf16", "model's", "",
                   "any timm model; HF cache (downloads when online) or --weights FILE")
-    table.add_row("hf-hub:<org/repo>", "model's", "model's", "bf16", "model's",
+    table.add_row("hf-hub:<org/repo>", "model's", "model's", "bf16", "model's", "",
                   "a timm model on the Hugging Face hub (e.g. a pathology foundation model); HF cache or --weights")
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # a listing is the output: stdout
-
 
 
 @command
@@ -246,7 +252,7 @@ def embed(
     ray: RayAddress = None,
     ray_workers: Annotated[Optional[int], typer.Option(min=1, help="With --ray: worker processes, each holding one model.", show_default="GPUs x --workers-per-gpu; CPU-only: one per 4 CPUs")] = None,
     workers_per_gpu: WorkersPerGpu = 1,
-    list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List the backbones and exit.")] = False,
+    list_backbones: Annotated[bool, typer.Option("--list-backbones", help="List the backbones (with --json as JSON), whether their weights are on this machine, and exit.")] = False,
     overwrite: Overwrite = False,
     config: ConfigFile = None,
     quiet: Quiet = False,
@@ -254,7 +260,7 @@ def embed(
 ) -> None:
     """Embed every patch with a frozen CNN; write the feature store (GPU when present)."""
     if list_backbones:
-        _list_backbones()
+        _list_backbones(as_json)
         return
     from mil_cli.backbones import get_backbone
     from mil_cli.embedding import EmbedOptions, embed_store

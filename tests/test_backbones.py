@@ -118,3 +118,24 @@ def test_uni_without_cached_weights_says_how_to_get_them(tmp_path, monkeypatch) 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(MilcliError, match=r"MahmoodLab/UNI/pytorch_model.bin is not in the Hugging Face cache.*--weights FILE"):
         get_backbone("uni").create()
+
+
+def test_list_backbones_as_json_says_whose_weights_are_here(tmp_path, monkeypatch) -> None:
+    import json
+
+    from huggingface_hub import constants
+
+    from conftest import invoke
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    result = invoke("embed", "--list-backbones", "--json")
+    assert result.exit_code == 0
+    listed = {b["name"]: b for b in json.loads(result.stdout)["backbones"]}
+    assert listed["efficientnet-lite0"]["weights_present"] is True  # bundled with the package
+    assert listed["resnet50-trunc"]["weights_present"] is False and listed["uni"]["weights_present"] is False
+    assert listed["uni"]["dim"] == 1024 and listed["uni"]["input_size"] == 224
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert json.loads(invoke("embed", "--list-backbones", "--json").stdout)["backbones"][1]["weights_present"] is True
