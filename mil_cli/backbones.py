@@ -45,6 +45,7 @@ class Backbone:
     default_weights: Callable[[], Path] = field(repr=False)         # its weight file, or a one-line error
     precision: str = "bf16"       # preferred CUDA autocast type; bf16 falls back to fp16 where unsupported
     hub_files: tuple[str, tuple[str, ...]] | None = None  # (repo, candidate files) when weights come from the HF hub
+    mpp: float | None = None      # µm/px of the patches it was trained on (None: natural images)
 
     def weights_present(self) -> bool:
         """Whether the default weights are on this machine (looked up, never downloaded)."""
@@ -291,6 +292,7 @@ BACKBONES: dict[str, Backbone] = {
         build=partial(_build_timm, "vit_large_patch16_224",
                       {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True}),
         default_weights=partial(_hub_file, "uni", *UNI_FILES), hub_files=UNI_FILES,
+        mpp=0.5,  # model card: trained on 20x (0.5 µm/px) tiles of Mass-100K
     ),
 }
 DEFAULT_BACKBONE = "efficientnet-lite0"

@@ -221,6 +221,22 @@ def pending_jobs(tiles: stores.FeatureSource, finished: set[str], report: StageR
     return jobs
 
 
+MPP_TOLERANCE = 1.5  # patches this many times finer or coarser than the encoder's training data get a warning
+
+
+def warn_on_resolution(backbone: Backbone, jobs: list[SlideJob]) -> None:
+    """Pathology encoders see tissue at one scale; patches at another give silently worse features."""
+    if backbone.mpp is None:
+        return
+    off = [job for job in jobs if not (backbone.mpp / MPP_TOLERANCE <= float(job.attrs.get("target_mpp", float("nan")))
+                                       <= backbone.mpp * MPP_TOLERANCE)]
+    if off:
+        found = sorted({f"{float(job.attrs.get('target_mpp', float('nan'))):g}" for job in off})
+        warn(f"{backbone.name} was trained on patches at {backbone.mpp:g} µm/px; {len(off)} slide(s) were tiled at "
+             f"{', '.join(found)} µm/px (nan: no mpp in the file); its features there may be worse: tile again with "
+             f"--target-mpp {backbone.mpp:g}")
+
+
 def feature_store_attrs(backbone: Backbone, options: EmbedOptions) -> dict:
     """What every slide of a feature store must share; a resumed run must match them."""
     return {"backbone": backbone.name, "dim": backbone.dim, "dtype": options.dtype,
@@ -243,6 +259,7 @@ def embed_store(tiles_path: Path, out: Path, backbone: Backbone, device: torch.d
     backbone.check(options.weights)  # missing or unreadable weights: one line, before the store is touched
     with stores.StoreWriter(out, stores.FEATURES_FORMAT, feature_store_attrs(backbone, options), overwrite) as writer:
         jobs = pending_jobs(tiles, writer.completed(), report)
+        warn_on_resolution(backbone, jobs)
         if jobs:
             workers = default_workers(device) if options.workers is None else options.workers
             blocks = decode_blocks(jobs, backbone.input_size, workers)  # workers decode while the model loads

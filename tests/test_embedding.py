@@ -114,3 +114,18 @@ def test_kill_9_mid_embed_loses_at_most_the_slide_in_progress(tiles: Path, tmp_p
     for sid in expected:
         assert np.array_equal(expected[sid], got[sid])  # bit for bit on CPU
     assert not parts.exists()
+
+
+def test_patches_at_another_resolution_than_the_encoders_get_a_warning(capsys) -> None:
+    from dataclasses import replace
+
+    from mil_cli.embedding import SlideJob, warn_on_resolution
+
+    jobs = [SlideJob(f"s{i}", Path("x"), np.zeros((1, 2)), 256, {"target_mpp": mpp}) for i, mpp in
+            enumerate((0.5, 0.6, 1.0, float("nan")))]
+    warn_on_resolution(replace(get_backbone("efficientnet-lite0"), mpp=0.5), jobs)
+    message = " ".join(capsys.readouterr().err.split())
+    assert "trained on patches at 0.5 µm/px; 2 slide(s) were tiled at 1, nan µm/px" in message
+    assert "--target-mpp 0.5" in message
+    warn_on_resolution(get_backbone("efficientnet-lite0"), jobs)  # ImageNet: no scale to hold to
+    assert capsys.readouterr().err == ""
