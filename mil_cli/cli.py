@@ -51,6 +51,8 @@ def _flags_without_placeholder(params: list) -> list:
 
 
 class MilcliGroup(typer.core.TyperGroup):
+    """The top level: flags without a value placeholder, as in the commands."""
+
     def get_params(self, ctx: typer.Context) -> list:
         return _flags_without_placeholder(super().get_params(ctx))
 
@@ -85,6 +87,7 @@ class MilcliCommand(typer.core.TyperCommand):
 app = typer.Typer(cls=MilcliGroup, no_args_is_help=True, rich_markup_mode="rich",
                   help="Whole-slide images in, an attention-MIL model and maps of where it looked out.\n\n"
                        "Stages: tile, embed, train, predict, explain; run does them all.")
+
 
 def _options_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
     """Load --config FILE as the command's defaults; options on the command line still win."""
