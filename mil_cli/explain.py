@@ -13,9 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from matplotlib.path import Path as PolygonPath
 from scipy import ndimage
 from scipy.stats import rankdata
+import shapely
+from shapely.geometry import Point, Polygon
+from shapely.geometry.base import BaseGeometry
+from shapely.geometry.polygon import orient
+from shapely.validation import make_valid
 from skimage import measure
 
 from mil_cli.console import warn
@@ -270,42 +274,40 @@ def region_grid(coords: np.ndarray, step: int, size: int, values: np.ndarray, th
     return RegionGrid(by_size[labels], origin, step / upsample)
 
 
+SIMPLIFY_PX = 0.75     # map pixels: how far a simplified outline may stray from the traced one
+COORDINATE_GRID = 0.1  # level-0 px: the precision of exported coordinates
+
+
 def region_polygons(regions: RegionGrid) -> list[list[list[list[float]]]]:
-    """One polygon (outer ring, then holes) in level-0 px per region, largest region first."""
+    """One polygon (outer ring, then holes) in level-0 px per region, largest region first:
+    traced between pixel centres, made valid, simplified without changing its topology and
+    snapped to a 0.1 px grid by shapely, so every ring has at least 4 positions and none
+    crosses itself (RFC 7946, QuPath). Outer rings wind counter-clockwise in x-right,
+    y-up axes, holes the other way. Should repair split a region, its largest part is kept."""
     polygons = []
     for component, (rows, cols) in enumerate(ndimage.find_objects(regions.labels), start=1):
         crop = np.pad(regions.labels[rows, cols] == component, 1).astype(float)
         offset = np.array([cols.start, rows.start]) - 0.5  # padded crop index -> pixel centre
-        rings = []
-        for contour in measure.find_contours(crop, 0.5):
-            contour = measure.approximate_polygon(contour, tolerance=0.75)
-            rings.append(np.round(regions.origin + (contour[:, ::-1] + offset) * regions.pixel, 1))
-        rings.sort(key=lambda ring: -abs(_signed_area(ring)))
-        outer, holes = rings[0], [r for r in rings[1:] if PolygonPath(rings[0]).contains_point(r[0])]
-        polygons.append([_closed(outer, 1)] + [_closed(h, -1) for h in holes])
+        rings = sorted((regions.origin + (contour[:, ::-1] + offset) * regions.pixel
+                        for contour in measure.find_contours(crop, 0.5)), key=lambda r: -Polygon(r).area)
+        shell = Polygon(rings[0])
+        holes = [ring for ring in rings[1:] if shell.contains(Point(ring[0]))]
+        polygon = _largest_part(make_valid(Polygon(rings[0], holes)))
+        polygon = _largest_part(polygon.simplify(SIMPLIFY_PX * regions.pixel, preserve_topology=True))
+        polygon = orient(_largest_part(shapely.set_precision(polygon, COORDINATE_GRID)), sign=1.0)
+        polygons.append([[list(xy) for xy in ring.coords] for ring in (polygon.exterior, *polygon.interiors)])
     return polygons
+
+
+def _largest_part(geometry: BaseGeometry) -> Polygon:
+    parts = [g for g in getattr(geometry, "geoms", [geometry]) if isinstance(g, Polygon) and not g.is_empty]
+    return max(parts, key=lambda g: g.area)
 
 
 def region_scores(regions: RegionGrid, coords: np.ndarray, size: int, attention: np.ndarray) -> list[float]:
     """Attention mass of the patches whose centres fall in each region, largest region first."""
     at_centres = regions.labels[regions.pixel_of(coords + size / 2)]
     return np.bincount(at_centres, weights=attention, minlength=regions.labels.max() + 1)[1:].tolist()
-
-
-def _signed_area(ring: np.ndarray) -> float:
-    x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
-
-
-def _closed(ring: np.ndarray, winding: int) -> list[list[float]]:
-    """The ring closed, wound as RFC 7946 asks: outer rings (winding 1) with positive signed
-    area (counter-clockwise in x-right, y-up axes), holes (-1) the other way."""
-    if np.sign(_signed_area(ring)) != winding:
-        ring = ring[::-1]
-    points = ring.tolist()
-    if points[0] != points[-1]:
-        points.append(points[0])
-    return points
 
 
 def regions_geojson(polygons: list, scores: list[float], slide_id: str, classification: str) -> dict:

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import invoke
@@ -89,6 +91,44 @@ def test_regions_are_traced_between_patch_centres_and_keep_holes() -> None:
     assert outer[:, 1].min() == pytest.approx(70 + 100, abs=15) and outer[:, 1].max() == pytest.approx(70 + 400, abs=15)
     assert hole[:, 0].min() == pytest.approx(30 + 200, abs=15) and hole[:, 0].max() == pytest.approx(30 + 300, abs=15)
     assert region_scores(regions, coords, 100, ring / ring.sum()) == [pytest.approx(1.0)]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(2, 12), st.integers(2, 12), st.sampled_from([64, 100, 256]), st.sampled_from([1, 2]),
+       st.integers(0, 2**32 - 1), st.floats(0.05, 0.95))
+def test_every_region_is_a_valid_polygon_on_random_maps(columns: int, rows: int, step: int, overlap: int, seed: int,
+                                                        threshold: float) -> None:
+    """RFC 7946 and QuPath: rings of at least 4 positions, closed, outer rings counter-clockwise
+    and holes clockwise (x right, y up), no ring crossing itself or another (shapely validity);
+    random sparse maps, isolated peaks and missing patches included."""
+    from shapely.geometry import Polygon
+
+    rng = np.random.default_rng(seed)
+    coords = grid_coords(columns, rows, step=step)
+    values = rng.random(len(coords)) ** 3 * (rng.random(len(coords)) < 0.6)
+    kept = rng.random(len(coords)) < 0.85
+    coords, values = coords[kept], values[kept]
+    if len(coords) == 0 or values.max() == 0:
+        return
+    regions = region_grid(coords, step, step * overlap, values, threshold)
+    polygons = region_polygons(regions)
+    assert len(polygons) == regions.labels.max() == len(region_scores(regions, coords, step * overlap, values))
+    for rings in polygons:
+        assert all(len(ring) >= 4 and ring[0] == ring[-1] for ring in rings)
+        assert signed_area(np.array(rings[0])) > 0 and all(signed_area(np.array(r)) < 0 for r in rings[1:])
+        assert Polygon(rings[0], rings[1:]).is_valid
+
+
+def test_every_exported_region_of_the_sample_run_is_valid(sample_run: Path) -> None:
+    from shapely.geometry import shape
+
+    files = sorted((sample_run / "explain").glob("*/regions.geojson"))
+    assert len(files) == 20
+    for path in files:
+        for feature in json.loads(path.read_text())["features"]:
+            rings = feature["geometry"]["coordinates"]
+            assert all(len(ring) >= 4 for ring in rings), path
+            assert shape(feature["geometry"]).is_valid, path
 
 
 def test_region_edges_follow_the_evidence_not_the_patch_grid() -> None:
