@@ -42,6 +42,18 @@ def fail(command_name: str, exc: MilcliError, as_json: bool) -> typer.Exit:
     return typer.Exit(EXIT_ERROR)
 
 
+OPTIONS_FILE = "milcli.options_file"  # ctx.meta key: (path, parameter names it set)
+
+
+def _from_options_file(ctx: typer.Context, exc: Exception, args: list[str]) -> InputError | None:
+    """A bad value that came from --config FILE (not from the command line), as an error naming the file."""
+    param = getattr(exc, "param", None)
+    path, names = ctx.meta.get(OPTIONS_FILE, (None, set()))
+    if param is None or param.name not in names or any(arg.split("=")[0] in param.opts for arg in args):
+        return None
+    return InputError(path, f"{param.opts[0].lstrip('-')}: {exc.format_message()}")
+
+
 def _flags_without_placeholder(params: list) -> list:
     """Boolean flags take no value, so their help shows none (typer would print <bool>)."""
     for param in params:
@@ -73,10 +85,13 @@ class MilcliCommand(typer.core.TyperCommand):
         return pieces
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
-        as_json = "--json" in args
+        as_json, given = "--json" in args, list(args)  # the parser consumes `args`
         try:
             return super().parse_args(ctx, args)
         except UsageError as exc:
+            from_file = _from_options_file(ctx, exc, given)
+            if from_file is not None:
+                raise fail(self.name or "", from_file, as_json) from None
             if as_json:
                 json_failure(self.name or "", exc.format_message(), None)
             raise
@@ -95,16 +110,17 @@ def _options_file(ctx: typer.Context, param: typer.CallbackParam, value: Path | 
         return value
     names = {}  # option name without dashes -> (parameter, negated)
     for p in ctx.command.params:
-        names |= {opt.lstrip("-"): (p.name, False) for opt in p.opts}
-        names |= {opt.lstrip("-"): (p.name, True) for opt in getattr(p, "secondary_opts", [])}
+        names |= {opt.lstrip("-"): (p, False) for opt in p.opts}
+        names |= {opt.lstrip("-"): (p, True) for opt in getattr(p, "secondary_opts", [])}
     names.pop("config", None)
     defaults = {}
     for key, item in read_options_file(value).items():
         if key not in names:
             raise InputError(value, f"unknown option '{key}' for `milcli {ctx.command.name}` (see its --help)")
-        name, negated = names[key]
-        defaults[name] = (not item) if negated and isinstance(item, bool) else item
+        option, negated = names[key]
+        defaults[option.name] = (not item) if negated and isinstance(item, bool) else item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    ctx.meta[OPTIONS_FILE] = (value, set(defaults))  # so a bad value is blamed on the file
     return value
 
 

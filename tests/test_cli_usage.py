@@ -132,6 +132,9 @@ def test_options_file_sets_defaults_and_the_command_line_wins(embedded_subset: P
     options.write_text("epoch = 3\n")
     result = invoke("train", "--config", options, "--device", "cpu", cwd=embedded_subset)
     assert result.exit_code == 2 and "train.toml: unknown option 'epoch' for `milcli train`" in one_error_line(result.stderr)
+    options.write_text("epochs = \"many\"\n")
+    result = invoke("train", "--config", options, "--device", "cpu", cwd=embedded_subset)
+    assert result.exit_code == 2 and "train.toml: epochs: Invalid value" in one_error_line(result.stderr)
     options.write_text("[train]\nepochs = 3\n")
     result = invoke("train", "--config", options, "--device", "cpu", cwd=embedded_subset)
     assert result.exit_code == 2 and "sections are not used" in result.stderr
