@@ -116,10 +116,13 @@ def test_kill_9_mid_embed_loses_at_most_the_slide_in_progress(tiles: Path, tmp_p
     assert not parts.exists()
 
 
-def test_patches_at_another_resolution_than_the_encoders_get_a_warning(capsys) -> None:
+def test_patches_at_another_resolution_than_the_encoders_get_a_warning(capsys, monkeypatch) -> None:
     from dataclasses import replace
 
+    from mil_cli.console import console
     from mil_cli.embedding import SlideJob, warn_on_resolution
+
+    monkeypatch.setattr(console, "quiet", False)  # an earlier --quiet command may have left it on
 
     jobs = [SlideJob(f"s{i}", Path("x"), np.zeros((1, 2)), 256, {"target_mpp": mpp}) for i, mpp in
             enumerate((0.5, 0.6, 1.0, float("nan")))]
