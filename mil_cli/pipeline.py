@@ -47,9 +47,10 @@ def check_run(inputs: list[Path], labels_path: Path, options: RunOptions) -> lis
     paths = find_slides(inputs)
     if not paths:
         raise InputError(", ".join(map(str, inputs)), no_slides_found())
-    held_out = frozenset({"test"} if options.folds else {"val", "test"})
-    check_cohort(read_labels(labels_path), labels_path, {slide_id_from_path(p) for p in paths},
-                 "the slides given", held_out, options.folds)
+    labels, ids = read_labels(labels_path), {slide_id_from_path(p) for p in paths}
+    check_cohort(labels, labels_path, ids, "the slides given")  # the model: split val and test held out
+    if options.folds:  # cross-validation folds the val slides back in, and needs `folds` of each class
+        check_cohort(labels, labels_path, ids, "the slides given", frozenset({"test"}), options.folds)
     get_backbone(options.backbone).check(options.embedding.weights)
     return paths
 

@@ -58,6 +58,14 @@ def test_run_with_bad_labels_fails_in_seconds_and_writes_nothing(problem: str, t
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["labels.csv"]
 
 
+def test_run_with_more_folds_than_slides_of_a_class_fails_before_tiling(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = invoke("run", SAMPLE / "slides", "--labels", SAMPLE / "labels.csv", "--out", out, "--folds", "11")
+    assert result.exit_code == 2 and not out.exists()
+    assert ("11-fold cross-validation needs at least 11 training slides of every class; found in the slides "
+            "given: normal: 10, tumour: 10") in one_error_line(result.stderr)
+
+
 def test_run_without_backbone_weights_fails_before_tiling(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     out = tmp_path / "run"
