@@ -7,6 +7,7 @@ atomic rename). A slide group without `complete` is treated as absent and redone
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -30,6 +31,21 @@ FORMAT_VERSION = 1
 IMAGE_DATASETS = ("thumbnail", "tissue_mask")
 
 
+LOCKS_UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP}  # what NFS and Lustre mounts without locking say
+NO_LOCKS_ADVICE = ("this filesystem does not support file locks (common on NFS and Lustre); set "
+                   "HDF5_USE_FILE_LOCKING=FALSE and let one milcli command write a store at a time")
+
+
+def lock_failure(message: str) -> str | None:
+    """What an HDF5 locking error means for the user, from h5py's message (None: not a lock error)."""
+    if "lock" not in message.lower():
+        return None
+    found = re.search(r"errno = (\d+)", message)
+    if found and int(found.group(1)) in LOCKS_UNSUPPORTED:
+        return NO_LOCKS_ADVICE
+    return "in use by another process that holds its HDF5 lock (a milcli command writing it?); wait for it to finish"
+
+
 def open_h5(path: Path, mode: str) -> h5py.File:
     """Open an HDF5 file, turning the usual failures into one-line errors."""
     try:
@@ -38,9 +54,7 @@ def open_h5(path: Path, mode: str) -> h5py.File:
         raise InputError(path, "no such file") from None
     except (OSError, BlockingIOError) as exc:
         text = str(exc)
-        if "lock" in text.lower():
-            raise InputError(path, "in use by another milcli process (HDF5 file lock)") from None
-        raise InputError(path, f"not a readable HDF5 file ({text})") from None
+        raise InputError(path, lock_failure(text) or f"not a readable HDF5 file ({text})") from None
 
 
 def _check_format(f: h5py.File, path: Path, expected: str) -> None:
@@ -129,6 +143,11 @@ class StoreWriter:
             self._lock = None
             raise InputError(self.path, f"in use by another milcli process (it holds {lock_path}); "
                                         f"wait for it to finish or choose another --out") from None
+        except OSError as exc:
+            if exc.errno not in LOCKS_UNSUPPORTED:
+                self._unlock()
+                raise InputError(self.path, f"cannot lock {lock_path} ({exc.strerror})") from None
+            warn(f"{self.path}: {NO_LOCKS_ADVICE}")  # no lock to take: go on, trusting the user
         try:
             self._prepare()
         except BaseException:
@@ -227,8 +246,7 @@ class StoreWriter:
 
     def _unlock(self) -> None:
         if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            os.close(self._lock)
+            os.close(self._lock)  # closing the descriptor releases its flock (and works where locks do not)
             self._lock = None
 
 

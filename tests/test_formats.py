@@ -107,3 +107,18 @@ def test_tissue_found_on_pale_and_dark_slides(stain: str) -> None:
     truth = tissue_mask(he_like_image(8, (300, 400)), 8.0)
     agreement = (mask == truth).mean()
     assert agreement > 0.95, agreement
+
+
+def test_hdf5_lock_errors_say_what_happened() -> None:
+    """h5py's own messages: a lock held by another process, and a filesystem without locks
+    (NFS, Lustre: errno 38 ENOSYS or 37 ENOLCK), which is not "another process"."""
+    from mil_cli.stores import lock_failure
+
+    held = ("Unable to synchronously open file (unable to lock file, errno = 11, error message = "
+            "'Resource temporarily unavailable')")
+    assert "in use by another process" in lock_failure(held)
+    for code, text in ((38, "Function not implemented"), (37, "No locks available")):
+        message = lock_failure(f"Unable to synchronously open file (unable to lock file, errno = {code}, "
+                               f"error message = '{text}')")
+        assert "does not support file locks" in message and "HDF5_USE_FILE_LOCKING=FALSE" in message
+    assert lock_failure("Unable to synchronously open file (file signature not found)") is None
