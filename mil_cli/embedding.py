@@ -67,6 +67,7 @@ class PatchBlocks(Dataset):
                        for rows in group_into_blocks(job.coords, job.patch_size_level0 * span)]
         self.open_handles = open_handles
         self._slides: OrderedDict[Path, Slide] = OrderedDict()
+        self._unreadable: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -81,7 +82,15 @@ class PatchBlocks(Dataset):
         return self._slides[path]
 
     def _read(self, job: SlideJob, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        slide = self._slide(job.source_path)
+        """Pixels and decoded flags. A slide that cannot be opened gives no decoded patch (not an
+        exception: raised in a decode worker it would end the run, and lose its name)."""
+        try:
+            slide = self._slide(job.source_path) if job.source_path not in self._unreadable else None
+        except InputError:
+            self._unreadable.add(job.source_path)
+            slide = None
+        if slide is None:
+            return np.zeros((len(rows), self.input_size, self.input_size, 3), np.uint8), np.zeros(len(rows), bool)
         try:
             return slide.read_patches_unscaled(job.coords[rows], job.patch_size_level0, self.input_size), \
                 np.ones(len(rows), dtype=bool)
@@ -342,11 +351,20 @@ def _embed_jobs(embedder: Embedder, blocks: Iterator, jobs: list[SlideJob], tile
             pending.result()
 
 
+def why_undecodable(path: Path) -> str:
+    """The reason a slide gave no patch: why it cannot be opened, when it cannot."""
+    try:
+        open_slide(path).close()
+    except InputError as exc:
+        return f"{path}: {exc.reason}"
+    return f"no patch of {path} could be decoded"
+
+
 def write_slide(tiles_path: Path, writer: stores.StoreWriter, job: SlideJob, features: np.ndarray,
                 ok: np.ndarray, report: StageReport) -> None:
     """Store one embedded slide (its decodable patches), or record why it failed."""
     if not ok.any():
-        report.failed[job.slide_id] = f"no patch of {job.source_path} could be decoded"
+        report.failed[job.slide_id] = why_undecodable(job.source_path)
         return
     if not ok.all():
         warn(f"{job.slide_id}: skipped {int((~ok).sum())} of {len(ok)} patches that could not be decoded")

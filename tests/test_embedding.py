@@ -3,6 +3,7 @@ and a kill -9 in the middle of `milcli embed`."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -132,3 +133,19 @@ def test_patches_at_another_resolution_than_the_encoders_get_a_warning(capsys, m
     assert "--target-mpp 0.5" in message
     warn_on_resolution(get_backbone("efficientnet-lite0"), jobs)  # ImageNet: no scale to hold to
     assert capsys.readouterr().err == ""
+
+
+def test_a_slide_that_breaks_under_decode_workers_is_named_and_the_rest_embedded(sample_subset: Path) -> None:
+    """The slide file is truncated after tiling; with --workers 2 its failure happens inside a
+    DataLoader worker, where an exception used to end the run as a RuntimeError traceback."""
+    from conftest import FAST
+
+    assert invoke("tile", "slides/", *FAST, "--quiet", cwd=sample_subset).exit_code == 0
+    broken = sample_subset / "slides" / "slide_01.tif"
+    broken.write_bytes(broken.read_bytes()[:100])  # too short to hold its image directory: it cannot be opened
+    result = invoke("embed", "--device", "cpu", "--workers", "2", "--json", cwd=sample_subset)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    assert sorted(summary["done"]) == ["slide_00", "slide_02", "slide_03"]
+    assert "truncated or damaged" in summary["failed"]["slide_01"]
+    assert "slide_01" in result.stderr and "truncated or damaged" in result.stderr
