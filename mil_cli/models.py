@@ -55,8 +55,19 @@ class MILOutput:
 
 
 def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Softmax over the bag axis that gives padding exactly zero weight."""
-    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    """Softmax over the bag axis of (B, N) or per class of (B, N, C) scores that gives padding
+    exactly zero weight."""
+    return torch.softmax(without_padding(scores, mask), dim=1)
+
+
+def without_padding(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) or (B, N, C) patch values with padding at -inf: out of every softmax, max and argmax."""
+    return values.masked_fill(~(mask if values.dim() == 2 else mask[..., None]), float("-inf"))
+
+
+def pick_class(per_class: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) per-class patch values -> (B, N): those of each bag's class in `classes` (B,)."""
+    return per_class.gather(2, classes[:, None, None].expand(-1, per_class.shape[1], 1)).squeeze(-1)
 
 
 def whole_bag(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,12 +136,16 @@ class AttentionMIL(MILHead):
         if self.max_instance_loss:  # binary: one logit, the positive class's; else one per class
             self.instance_classifier = nn.Linear(config.hidden_dim, 1 if config.n_classes == 2 else config.n_classes)
 
-    def attend(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.embed_patches(features)
+    def attention_scores(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, N, H) embeddings -> (B, N, branches) unnormalised attention."""
         branch = torch.tanh(self.attention_v(h))
         if self.attention_u is not None:
             branch = branch * torch.sigmoid(self.attention_u(h))
-        return h, masked_softmax(self.attention_w(branch).squeeze(-1), mask)
+        return self.attention_w(branch)
+
+    def attend(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed_patches(features)
+        return h, masked_softmax(self.attention_scores(h).squeeze(-1), mask)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
         """With the patch classifier, the prediction averages two streams' class probabilities
@@ -141,7 +156,7 @@ class AttentionMIL(MILHead):
         pooled_logits = self.classifier(torch.einsum("bn,bnh->bh", attention, h))
         if not self.max_instance_loss or self.config.instance_loss == 0:
             return MILOutput(pooled_logits, attention, h)
-        strongest = self.instance_classifier(h).masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
+        strongest = without_padding(self.instance_classifier(h), mask).amax(dim=1)
         probs = (torch.softmax(pooled_logits, -1) + self.patch_probabilities(strongest)) / 2
         return MILOutput(torch.log(probs.clamp(min=1e-12)), attention, h, pooled_logits, strongest)
 
@@ -215,8 +230,7 @@ class InstanceScoreMIL(MILHead):
         scores = self.instance_classifier(h)  # (B, N, C)
         logits = self.pool(scores, mask)
         # weight of a patch: how strongly it argues for the predicted class, softmaxed over the bag
-        top = scores.gather(2, logits.argmax(1)[:, None, None].expand(-1, scores.shape[1], 1)).squeeze(-1)
-        return MILOutput(logits, masked_softmax(top, mask), h)
+        return MILOutput(logits, masked_softmax(pick_class(scores, logits.argmax(1)), mask), h)
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         return self.instance_classifier(self.embed_patches(features))
@@ -227,7 +241,7 @@ class InstanceScoreMIL(MILHead):
 
 class MaxMIL(InstanceScoreMIL):
     def pool(self, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return scores.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
+        return without_padding(scores, mask).amax(dim=1)
 
 
 class NoisyAndMIL(InstanceScoreMIL):
@@ -301,23 +315,20 @@ class ClamMultiBranch(ClamSingleBranch):
 
     def attend_per_class(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.embed_patches(features)
-        branch = torch.tanh(self.attention_v(h)) * torch.sigmoid(self.attention_u(h))
-        scores = self.attention_w(branch).masked_fill(~mask[..., None], float("-inf"))
-        return h, torch.softmax(scores, dim=1)  # (B, N, C), each class's weights summing to 1
+        return h, masked_softmax(self.attention_scores(h), mask)  # (B, N, C), each class's weights summing to 1
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
         h, attention = self.attend_per_class(features, mask)
         pooled = torch.einsum("bnc,bnh->bch", attention, h)
         logits = (pooled * self.classifier.weight).sum(-1) + self.classifier.bias
-        predicted = attention.gather(2, logits.argmax(1)[:, None, None].expand(-1, h.shape[1], 1)).squeeze(-1)
-        return MILOutput(logits, predicted, h, class_attention=attention)
+        return MILOutput(logits, pick_class(attention, logits.argmax(1)), h, class_attention=attention)
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         h, attention = self.attend_per_class(*whole_bag(features))
         return attention[0] * (h[0] @ self.classifier.weight.T)
 
     def branch_attention(self, out: MILOutput, targets: torch.Tensor) -> torch.Tensor:
-        return out.class_attention.gather(2, targets[:, None, None].expand(-1, out.class_attention.shape[1], 1)).squeeze(-1)
+        return pick_class(out.class_attention, targets)
 
 
 class DualStreamMIL(MILHead):
@@ -338,25 +349,22 @@ class DualStreamMIL(MILHead):
         self.classifier = nn.Linear(c * hidden, c)
 
     def streams(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Embeddings, patch logits (B, N, C), attention to each class's critical patch (B, N, C)
-        and values (B, N, H)."""
+        """Embeddings, each class's highest patch logit (B, C), attention to each class's
+        critical patch (B, N, C) and values (B, N, H)."""
         h = self.embed_patches(features)
-        patch_logits = self.instance_classifier(h)
-        critical = patch_logits.masked_fill(~mask[..., None], float("-inf")).argmax(dim=1)  # (B, C)
+        patch_logits = without_padding(self.instance_classifier(h), mask)
+        strongest, critical = patch_logits.max(dim=1)                                        # (B, C) each
         q = self.query(h)
         q_critical = q.gather(1, critical[..., None].expand(-1, -1, q.shape[-1]))            # (B, C, Q)
         scores = torch.einsum("bnq,bcq->bnc", q, q_critical) / q.shape[-1] ** 0.5
-        attention = torch.softmax(scores.masked_fill(~mask[..., None], float("-inf")), dim=1)
-        return h, patch_logits, attention, self.value(h)
+        return h, strongest, masked_softmax(scores, mask), self.value(h)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
-        h, patch_logits, attention, values = self.streams(features, mask)
+        h, strongest, attention, values = self.streams(features, mask)
         pooled = torch.einsum("bnc,bnh->bch", attention, values)
         bag_logits = self.classifier(pooled.flatten(1))
-        strongest = patch_logits.masked_fill(~mask[..., None], float("-inf")).amax(dim=1)
         logits = (bag_logits + strongest) / 2
-        predicted = attention.gather(2, logits.argmax(1)[:, None, None].expand(-1, h.shape[1], 1)).squeeze(-1)
-        return MILOutput(logits, predicted, h, bag_logits, strongest, attention)
+        return MILOutput(logits, pick_class(attention, logits.argmax(1)), h, bag_logits, strongest, attention)
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         """Patch i's part of the bag classifier's logit c: sum over classes k of
