@@ -149,7 +149,20 @@ WorkersPerGpu = Annotated[int, typer.Option(min=1, help="With --ray: workers sha
 WORKERS_HELP = "Processes that read slides (tile: one slide each; embed: they decode patches for the model); 0: read in this process."
 TileWorkers = Annotated[Optional[int], typer.Option(min=0, help=WORKERS_HELP, show_default="cores, at most 4")]
 EmbedWorkers = Annotated[Optional[int], typer.Option(min=0, help=WORKERS_HELP, show_default="CUDA: cores - 1, at most 8; CPU: 0")]
-Slides = Annotated[list[Path], typer.Argument(metavar="SLIDES", help="Slide files or folders of slides.", show_default=False)]
+FLAG_WORDS = {"true", "false", "yes", "no", "on", "off"}
+
+
+def _no_flag_values(paths: list[Path] | None) -> list[Path] | None:
+    """`--previews true` leaves "true" among the slides: say what was meant, not just that it is missing."""
+    for path in paths or []:
+        if path.name.lower() in FLAG_WORDS and not path.exists():
+            raise InputError(path, "no such file or folder (flags such as --previews take no value: write "
+                                   "--previews, not --previews true)")
+    return paths
+
+
+Slides = Annotated[list[Path], typer.Argument(metavar="SLIDES", help="Slide files or folders of slides.", show_default=False,
+                                              callback=_no_flag_values)]
 TRAIN_DEFAULTS = TrainOptions()
 MODEL_DEFAULTS = ModelConfig()
 ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, mean, max, noisy-and, clam-sb, clam-mb, dsmil or transmil.")]

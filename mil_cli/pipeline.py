@@ -40,10 +40,10 @@ class RunOptions:
     overwrite: bool = False
 
 
-def check_run(inputs: list[Path], labels_path: Path, options: RunOptions) -> list[Path]:
+def check_run(inputs: list[Path], labels_path: Path, options: RunOptions) -> None:
     """Everything that can be checked before hours of tiling and embedding: the slides exist,
     the labels file reads and names enough of them in two or more classes, and the backbone's
-    weights are at hand. Returns the slide files."""
+    weights are at hand."""
     paths = find_slides(inputs)
     if not paths:
         raise InputError(", ".join(map(str, inputs)), no_slides_found())
@@ -52,7 +52,6 @@ def check_run(inputs: list[Path], labels_path: Path, options: RunOptions) -> lis
     if options.folds:  # cross-validation folds the val slides back in, and needs `folds` of each class
         check_cohort(labels, labels_path, ids, "the slides given", frozenset({"test"}), options.folds)
     get_backbone(options.backbone).check(options.embedding.weights)
-    return paths
 
 
 def _model_matches(path: Path, options: TrainOptions) -> bool:

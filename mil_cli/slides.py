@@ -370,7 +370,5 @@ def find_slides(inputs: list[Path]) -> list[Path]:
         elif item.exists():
             found.append(item)
         else:
-            flag_value = item.name.lower() in {"true", "false", "yes", "no", "on", "off"}
-            raise InputError(item, "no such file or folder" + (" (flags such as --previews take no value: "
-                                                               "write --previews, not --previews true)" if flag_value else ""))
+            raise InputError(item, "no such file or folder")
     return found
