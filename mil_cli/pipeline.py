@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mil_cli import __version__
-from mil_cli.backbones import get_backbone
+from mil_cli.backbones import Backbone, get_backbone
 from mil_cli.embedding import EmbedOptions, embed_store
 from mil_cli.explain import ExplainOptions, explain_slides
 from mil_cli.inference import load_models, predict_slides, write_predictions
@@ -40,7 +40,7 @@ class RunOptions:
     overwrite: bool = False
 
 
-def check_run(inputs: list[Path], labels_path: Path, options: RunOptions) -> None:
+def check_run(inputs: list[Path], labels_path: Path, options: RunOptions, backbone: Backbone) -> None:
     """Everything that can be checked before hours of tiling and embedding: the slides exist,
     the labels file reads and names enough of them in two or more classes, and the backbone's
     weights are at hand."""
@@ -51,7 +51,7 @@ def check_run(inputs: list[Path], labels_path: Path, options: RunOptions) -> Non
     check_cohort(labels, labels_path, ids, "the slides given")  # the model: split val and test held out
     if options.folds:  # cross-validation folds the val slides back in, and needs `folds` of each class
         check_cohort(labels, labels_path, ids, "the slides given", frozenset({"test"}), options.folds)
-    get_backbone(options.backbone).check(options.embedding.weights)
+    backbone.check(options.embedding.weights)
 
 
 def _model_matches(path: Path, options: TrainOptions) -> bool:
@@ -79,7 +79,8 @@ def run_pipeline(inputs: list[Path], labels_path: Path, out: Path, options: RunO
                  device: torch.device) -> dict[str, StageReport]:
     """Tile, embed, train, predict and explain into `out`; returns each stage's report.
     Nothing is written when check_run finds a problem."""
-    check_run(inputs, labels_path, options)
+    backbone = get_backbone(options.backbone)
+    check_run(inputs, labels_path, options, backbone)
     out.mkdir(parents=True, exist_ok=True)
     tiles, feats, model_path = out / "tiles.h5", out / "feats.h5", out / "model.pt"
     reports: dict[str, StageReport] = {}
@@ -87,7 +88,7 @@ def run_pipeline(inputs: list[Path], labels_path: Path, out: Path, options: RunO
     reports["tile"] = tile_slides(inputs, tiles, options.tiling, overwrite=options.overwrite,
                                   workers=default_tiling_workers() if workers is None else workers,
                                   previews=out / "previews" if options.previews else None)
-    reports["embed"] = embed_store(tiles, feats, get_backbone(options.backbone), device, options.embedding,
+    reports["embed"] = embed_store(tiles, feats, backbone, device, options.embedding,
                                    overwrite=options.overwrite)
 
     stale = options.overwrite or reports["embed"].done or not _model_matches(model_path, options.training)
