@@ -3,7 +3,7 @@ patches/s of the same backbone, batch size and device in the same run (their rat
 data pipeline's efficiency), and peak RSS when embedding 1 vs 10 slides.
 
 End-to-end time covers everything `milcli embed` does: model build, patch reads and JPEG
-decoding, the forward passes, the writes and the final store merge; "after model load" leaves
+decoding, the forward passes, the writes and the final index update; "after model load" leaves
 out the one-off model build (imports, weights). Model-only time is the forward pass (with the
 on-device normalisation and reading the features back) over the same patches, decoded
 beforehand and held in memory, timed in the same rounds, alternating with the end-to-end runs

@@ -3,7 +3,7 @@
 Each round embeds the same tile store into a fresh feature store twice, alternating: once with
 `embed_store` (this process), once with `ray_embed_store` on a Ray instance started here
 (`--ray local`) with `--ray-workers N`, each worker taking cores / N CPU threads. Both times are
-end to end (model build in every worker, reads, forward passes, store writes and merge); Ray's
+end to end (model build in every worker, reads, forward passes, store writes and the index update); Ray's
 own start-up is paid once, before the rounds, and reported apart. On a 2-core machine expect
 no gain: the point of Ray is the path to many GPUs, and this measures its overhead.
 

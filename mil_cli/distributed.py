@@ -3,20 +3,24 @@
 Slides go to long-lived worker actors, each holding one backbone on the GPU share Ray gave it
 (`num_gpus = 1 / workers_per_gpu`) or on its CPUs. A worker reads its slide's pixels itself,
 from the path the tile store records, so every node must see the slides and the stores at the
-same paths (a shared filesystem); only the features travel back, through Ray's object store,
-because they are small next to the slides (10,000 patches x 1280 dims in float16 is 25 MB).
-The driver alone writes the feature store (HDF5 has no safe concurrent writers), slide by slide
-in completion order, through the same resumable StoreWriter as a local run. A worker killed
-mid-slide is restarted by Ray and the slide retried (actor restarts and task retries).
+same paths (a shared filesystem). Where a worker also sees the feature store's slide folder
+(checked with a probe file the driver writes there), it writes each slide's file itself
+(temporary name, then rename, as a local run does) and only the slide's id travels back; the
+driver records it and keeps the index. Where it does not, the features travel back through
+Ray's object store (10,000 patches x 1280 dims in float16 is 25 MB) and the driver writes them
+through the same StoreWriter as a local run. A worker killed mid-slide is restarted by Ray and
+the slide retried (actor restarts and task retries).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ from mil_cli import stores
 from mil_cli.backbones import get_backbone
 from mil_cli.console import progress_bar
 from mil_cli.embedding import (EmbedOptions, Embedder, SlideJob, decode_blocks, default_workers, embed_blocks,
-                               feature_store_attrs, pending_jobs, write_slide)
+                               feature_store_attrs, pending_jobs, record_slide, write_slide)
 from mil_cli.errors import InputError, MilcliError, first_line
 from mil_cli.inference import (LoadedModel, Prediction, check_compatible, check_unique_slides, load_models,
                                predict_slides)
@@ -109,10 +113,28 @@ def assigned_device() -> torch.device:
     return torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class StoreTarget:
+    """The feature store as workers see it: they write slide files into `folder` themselves
+    when they can read the driver's probe file there (a shared filesystem)."""
+
+    folder: Path
+    root_attrs: dict
+    tiles: Path
+    probe: Path
+    token: str
+
+    def shared(self) -> bool:
+        try:
+            return self.probe.read_text() == self.token
+        except OSError:
+            return False
+
+
 class SlideWorker:
     """A Ray actor: one backbone on the device Ray assigned, embedding whole slides."""
 
-    def __init__(self, backbone_name: str, options: EmbedOptions, cpus: int) -> None:
+    def __init__(self, backbone_name: str, options: EmbedOptions, cpus: int, target: StoreTarget) -> None:
         self.device = assigned_device()
         if self.device.type == "cpu":
             torch.set_num_threads(cpus)
@@ -120,18 +142,26 @@ class SlideWorker:
         self.options = options
         self.embedder = Embedder(self.backbone, self.device, options.weights, options.compile)
         self.decoders = default_workers(self.device) if options.workers is None else options.workers
+        self.write = None
+        if target.shared():
+            self.tiles = stores.FeatureSource(target.tiles, kind=stores.TILES_FORMAT)
+            self.write = partial(stores.write_slide_file, target.folder, target.root_attrs)
 
-    def embed(self, job: SlideJob) -> tuple[np.ndarray, np.ndarray]:
-        """The slide's features (in coords order) and which patches decoded."""
+    def embed(self, job: SlideJob) -> tuple[np.ndarray | None, np.ndarray, str | None]:
+        """(features in coords order, which patches decoded, None) for the driver to store; or,
+        writing to a shared store, (None, which patches decoded, why it failed or None)."""
         result: list[tuple[np.ndarray, np.ndarray]] = []
         blocks = decode_blocks([job], self.backbone.input_size, self.decoders)
         embed_blocks(self.embedder, blocks, [job], self.options, lambda _, features, ok: result.append((features, ok)))
-        return result[0]
+        features, ok = result[0]
+        if self.write is None:
+            return features, ok, None
+        return None, ok, write_slide(self.tiles, self.write, job, features, ok)
 
 
 def ray_embed_store(tiles_path: Path, out: Path, backbone_name: str, options: EmbedOptions, cluster: RayOptions,
                     overwrite: bool = False) -> StageReport:
-    """embed_store's work spread over Ray workers; the same store, written by this process."""
+    """embed_store's work spread over Ray workers; the same store."""
     start = time.perf_counter()
     report = StageReport()
     import_ray()  # before any work: a missing extra or a wrong address is a one-line error
@@ -146,18 +176,26 @@ def ray_embed_store(tiles_path: Path, out: Path, backbone_name: str, options: Em
             actor = ray.remote(SlideWorker).options(**resources, max_restarts=RETRIES, max_task_retries=RETRIES)
             if options.weights is not None:  # workers do not share this process's working folder
                 options = replace(options, weights=options.weights.resolve())
-            workers = [actor.remote(backbone_name, options, int(resources["num_cpus"]))
-                       for _ in range(min(count, len(jobs)))]
-            _dispatch(ray, workers, jobs, tiles_path, writer, report, f"embedding ({backbone_name}, Ray x{len(workers)})")
-            for worker in workers:
-                ray.kill(worker)
+            token = secrets.token_hex(8)
+            target = StoreTarget(writer.folder.resolve(), writer.root_attrs, tiles_path.resolve(),
+                                 writer.folder.resolve() / f".probe-{token}", token)
+            target.probe.write_text(token)
+            workers = []
+            try:
+                workers = [actor.remote(backbone_name, options, int(resources["num_cpus"]), target)
+                           for _ in range(min(count, len(jobs)))]
+                _dispatch(ray, workers, jobs, tiles, writer, report, f"embedding ({backbone_name}, Ray x{len(workers)})")
+            finally:
+                target.probe.unlink(missing_ok=True)
+                for worker in workers:
+                    ray.kill(worker)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _dispatch(ray: Any, workers: list, jobs: list[SlideJob], tiles_path: Path, writer: stores.StoreWriter,
+def _dispatch(ray: Any, workers: list, jobs: list[SlideJob], tiles: stores.FeatureSource, writer: stores.StoreWriter,
               report: StageReport, label: str) -> None:
-    """Keep every worker QUEUED_PER_WORKER slides ahead; store each slide as it comes back."""
+    """Keep every worker QUEUED_PER_WORKER slides ahead; store or record each slide as it comes back."""
     queue = list(reversed(jobs))
     running: dict[Any, tuple[SlideJob, Any]] = {}
 
@@ -175,13 +213,18 @@ def _dispatch(ray: Any, workers: list, jobs: list[SlideJob], tiles_path: Path, w
             [done], _ = ray.wait(list(running), num_returns=1)
             job, worker = running.pop(done)
             try:
-                features, ok = ray.get(done)
+                features, ok, failure = ray.get(done)
             except ray.exceptions.RayTaskError as exc:  # the slide itself failed inside the worker
                 report.failed[job.slide_id] = first_line(exc.cause or exc)
             except ray.exceptions.RayActorError as exc:  # the worker died more often than it may restart
                 report.failed[job.slide_id] = f"Ray worker lost after {RETRIES} restarts ({first_line(exc)})"
             else:
-                write_slide(tiles_path, writer, job, features, ok, report)
+                if features is not None:
+                    failure = write_slide(tiles, writer.write_slide, job, features, ok)
+                elif failure is None:
+                    writer.recorded()
+                    report.counts["written_by_workers"] = report.counts.get("written_by_workers", 0) + 1
+                record_slide(report, job, ok, failure)
             hand_out(worker)
             bar.advance(task)
 

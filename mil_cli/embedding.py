@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -276,8 +276,8 @@ def embed_store(tiles_path: Path, out: Path, backbone: Backbone, device: torch.d
             report.phases["model_load"] = time.perf_counter() - start
             _embed_jobs(embedder, blocks, jobs, tiles, writer, backbone.name, options, report)
             report.phases["embedding"] = time.perf_counter() - start - report.phases["model_load"]
-        merge_start = time.perf_counter()
-    report.phases["store_merge"] = time.perf_counter() - merge_start
+        index_start = time.perf_counter()
+    report.phases["store_index"] = time.perf_counter() - index_start
     report.seconds = time.perf_counter() - start
     return report
 
@@ -337,18 +337,35 @@ def embed_blocks(embedder: Embedder, blocks: Iterable, jobs: list[SlideJob], opt
         collect(*in_flight)
 
 
+WRITES_AHEAD = 2  # finished slides waiting for the writer thread; more would only hold memory
+
+
 def _embed_jobs(embedder: Embedder, blocks: Iterator, jobs: list[SlideJob], tiles: stores.FeatureSource,
                 writer: stores.StoreWriter, backbone_name: str, options: EmbedOptions, report: StageReport) -> None:
-    writes: list[Future] = []
+    pending: deque[Future] = deque()  # slide writes in the background thread, oldest first
+
+    def settle(limit: int) -> None:
+        """Wait until fewer than `limit` writes are pending; a failed write ends the run here,
+        not after all the embedding (its InputError names the slide; earlier slides are kept)."""
+        while pending and (pending[0].done() or len(pending) >= limit):
+            pending.popleft().result()
+
+    def store(j: int, features: np.ndarray, ok: np.ndarray) -> None:
+        record_slide(report, jobs[j], ok, write_slide(tiles, writer.write_slide, jobs[j], features, ok))
+
     with ThreadPoolExecutor(max_workers=1) as background, progress_bar() as bar:
         task = bar.add_task(f"embedding ({backbone_name}, {embedder.device})", total=sum(len(j.coords) for j in jobs))
 
         def write(j: int, features: np.ndarray, ok: np.ndarray) -> None:
-            writes.append(background.submit(write_slide, tiles.path, writer, jobs[j], features, ok, report))
+            settle(WRITES_AHEAD)
+            pending.append(background.submit(store, j, features, ok))
 
-        embed_blocks(embedder, blocks, jobs, options, write, lambda n: bar.advance(task, n))
-        for pending in writes:
-            pending.result()
+        def advance(n: int) -> None:
+            settle(WRITES_AHEAD + 1)  # only raises a failure already there
+            bar.advance(task, n)
+
+        embed_blocks(embedder, blocks, jobs, options, write, advance)
+        settle(1)
 
 
 def why_undecodable(path: Path) -> str:
@@ -360,15 +377,24 @@ def why_undecodable(path: Path) -> str:
     return f"no patch of {path} could be decoded"
 
 
-def write_slide(tiles_path: Path, writer: stores.StoreWriter, job: SlideJob, features: np.ndarray,
-                ok: np.ndarray, report: StageReport) -> None:
-    """Store one embedded slide (its decodable patches), or record why it failed."""
+SlideWrite = Callable[..., object]  # StoreWriter.write_slide, or stores.write_slide_file bound to a folder
+
+
+def write_slide(tiles: stores.FeatureSource, write: SlideWrite, job: SlideJob, features: np.ndarray,
+                ok: np.ndarray) -> str | None:
+    """Store one embedded slide's decodable patches (with the tile store's thumbnail and mask)
+    through `write`; returns why the slide failed when none of its patches decoded."""
     if not ok.any():
-        report.failed[job.slide_id] = why_undecodable(job.source_path)
+        return why_undecodable(job.source_path)
+    attrs = {k: v for k, v in job.attrs.items() if k not in stores.STORE_ATTRS} | {"skipped_patches": int((~ok).sum())}
+    write(job.slide_id, attrs, {"coords": job.coords[ok], "features": features[ok]}, None, tiles)
+    return None
+
+
+def record_slide(report: StageReport, job: SlideJob, ok: np.ndarray, failure: str | None) -> None:
+    if failure is not None:
+        report.failed[job.slide_id] = failure
         return
     if not ok.all():
         warn(f"{job.slide_id}: skipped {int((~ok).sum())} of {len(ok)} patches that could not be decoded")
-    attrs = {k: v for k, v in job.attrs.items() if k != "complete"} | {"skipped_patches": int((~ok).sum())}
-    writer.write_slide(job.slide_id, attrs, {"coords": job.coords[ok], "features": features[ok]},
-                       copy_images_from=tiles_path)
     report.done.append(job.slide_id)

@@ -449,7 +449,7 @@ def explain_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: 
         warn("no training slide of the model is in the store (or the model file predates prototypes); "
              "prototypes not drawn")
     for slide_id in slide_ids:
-        if slide_id not in source.slide_ids:
+        if slide_id not in source:
             report.failed[slide_id] = f"not in {source.path}"
             continue
         try:

@@ -39,7 +39,7 @@ def build_bank(models: list[LoadedModel], source: FeatureSource, device: torch.d
     classes = models[0].classes
     features: dict[str, list[np.ndarray]] = {c: [] for c in classes}
     origins: dict[str, list[tuple[SlideData, int]]] = {c: [] for c in classes}
-    missing = [sid for sid in labels if sid not in source.slide_ids]
+    missing = [sid for sid in labels if sid not in source]
     if missing:
         warn(f"{len(missing)} training slide(s) are not in {source.path}; prototypes come from the others")
     for slide_id, label in labels.items():

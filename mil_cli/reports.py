@@ -14,6 +14,7 @@ class StageReport:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds spent in named parts of the stage
+    counts: dict[str, int] = field(default_factory=dict)    # how the work was done, e.g. slides written by workers
 
     @property
     def ok(self) -> bool:

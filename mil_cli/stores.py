@@ -1,21 +1,33 @@
 """The HDF5 tile and feature stores (layout in DESIGN.md), and readers for feature folders
 written by CLAM or TRIDENT (one `<slide_id>.h5` with `features` and `coords` per slide).
 
-Writers go through StoreWriter (one process at a time, crash-safe part files merged by an
-atomic rename). A slide group without `complete` is treated as absent and redone.
+A store is two things side by side: `feats.h5`, a small index (the store's attributes and,
+under `/slides/<slide_id>`, an HDF5 external link to each slide's file), and the folder
+`feats.slides/` holding one file per finished slide (`features`, `coords`, thumbnail and
+tissue mask at its root, the slide's attributes on it: the CLAM/TRIDENT per-slide layout).
+Why: writing a slide costs that slide only (a temporary file, fsync, rename), whatever the
+store holds; a kill -9 loses at most the slide being written; readers list the folder, so
+every finished slide is readable at every instant, also while another process is still
+adding slides. The index is rewritten (atomically) when a writer opens and closes and every
+INDEX_REFRESH_S seconds between, so that h5py users following its links see progress too.
+Stores of format version 1 (every slide inside the one file) are read as they are, and moved
+to this layout by the first command that adds slides to them.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import shutil
-from collections.abc import Iterable
-from itertools import chain
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import h5py
@@ -27,13 +39,32 @@ from mil_cli.errors import InputError, first_line
 
 TILES_FORMAT = "milcli-tiles"
 FEATURES_FORMAT = "milcli-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # 2: an index of external links plus one file per slide; 1: one file
 IMAGE_DATASETS = ("thumbnail", "tissue_mask")
+STORE_ATTRS = ("format", "format_version", "milcli_version", "slide_id", "complete")  # on every slide file
+INDEX_REFRESH_S = 30.0    # while a writer runs, the index is brought up to date this often
 
 
 LOCKS_UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP}  # what NFS and Lustre mounts without locking say
 NO_LOCKS_ADVICE = ("this filesystem does not support file locks (common on NFS and Lustre); set "
                    "HDF5_USE_FILE_LOCKING=FALSE and let one milcli command write a store at a time")
+
+
+KILL_AT = "MILCLI_KILL_AT"  # tests of crash safety: "<point>:<n>", see fault_point
+_reached: Counter[str] = Counter()
+
+
+def fault_point(point: str) -> None:
+    """With MILCLI_KILL_AT=<point>:<n> in the environment, SIGKILL this process the n-th time
+    it reaches `point`, so that tests kill a writer at a known moment (mid-write, between
+    slides) instead of by timing luck. Points: slide-writing (a slide's temporary file half
+    written), slide-written (just renamed into place), index-writing (the temporary index half
+    written)."""
+    name, _, count = os.environ.get(KILL_AT, "").partition(":")
+    if name == point:
+        _reached[point] += 1
+        if _reached[point] == int(count or 1):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def lock_failure(message: str) -> str | None:
@@ -57,7 +88,40 @@ def open_h5(path: Path, mode: str) -> h5py.File:
         raise InputError(path, lock_failure(text) or f"not a readable HDF5 file ({text})") from None
 
 
-def _check_format(f: h5py.File, path: Path, expected: str) -> None:
+def slides_dir(path: Path) -> Path:
+    """The folder of per-slide files beside the index `path` (feats.h5 -> feats.slides)."""
+    return path.with_name(path.stem + ".slides")
+
+
+def slide_file_name(slide_id: str) -> str:
+    """`<slide_id>.h5` where the id is a safe file name (the CLAM/TRIDENT convention); other ids
+    get a cleaned name plus their UTF-8 bytes in hex after '~', so the name alone gives the id
+    back (listing the folder is all a resume needs)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._+-]", "_", slide_id).lstrip(".")
+    if cleaned == slide_id and slide_id:
+        return f"{slide_id}.h5"
+    return f"{cleaned[:60]}~{slide_id.encode().hex()}.h5"
+
+
+def slide_id_of(file: Path) -> str:
+    """The inverse of slide_file_name (a name it did not make: the file's stem)."""
+    stem = file.stem
+    if "~" in stem:
+        try:
+            return bytes.fromhex(stem.rsplit("~", 1)[1]).decode()
+        except ValueError:
+            pass
+    return stem
+
+
+def _finished_files(folder: Path) -> dict[str, Path]:
+    """slide id -> file, for the finished slide files in `folder` (temporary files end in .tmp)."""
+    if not folder.is_dir():
+        return {}
+    return {slide_id_of(folder / name): folder / name for name in os.listdir(folder) if name.endswith(".h5")}
+
+
+def _check_format(f: h5py.File, path: Path, expected: str) -> int:
     found = f.attrs.get("format")
     if found != expected:
         raise InputError(path, f"not a {expected} store (format attribute is {found!r})")
@@ -65,14 +129,7 @@ def _check_format(f: h5py.File, path: Path, expected: str) -> None:
     if version > FORMAT_VERSION:
         raise InputError(path, f"store format version {version} is newer than this milcli "
                                f"understands ({FORMAT_VERSION}); upgrade milcli")
-
-
-def check_store(path: Path, kind: str, attrs: dict) -> None:
-    """Fail unless the existing store `path` is a `kind` store whose fixed attributes (e.g. the
-    backbone of a feature store) agree with `attrs`."""
-    with open_h5(path, "r") as f:
-        _check_format(f, path, kind)
-        _check_attrs(path, dict(f.attrs), attrs)
+    return version
 
 
 def _check_attrs(where: Path, stored: dict, expected: dict) -> None:
@@ -80,16 +137,6 @@ def _check_attrs(where: Path, stored: dict, expected: dict) -> None:
         if key in stored and stored[key] != value:
             raise InputError(where, f"was made with {key}={stored[key]!r}, not {value!r}; "
                                     f"choose another --out or pass --overwrite")
-
-
-def _write_group(group: h5py.Group, attrs: dict, arrays: dict[str, np.ndarray],
-                 dataset_attrs: dict[str, dict]) -> None:
-    for name, array in arrays.items():
-        compress = name in IMAGE_DATASETS or name == "coords"
-        dataset = group.create_dataset(name, data=array, compression="gzip" if compress else None)
-        dataset.attrs.update(dataset_attrs.get(name, {}))
-    group.attrs.update({k: v for k, v in attrs.items() if v is not None})
-    group.attrs["complete"] = True
 
 
 def _reason(exc: BaseException) -> str:
@@ -108,26 +155,72 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-class StoreWriter:
-    """The single writer of a tile or feature store during one command.
+def _replace_durably(tmp: Path, final: Path) -> None:
+    _fsync(tmp)
+    os.replace(tmp, final)  # readers see the old file or the new one, never a part of one
 
-    Crash safety: each finished slide is written to its own part file in `<store>.parts/`
-    under a temporary name, then renamed into place, so a kill -9 loses at most the slide
-    being written. Closing the writer merges the store and the parts into a new file that
-    replaces the store by an atomic rename; the store on disk is therefore always a complete,
-    closed HDF5 file. Parts left by a killed run count as finished and are merged by the next
-    run. A lock on `<store>.lock` keeps a second process from writing the same store.
-    """
+
+def write_slide_file(folder: Path, store_attrs: dict, slide_id: str, attrs: dict, arrays: dict[str, np.ndarray],
+                     dataset_attrs: dict[str, dict] | None = None, images_from: FeatureSource | None = None) -> Path:
+    """Write one finished slide as its own file in `folder` (temporary name, fsync, rename).
+    `images_from`: a store whose thumbnail and tissue mask for this slide are copied as stored,
+    still compressed (recompressing them cost more CPU than a slide's I/O). Safe to call from
+    several processes at once for different slides (Ray workers on a shared filesystem)."""
+    final = folder / slide_file_name(slide_id)
+    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
+    try:
+        with open_h5(tmp, "w") as f:
+            if images_from is not None:
+                with images_from.slide_group(slide_id) as source:
+                    for name in IMAGE_DATASETS:
+                        if name in source:
+                            source.file.copy(source[name], f, name=name)
+            for name, array in arrays.items():
+                compress = name in IMAGE_DATASETS or name == "coords"
+                dataset = f.create_dataset(name, data=array, compression="gzip" if compress else None)
+                dataset.attrs.update((dataset_attrs or {}).get(name, {}))
+                fault_point("slide-writing")
+            f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+            f.attrs.update(store_attrs | {"slide_id": slide_id, "complete": True})
+        _replace_durably(tmp, final)
+        fault_point("slide-written")
+    except (OSError, RuntimeError) as exc:  # disk full, size limit, read-only (h5py raises either)
+        tmp.unlink(missing_ok=True)
+        raise InputError(folder, f"cannot write slide '{slide_id}' ({_reason(exc)}); the slides "
+                                 f"finished before it are kept, rerun to resume") from None
+    return final
+
+
+def write_index(path: Path, root_attrs: dict, folder: Path) -> None:
+    """(Re)write the index `path`: the store's attributes and a link to each finished slide's
+    file. It holds no data, so this costs O(slides) in metadata, never O(bytes stored)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open_h5(tmp, "w") as f:
+            f.attrs.update(root_attrs | {"slides_folder": folder.name})
+            slides = f.create_group("slides")
+            for slide_id, file in sorted(_finished_files(folder).items()):
+                slides[slide_id] = h5py.ExternalLink(f"{folder.name}/{file.name}", "/")
+            fault_point("index-writing")
+        _replace_durably(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class StoreWriter:
+    """The single writer of a tile or feature store during one command (the layout is in the
+    module docstring). A lock on `<store>.lock` keeps a second writer out."""
 
     def __init__(self, path: Path, kind: str, attrs: dict, overwrite: bool = False) -> None:
         self.path = path
         self.kind = kind
         self.attrs = attrs
         self.overwrite = overwrite
-        self.parts = parts_dir(path)
-        self._fresh_marker = self.parts / FRESH_MARKER
-        self._merging = path.with_name(path.name + ".merging")  # the next store, until renamed
+        self.folder = slides_dir(path)
+        self.root_attrs = {"format": kind, "format_version": FORMAT_VERSION, "milcli_version": __version__} | attrs
         self._lock: int | None = None
+        self._indexed_at = 0.0
 
     def __enter__(self) -> StoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,8 +232,7 @@ class StoreWriter:
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._lock)
-            self._lock = None
+            self._unlock()
             raise InputError(self.path, f"in use by another milcli process (it holds {lock_path}); "
                                         f"wait for it to finish or choose another --out") from None
         except OSError as exc:
@@ -156,117 +248,72 @@ class StoreWriter:
         return self
 
     def _prepare(self) -> None:
-        if self.path.exists() and not self.overwrite and not self._fresh_marker.exists():
-            check_store(self.path, self.kind, self.attrs)
-        self.parts.mkdir(exist_ok=True)
-        for leftover in [*self.parts.glob("*.tmp"), self._merging]:
-            leftover.unlink(missing_ok=True)
         if self.overwrite:
-            for part in self.parts.glob("*.h5"):
-                part.unlink()
-            self._fresh_marker.touch()
-        for part in _part_ids(self.parts):
-            with open_h5(part, "r") as f:
-                _check_attrs(part, dict(f.attrs), self.attrs)
+            shutil.rmtree(self.folder, ignore_errors=True)
+        elif self.path.exists():
+            self._check_existing()
+        self.folder.mkdir(exist_ok=True)
+        for leftover in chain(self.folder.glob("*.tmp"), self.path.parent.glob(f"{self.path.name}.*.tmp")):
+            leftover.unlink(missing_ok=True)  # a killed writer's unfinished slide or index
+        self._refresh_index()  # the store exists (and opens) from now on
+
+    def _check_existing(self) -> None:
+        """Refuse a store made otherwise (unless it holds no slide yet: a run that wrote
+        nothing must not block the next); move a version-1 store to the per-slide layout."""
+        with open_h5(self.path, "r") as f:
+            version = _check_format(f, self.path, self.kind)
+            embedded = {sid: g for sid, g in f.get("slides", {}).items()
+                        if g.attrs.get("complete", False)} if version < 2 else {}  # v2: links, not followed
+            if embedded or _finished_files(self.folder):
+                _check_attrs(self.path, dict(f.attrs), self.attrs)
+            if embedded:
+                self.folder.mkdir(exist_ok=True)
+                for slide_id, group in embedded.items():
+                    self._adopt(slide_id, group)
+
+    def _adopt(self, slide_id: str, group: h5py.Group) -> None:
+        final = self.folder / slide_file_name(slide_id)
+        tmp = final.with_name(final.name + ".tmp")
+        with open_h5(tmp, "w") as f:
+            for name, item in group.items():
+                group.file.copy(item, f, name=name)
+            f.attrs.update(self.root_attrs | dict(group.attrs) | {"slide_id": slide_id})
+        _replace_durably(tmp, final)
 
     def completed(self) -> set[str]:
-        """Slides already finished: in the store (unless starting afresh) or in a part file."""
-        done = set(_part_ids(self.parts).values())
-        if self.path.exists() and not self._fresh_marker.exists():
-            done |= completed_slides(self.path)
-        return done
+        """Slides already finished: a listing of the slide folder."""
+        return set(_finished_files(self.folder))
 
     def write_slide(self, slide_id: str, attrs: dict, arrays: dict[str, np.ndarray],
-                    dataset_attrs: dict[str, dict] | None = None, copy_images_from: Path | None = None) -> None:
-        """Write one finished slide durably (replacing an earlier part of the same slide).
-        `copy_images_from`: a store whose thumbnail and tissue mask for this slide are copied
-        as stored, still compressed (recompressing them cost more CPU than a slide's I/O)."""
-        part = self.parts / f"{hashlib.sha1(slide_id.encode()).hexdigest()[:20]}.h5"
-        tmp = part.with_suffix(".tmp")
-        try:
-            with open_h5(tmp, "w") as f:
-                f.attrs.update(self.attrs | {"slide_id": slide_id})
-                group = f.create_group("slide")
-                if copy_images_from is not None:
-                    with open_h5(copy_images_from, "r") as source:
-                        for name in IMAGE_DATASETS:
-                            if name in source["slides"][slide_id]:
-                                source.copy(source["slides"][slide_id][name], group, name=name)
-                _write_group(group, attrs, arrays, dataset_attrs or {})
-            _fsync(tmp)
-            os.replace(tmp, part)
-        except (OSError, RuntimeError) as exc:  # disk full, size limit, read-only (h5py raises either)
-            tmp.unlink(missing_ok=True)
-            raise InputError(self.path, f"cannot write slide '{slide_id}' ({_reason(exc)}); the slides "
-                                        f"finished before it are kept, rerun to resume") from None
+                    dataset_attrs: dict[str, dict] | None = None, images_from: FeatureSource | None = None) -> None:
+        """Write one finished slide durably (replacing an earlier file of the same slide)."""
+        write_slide_file(self.folder, self.root_attrs, slide_id, attrs, arrays, dataset_attrs, images_from)
+        self.recorded()
+
+    def recorded(self) -> None:
+        """A slide file was added (here or by a worker sharing the filesystem): refresh the
+        index when it is older than INDEX_REFRESH_S."""
+        if time.monotonic() - self._indexed_at > INDEX_REFRESH_S:
+            self._refresh_index()
+
+    def _refresh_index(self) -> None:
+        write_index(self.path, self.root_attrs, self.folder)
+        self._indexed_at = time.monotonic()
 
     def __exit__(self, exc_type: type | None, *exc_info: object) -> None:
         try:
-            self.merge()
+            self._refresh_index()
         except (OSError, RuntimeError, InputError) as exc:
             if exc_type is None:  # else the error already under way is the one to report
-                raise InputError(self.path, f"cannot update the store ({_reason(exc)}); it is unchanged and "
-                                            f"the finished slides wait in {self.parts} for the next run") from None
+                raise InputError(self.path, f"cannot update the index ({_reason(exc)}); every finished slide "
+                                            f"is kept in {self.folder} and read from there") from None
         finally:
             self._unlock()
-
-    def merge(self) -> None:
-        """Fold the part files into the store: build a new file, then rename it over the old."""
-        parts = _part_ids(self.parts)
-        fresh = self._fresh_marker.exists()
-        if not parts and self.path.exists() and not fresh:
-            shutil.rmtree(self.parts, ignore_errors=True)
-            return
-        merged = self._merging
-        replaced = set(parts.values())
-        try:
-            base = self.path if self.path.exists() and not fresh else None
-            with open_h5(merged, "w") as new:
-                root = {"format": self.kind, "format_version": FORMAT_VERSION,
-                        "milcli_version": __version__} | self.attrs
-                if base is not None:
-                    with open_h5(base, "r") as old:
-                        root = dict(old.attrs)
-                        slides = new.create_group("slides")
-                        for slide_id, group in old.get("slides", {}).items():
-                            if slide_id not in replaced and group.attrs.get("complete", False):
-                                old.copy(group, slides, name=slide_id)
-                new.attrs.update(root)
-                slides = new.require_group("slides")
-                for part, slide_id in parts.items():
-                    with open_h5(part, "r") as f:
-                        f.copy(f["slide"], slides, name=slide_id)
-            _fsync(merged)
-            os.replace(merged, self.path)  # the only moment the store changes, and it is atomic
-            _fsync(self.path.parent)
-        except BaseException:
-            merged.unlink(missing_ok=True)  # the store and the parts are untouched
-            raise
-        shutil.rmtree(self.parts, ignore_errors=True)
 
     def _unlock(self) -> None:
         if self._lock is not None:
             os.close(self._lock)  # closing the descriptor releases its flock (and works where locks do not)
             self._lock = None
-
-
-FRESH_MARKER = "overwrite"  # in the parts folder: the parts replace the whole store
-
-
-def parts_dir(path: Path) -> Path:
-    return path.with_name(path.name + ".parts")
-
-
-def _part_ids(folder: Path) -> dict[Path, str]:
-    """Part file -> slide id, for the finished part files in `folder`."""
-    ids = {}
-    for part in sorted(folder.glob("*.h5")) if folder.is_dir() else []:
-        try:
-            with h5py.File(part, "r") as f:
-                ids[part] = str(f.attrs["slide_id"])
-        except (OSError, KeyError):  # not a finished part: its slide will be redone
-            part.unlink(missing_ok=True)
-    return ids
 
 
 def write_feature_store(path: Path, bags: Iterable[tuple[str, np.ndarray, np.ndarray]], backbone: str) -> None:
@@ -280,15 +327,6 @@ def write_feature_store(path: Path, bags: Iterable[tuple[str, np.ndarray, np.nda
     with StoreWriter(path, FEATURES_FORMAT, attrs, overwrite=True) as writer:
         for slide_id, coords, features in chain([first] if first is not None else [], bags):
             writer.write_slide(slide_id, {"patch_size_level0": 1}, {"coords": coords, "features": features})
-
-
-def completed_slides(path: Path) -> set[str]:
-    """Ids of the slides whose writing finished."""
-    if not path.exists():
-        return set()
-    with open_h5(path, "r") as f:
-        slides = f.get("slides", {})
-        return {sid for sid, group in slides.items() if group.attrs.get("complete", False)}
 
 
 @dataclass
@@ -308,8 +346,7 @@ class SlideImages:
     downsample: float
 
 
-def _validated(path: Path, slide_id: str, group: h5py.Group, with_features: bool) -> SlideData:
-    where = f"{path} [{slide_id}]"
+def _validated(where: str, slide_id: str, group: h5py.Group, with_features: bool) -> SlideData:
     if "coords" not in group:
         raise InputError(where, "has no 'coords' dataset")
     coords = group["coords"]
@@ -338,45 +375,55 @@ def _validated(path: Path, slide_id: str, group: h5py.Group, with_features: bool
 
 
 class FeatureSource:
-    """Read slides from a milcli store (`.h5`) or a folder of per-slide `.h5` files."""
+    """Read slides from a milcli store (the `.h5` index and its slide folder, or a version-1
+    single file) or from a folder of per-slide `.h5` files (CLAM, TRIDENT). The slides are
+    those finished when it was opened."""
 
     def __init__(self, path: Path, kind: str = FEATURES_FORMAT) -> None:
         self.path = path
         self.kind = kind
-        self.is_folder = path.is_dir()
-        if self.is_folder:
-            self._files = {p.stem: p for p in sorted(path.glob("*.h5"))}
+        self.attrs: dict = {}
+        self._files: dict[str, Path] = {}  # slide id -> its own file (empty for a version-1 store)
+        if path.is_dir():
+            self._files = _finished_files(path)
             if not self._files:
                 raise InputError(path, "folder holds no .h5 feature files")
-            self.attrs: dict = {}
-            self.slide_ids = sorted(self._files)
+            ids: Iterable[str] = self._files
         else:
             with open_h5(path, "r") as f:
-                _check_format(f, path, kind)
+                version = _check_format(f, path, kind)
                 self.attrs = dict(f.attrs)
-                slides = f.get("slides", {})
-                self.slide_ids = sorted(sid for sid, g in slides.items() if g.attrs.get("complete", False))
-            waiting = len(list(parts_dir(path).glob("*.h5")))
-            if waiting:
-                warn(f"{path}: {waiting} finished slide(s) of an interrupted run wait in {parts_dir(path)}; "
-                     f"rerun that command to merge them")
+                ids = [sid for sid, g in f.get("slides", {}).items() if g.attrs.get("complete", False)] \
+                    if version < 2 else []
+            if version >= 2:
+                folder = slides_dir(path)
+                if not folder.is_dir():
+                    raise InputError(path, f"its slide folder {folder} is missing (a store is the .h5 index "
+                                           f"and that folder: copy or move them together)")
+                self._files = _finished_files(folder)
+                ids = self._files
+        self.slide_ids = sorted(ids)
+        self._known = set(self.slide_ids)
+
+    def __contains__(self, slide_id: str) -> bool:
+        return slide_id in self._known
+
+    @contextmanager
+    def slide_group(self, slide_id: str) -> Iterator[h5py.Group]:
+        """The open HDF5 group holding one slide's datasets and attributes."""
+        if slide_id not in self._known:
+            raise InputError(self.path, f"has no slide '{slide_id}'")
+        file = self._files.get(slide_id, self.path)
+        with open_h5(file, "r") as f:
+            yield f if slide_id in self._files else f["slides"][slide_id]
 
     def load(self, slide_id: str, with_features: bool = True) -> SlideData:
-        if slide_id not in self.slide_ids:
-            raise InputError(self.path, f"has no slide '{slide_id}'")
-        if self.is_folder:
-            file = self._files[slide_id]
-            with open_h5(file, "r") as f:
-                return _validated(file, slide_id, f, with_features)
-        with open_h5(self.path, "r") as f:
-            return _validated(self.path, slide_id, f["slides"][slide_id], with_features)
+        with self.slide_group(slide_id) as group:
+            return _validated(f"{self._files.get(slide_id, self.path)} [{slide_id}]", slide_id, group, with_features)
 
     def images(self, slide_id: str) -> SlideImages | None:
         """The stored thumbnail and tissue mask, when the store has them."""
-        if self.is_folder:
-            return None
-        with open_h5(self.path, "r") as f:
-            group = f["slides"][slide_id]
+        with self.slide_group(slide_id) as group:
             if "thumbnail" not in group or "tissue_mask" not in group:
                 return None
             thumb = group["thumbnail"]

@@ -56,7 +56,7 @@ def load_bags(source: FeatureSource, labels: LabelTable, classes: list[str]) -> 
     bags = []
     expected_dim = None
     for slide_id, row in labels.rows.items():
-        if slide_id not in source.slide_ids:
+        if slide_id not in source:
             continue
         data = source.load(slide_id)
         assert data.features is not None

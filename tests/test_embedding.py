@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -91,30 +90,40 @@ def test_a_second_writer_is_refused(tiles: Path, tmp_path: Path) -> None:
     assert invoke("embed", tiles, "--out", out, "--device", "cpu", "--quiet").exit_code == 0  # free again
 
 
-def test_kill_9_mid_embed_loses_at_most_the_slide_in_progress(tiles: Path, tmp_path: Path) -> None:
-    clean = tmp_path / "clean.h5"
+@pytest.fixture(scope="module")
+def clean_features(tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    clean = tmp_path_factory.mktemp("clean") / "clean.h5"
     assert embed_store(tiles, clean, get_backbone("efficientnet-lite0"), torch.device("cpu"),
                        EmbedOptions(batch_size=8)).ok
+    return read_features(clean)
+
+
+@pytest.mark.parametrize(("moment", "finished"), [
+    ("slide-writing:1", 0),  # before the first slide is finished
+    ("slide-written:2", 2),  # between slides
+    ("slide-writing:5", 2),  # while the third slide's file is being written (coords done, features not)
+    ("index-writing:2", 4),  # while the closing index is being written, every slide done
+])
+def test_kill_9_mid_embed_loses_at_most_the_slide_in_progress(tiles: Path, clean_features: dict, tmp_path: Path,
+                                                              moment: str, finished: int) -> None:
+    """The kill happens at a known moment (stores.fault_point), not by timing luck."""
     out = tmp_path / "killed.h5"
     command = [sys.executable, "-m", "mil_cli", "embed", str(tiles), "--out", str(out), "--device", "cpu",
                "--batch-size", "8", "--quiet"]
-    process = subprocess.Popen(command, env=os.environ | {"PYTHONHASHSEED": "0"})
-    parts = stores.parts_dir(out)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(parts.glob("*.h5"))) < 2 and process.poll() is None:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    survived = len(list(parts.glob("*.h5")))
-    assert survived >= 2  # finished slides were kept as parts; the store itself was never half-written
+    process = subprocess.run(command, env=os.environ | {stores.KILL_AT: moment}, timeout=300)
+    assert process.returncode == -signal.SIGKILL
+    source = stores.FeatureSource(out)  # the store exists from the start and opens whatever the moment
+    assert len(source.slide_ids) == finished
+    for slide_id in source.slide_ids:  # only whole slides
+        assert np.array_equal(source.load(slide_id).features, clean_features[slide_id].astype(np.float32))
     rerun = invoke("embed", tiles, "--out", out, "--device", "cpu", "--batch-size", "8", "--json", "--quiet")
     assert rerun.exit_code == 0
-    assert len(__import__("json").loads(rerun.stdout)["skipped"]) == survived
-    expected, got = read_features(clean), read_features(out)
-    assert expected.keys() == got.keys()
-    for sid in expected:
-        assert np.array_equal(expected[sid], got[sid])  # bit for bit on CPU
-    assert not parts.exists()
+    assert len(json.loads(rerun.stdout)["skipped"]) == finished
+    got = read_features(out)  # through the index's links, as another tool would read it
+    assert clean_features.keys() == got.keys()
+    for sid in clean_features:
+        assert np.array_equal(clean_features[sid], got[sid])  # bit for bit on CPU
+    assert not list(stores.slides_dir(out).glob("*.tmp")) and not list(tmp_path.glob("*.tmp"))
 
 
 def test_patches_at_another_resolution_than_the_encoders_get_a_warning(capsys, monkeypatch) -> None:

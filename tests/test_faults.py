@@ -5,6 +5,7 @@ the CLI. Each must end in intact earlier work and a one-line error, never a trac
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -42,12 +43,13 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> None:
 def test_kill_9_mid_tile_then_rerun_equals_a_clean_run(tmp_path: Path) -> None:
     clean, killed = tmp_path / "clean.h5", tmp_path / "killed.h5"
     assert invoke("tile", SAMPLE / "slides", "--out", clean, "--workers", "1", "--quiet").exit_code == 0
-    process = subprocess.Popen(CLI + ["tile", str(SAMPLE / "slides"), "--out", str(killed), "--workers", "1", "-q"])
-    kill_when(process, lambda: len(list(stores.parts_dir(killed).glob("*.h5"))) >= 3)
-    if killed.exists():
-        stores.FeatureSource(killed, kind=stores.TILES_FORMAT)  # whatever is on disk opens
+    env = os.environ | {stores.KILL_AT: "slide-writing:10"}  # the 4th slide's file half written (3 datasets each)
+    process = subprocess.run(CLI + ["tile", str(SAMPLE / "slides"), "--out", str(killed), "--workers", "1", "-q"],
+                             env=env)
+    assert process.returncode == -signal.SIGKILL
+    assert len(stores.FeatureSource(killed, kind=stores.TILES_FORMAT).slide_ids) == 3  # opens, whole slides only
     rerun = invoke("tile", SAMPLE / "slides", "--out", killed, "--workers", "1", "--quiet", "--json")
-    assert rerun.exit_code == 0 and len(json.loads(rerun.stdout)["skipped"]) >= 3
+    assert rerun.exit_code == 0 and len(json.loads(rerun.stdout)["skipped"]) == 3
     expected, got = read_group(clean, "coords"), read_group(killed, "coords")
     assert expected.keys() == got.keys() and all(np.array_equal(expected[s], got[s]) for s in expected)
 
@@ -82,19 +84,17 @@ def test_full_disk_is_one_clear_line_and_earlier_work_survives(tmp_path: Path) -
     assert invoke("embed", two, "--out", feats, "--device", "cpu", "-q").exit_code == 0
     before = read_group(feats, "features")
 
-    result = run_with_file_size_limit(200_000, "embed", str(four), "--out", str(feats), "--device", "cpu", "-q")
+    # every slide file is larger than this: the first slide of the run cannot be written
+    result = run_with_file_size_limit(20_000, "embed", str(four), "--out", str(feats), "--device", "cpu", "-q")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "cannot write slide" in result.stderr and "File too large" in result.stderr
+    assert "cannot write slide 'slide_02'" in result.stderr and "File too large" in result.stderr
+    assert "slide_03" not in result.stderr  # the run stopped there, it did not go on failing slide after slide
     after = read_group(feats, "features")
     assert after.keys() == before.keys() and all(np.array_equal(before[s], after[s]) for s in before)
-
-    result = run_with_file_size_limit(3_000_000, "embed", str(four), "--out", str(feats), "--device", "cpu", "-q")
-    assert result.returncode == 2 and "cannot update the store" in result.stderr  # parts fit, the merged store not
-    assert len(list(stores.parts_dir(feats).glob("*.h5"))) == 2
-    assert read_group(feats, "features").keys() == before.keys()
+    assert not list(stores.slides_dir(feats).glob("*.tmp"))
     rerun = invoke("embed", four, "--out", feats, "--device", "cpu", "-q", "--json")
-    assert rerun.exit_code == 0 and sorted(json.loads(rerun.stdout)["skipped"]) == ["slide_00", "slide_01", "slide_02",
-                                                                                    "slide_03"]
+    assert rerun.exit_code == 0 and sorted(json.loads(rerun.stdout)["skipped"]) == ["slide_00", "slide_01"]
+    assert read_group(feats, "features").keys() == {f"slide_0{i}" for i in range(4)}
 
 
 def test_corrupt_jpeg_tile_skips_its_patches_not_the_slide(tmp_path: Path) -> None:

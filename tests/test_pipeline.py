@@ -36,8 +36,9 @@ def test_run_leaves_every_output(sample_run: Path) -> None:
 
 def test_tile_store_layout(sample_run: Path) -> None:
     with h5py.File(sample_run / "tiles.h5", "r") as f:
-        assert f.attrs["format"] == "milcli-tiles" and f.attrs["format_version"] == 1
+        assert f.attrs["format"] == "milcli-tiles" and f.attrs["format_version"] == 2
         assert "milcli_version" in f.attrs
+        assert (sample_run / "tiles.slides" / "slide_00.h5").is_file()  # each slide in its own file, linked
         assert len(f["slides"]) == 20
         g = f["slides/slide_00"]
         for key in ("source_path", "width", "height", "mpp", "patch_size", "patch_size_level0", "target_mpp"):

@@ -107,6 +107,7 @@ def split_store(store: Path, halves: tuple[Path, Path]) -> None:
         for path, part in zip(halves, (ids[: len(ids) // 2], ids[len(ids) // 2:])):
             with h5py.File(path, "w") as target:
                 target.attrs.update(source.attrs)
+                target.attrs["format_version"] = 1  # every slide inside the file, as version-1 stores were
                 slides = target.create_group("slides")
                 for slide_id in part:
                     source.copy(source["slides"][slide_id], slides, name=slide_id)
@@ -134,11 +135,25 @@ def test_an_address_where_no_ray_runs_fails_at_once(sample_run: Path, tmp_path: 
 
 def test_embed_on_a_local_cluster_matches_the_local_path(sample_run: Path, tmp_path: Path, ray_cluster: str) -> None:
     out = tmp_path / "feats.h5"
-    finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster, "--ray-workers", "2", "-q"))
+    first = json.loads(finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster,
+                                     "--ray-workers", "2", "--json", "-q")))
+    assert first["counts"]["written_by_workers"] == 20  # they share this filesystem: no features through Ray
     assert_same_features(out, sample_run / "feats.h5")
     rerun = json.loads(finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster, "--json",
                                      "-q")))
     assert rerun["done"] == [] and len(rerun["skipped"]) == 20  # resumable like the local path
+
+
+def test_workers_that_cannot_see_the_store_send_features_back(tmp_path: Path) -> None:
+    from mil_cli.distributed import StoreTarget
+
+    probe = tmp_path / ".probe-abc"
+    target = StoreTarget(tmp_path, {}, tmp_path / "tiles.h5", probe, "abc")
+    assert not target.shared()  # no probe where the worker looks: another filesystem
+    probe.write_text("another run's token")
+    assert not target.shared()
+    probe.write_text("abc")
+    assert target.shared()
 
 
 def test_a_worker_killed_mid_slide_is_replaced_and_the_run_completes(sample_run: Path, tmp_path: Path,
