@@ -141,6 +141,7 @@ TargetMpp = Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 
 Magnification = Annotated[Optional[float], typer.Option(help="Patch magnification, instead of --target-mpp (20 = 0.5 µm/px).")]
 Mpp = Annotated[Optional[float], typer.Option(help="Override the slides' own µm/px (level 0).")]
 MinTissue = Annotated[float, typer.Option(help="Fraction of a patch that must be tissue.")]
+KeepPen = Annotated[bool, typer.Option("--keep-pen", help="Do not look for pen ink (blue, green, red, black marker on the glass); by default it is kept out of the tissue mask, and --previews hatch it in magenta.")]
 BackboneName = Annotated[str, typer.Option("--backbone", help="Frozen encoder: a name from `milcli embed --list-backbones`, timm:<model> or hf-hub:<org/repo>.")]
 Weights = Annotated[Optional[Path], typer.Option(help="Backbone weight file (.pth/.bin/.safetensors state_dict) instead of its default source.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Patches per forward pass.")]
@@ -229,9 +230,10 @@ def tile(
     magnification: Magnification = None,
     mpp: Mpp = None,
     min_tissue: MinTissue = 0.25,
+    keep_pen: KeepPen = False,
     thumbnail_size: Annotated[int, typer.Option(help="Longer side of the stored thumbnail / mask in px.")] = 1024,
     workers: TileWorkers = None,
-    previews: Annotated[bool, typer.Option("--previews", help="Write <out>_previews/<slide>.png: thumbnail, tissue outline, patch grid.")] = False,
+    previews: Annotated[bool, typer.Option("--previews", help="Write <out>_previews/<slide>.png: thumbnail, tissue outline, patch grid, pen ink left out.")] = False,
     overwrite: Overwrite = False,
     config: ConfigFile = None,
     quiet: Quiet = False,
@@ -241,7 +243,7 @@ def tile(
     from mil_cli.tiling import TilingOptions, default_tiling_workers, tile_slides
 
     options = TilingOptions(patch_size=patch_size, stride=stride, target_mpp=_target_mpp(target_mpp, magnification),
-                            mpp_override=mpp, min_tissue=min_tissue, thumbnail_size=thumbnail_size)
+                            mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen, thumbnail_size=thumbnail_size)
     preview_dir = out.with_name(f"{out.stem}_previews") if previews else None
     report = tile_slides(inputs, out, options, overwrite=overwrite, workers=default_tiling_workers() if workers is None else workers,
                          previews=preview_dir)
@@ -492,7 +494,8 @@ def run(
     patch_size: PatchSize = 256,
     stride: Stride = None,
     min_tissue: MinTissue = 0.25,
-    previews: Annotated[bool, typer.Option("--previews", help="Write previews/<slide>.png: thumbnail, tissue outline, patch grid.")] = False,
+    keep_pen: KeepPen = False,
+    previews: Annotated[bool, typer.Option("--previews", help="Write previews/<slide>.png: thumbnail, tissue outline, patch grid, pen ink left out.")] = False,
     backbone: BackboneName = "efficientnet-lite0",
     weights: Weights = None,
     batch_size: BatchSize = 64,
@@ -523,7 +526,7 @@ def run(
     _check_model(model)
     options = RunOptions(
         tiling=TilingOptions(patch_size=patch_size, stride=stride, target_mpp=_target_mpp(target_mpp, magnification),
-                             mpp_override=mpp, min_tissue=min_tissue),
+                             mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen),
         training=TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, max_patches=max_patches, seed=seed,
                               model=ModelConfig(architecture=model)),
         backbone=backbone, embedding=EmbedOptions(batch_size=batch_size, workers=workers, weights=weights),

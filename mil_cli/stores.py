@@ -40,7 +40,8 @@ from mil_cli.errors import InputError, first_line
 TILES_FORMAT = "milcli-tiles"
 FEATURES_FORMAT = "milcli-features"
 FORMAT_VERSION = 2        # 2: an index of external links plus one file per slide; 1: one file
-IMAGE_DATASETS = ("thumbnail", "tissue_mask")
+IMAGE_DATASETS = ("thumbnail", "tissue_mask")  # copied from the tile store into the feature store
+COMPRESSED = ("coords", "thumbnail", "tissue_mask", "ink_mask")
 STORE_ATTRS = ("format", "format_version", "milcli_version", "slide_id", "complete")  # on every slide file
 INDEX_REFRESH_S = 30.0    # while a writer runs, the index is brought up to date this often
 
@@ -176,8 +177,7 @@ def write_slide_file(folder: Path, store_attrs: dict, slide_id: str, attrs: dict
                         if name in source:
                             source.file.copy(source[name], f, name=name)
             for name, array in arrays.items():
-                compress = name in IMAGE_DATASETS or name == "coords"
-                dataset = f.create_dataset(name, data=array, compression="gzip" if compress else None)
+                dataset = f.create_dataset(name, data=array, compression="gzip" if name in COMPRESSED else None)
                 dataset.attrs.update((dataset_attrs or {}).get(name, {}))
                 fault_point("slide-writing")
             f.attrs.update({k: v for k, v in attrs.items() if v is not None})

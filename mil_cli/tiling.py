@@ -22,7 +22,7 @@ from mil_cli.console import progress_bar, warn
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.reports import StageReport
 from mil_cli.slides import Slide, find_slides, no_slides_found, open_slide, safe_file_stem, slide_id_from_path
-from mil_cli.tissue import tissue_mask
+from mil_cli.tissue import find_tissue
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class TilingOptions:
     mpp_override: float | None = None  # use instead of the file's mpp
     min_tissue: float = 0.25       # fraction of a patch that must be tissue
     thumbnail_size: int = 1024     # longer side of the stored thumbnail and mask
+    keep_pen: bool = False         # True: pen ink is not looked for (it may then pass as tissue)
 
     def __post_init__(self) -> None:
         if self.patch_size < 8:
@@ -51,16 +52,23 @@ class TiledSlide:
 
     coords: np.ndarray        # (N, 2) int64 level-0 top-left (x, y)
     thumbnail: np.ndarray     # (h, w, 3) uint8
-    mask: np.ndarray          # (h, w) bool
+    mask: np.ndarray          # (h, w) bool, tissue without pen ink
+    ink: np.ndarray           # (h, w) bool, pen ink found on the thumbnail
     attrs: dict
 
 
-def grid_in_tissue(mask: np.ndarray, downsample: float, width: int, height: int,
-                   patch_level0: int, stride_level0: int, min_tissue: float) -> np.ndarray:
-    """Top-left level-0 corners of whole patches whose tissue fraction is >= `min_tissue`.
+MAX_INK_SHARE = 0.1  # a patch with more of its area under pen ink than this is left out
 
-    The fraction is measured on the mask grid with a summed-area table, so the cost is one
-    pass over the mask plus O(1) per candidate patch.
+
+def grid_in_tissue(mask: np.ndarray, downsample: float, width: int, height: int,
+                   patch_level0: int, stride_level0: int, min_tissue: float,
+                   ink: np.ndarray | None = None) -> np.ndarray:
+    """Top-left level-0 corners of whole patches whose tissue fraction is >= `min_tissue`
+    (and, given the ink mask, whose ink share is <= MAX_INK_SHARE: a patch half on a marker
+    stroke can still be a quarter tissue).
+
+    Fractions are measured on the mask grid with summed-area tables, so the cost is one
+    pass over each mask plus O(1) per candidate patch.
     """
     if patch_level0 > width or patch_level0 > height:
         return np.zeros((0, 2), dtype=np.int64)
@@ -69,15 +77,20 @@ def grid_in_tissue(mask: np.ndarray, downsample: float, width: int, height: int,
     gx, gy = np.meshgrid(xs, ys)
     gx, gy = gx.ravel(), gy.ravel()
 
-    table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
-    table[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
     c0 = np.clip(np.floor(gx / downsample).astype(np.int64), 0, mask.shape[1] - 1)
     r0 = np.clip(np.floor(gy / downsample).astype(np.int64), 0, mask.shape[0] - 1)
     c1 = np.clip(np.ceil((gx + patch_level0) / downsample).astype(np.int64), c0 + 1, mask.shape[1])
     r1 = np.clip(np.ceil((gy + patch_level0) / downsample).astype(np.int64), r0 + 1, mask.shape[0])
-    inside = table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
-    fraction = inside / ((r1 - r0) * (c1 - c0))
-    keep = fraction >= max(min_tissue, 1e-9)
+
+    def share(of: np.ndarray) -> np.ndarray:
+        table = np.zeros((of.shape[0] + 1, of.shape[1] + 1), dtype=np.int64)
+        table[1:, 1:] = of.astype(np.int64).cumsum(0).cumsum(1)
+        inside = table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
+        return inside / ((r1 - r0) * (c1 - c0))
+
+    keep = share(mask) >= max(min_tissue, 1e-9)
+    if ink is not None and ink.any():
+        keep &= share(ink) <= MAX_INK_SHARE
     return np.stack([gx[keep], gy[keep]], axis=1)
 
 
@@ -101,11 +114,12 @@ def _tile_open_slide(slide: Slide, options: TilingOptions) -> TiledSlide:
 
     thumbnail = slide.thumbnail(options.thumbnail_size)
     downsample = width / thumbnail.shape[1]
-    mask = tissue_mask(thumbnail, mpp * downsample if mpp else None)
+    found = find_tissue(thumbnail, mpp * downsample if mpp else None, exclude_ink=not options.keep_pen)
+    mask = found.tissue
     if not mask.any():
         raise InputError(slide.path, "no tissue found (blank or background-only image)")
     coords = grid_in_tissue(mask, downsample, width, height, patch_level0, stride_level0,
-                            options.min_tissue)
+                            options.min_tissue, found.ink)
     if len(coords) == 0:
         raise InputError(slide.path, f"tissue found, but no {patch_level0}-px patch holds "
                                      f"{options.min_tissue:.0%} tissue (try a smaller --patch-size "
@@ -121,10 +135,11 @@ def _tile_open_slide(slide: Slide, options: TilingOptions) -> TiledSlide:
         "target_mpp": options.target_mpp if mpp else math.nan,
         "min_tissue": options.min_tissue,
         "tissue_fraction": float(mask.mean()),
+        "ink_fraction": float(found.ink.mean()),
     }
     if mpp is not None:
         attrs["mpp"] = mpp
-    return TiledSlide(coords=coords, thumbnail=thumbnail, mask=mask,
+    return TiledSlide(coords=coords, thumbnail=thumbnail, mask=mask, ink=found.ink,
                       attrs=attrs | {"thumbnail_downsample": downsample})
 
 
@@ -148,8 +163,13 @@ def _tile_one(path: Path, options: TilingOptions) -> tuple[TiledSlide | None, st
 
 
 def write_preview(path: Path, tiled: TiledSlide) -> None:
-    """Thumbnail with the tissue outline (green) and the patch grid (blue)."""
+    """Thumbnail with the tissue outline (green), the patch grid (blue) and pen ink left out
+    (hatched magenta)."""
     pixels = tiled.thumbnail.copy()
+    yy, xx = np.nonzero(tiled.ink)
+    hatch = (yy + xx) % 6 < 2
+    pixels[yy[hatch], xx[hatch]] = (230, 0, 230)
+    pixels[segmentation.find_boundaries(tiled.ink, mode="inner")] = (230, 0, 230)
     pixels[segmentation.find_boundaries(tiled.mask, mode="inner")] = (0, 170, 0)
     image = Image.fromarray(pixels)
     draw = ImageDraw.Draw(image)
@@ -208,6 +228,7 @@ def _tile_into(writer: stores.StoreWriter, paths: list[Path], inputs: list[Path]
             attrs = tiled.attrs | {"options": json.dumps(asdict(options))}
             downsample = attrs.pop("thumbnail_downsample")
             writer.write_slide(slide_id, attrs,
-                               {"coords": tiled.coords, "thumbnail": tiled.thumbnail, "tissue_mask": tiled.mask},
-                               {"thumbnail": {"downsample": downsample}, "tissue_mask": {"downsample": downsample}})
+                               {"coords": tiled.coords, "thumbnail": tiled.thumbnail, "tissue_mask": tiled.mask,
+                                "ink_mask": tiled.ink},
+                               {name: {"downsample": downsample} for name in ("thumbnail", "tissue_mask", "ink_mask")})
             report.done.append(slide_id)
