@@ -43,7 +43,7 @@ def kill_when(process: subprocess.Popen, ready, timeout: float = 120) -> None:
 def test_kill_9_mid_tile_then_rerun_equals_a_clean_run(tmp_path: Path) -> None:
     clean, killed = tmp_path / "clean.h5", tmp_path / "killed.h5"
     assert invoke("tile", SAMPLE / "slides", "--out", clean, "--workers", "1", "--quiet").exit_code == 0
-    env = os.environ | {stores.KILL_AT: "slide-writing:10"}  # the 4th slide's file half written (3 datasets each)
+    env = os.environ | {stores.KILL_AT: "slide-writing:14"}  # the 4th slide's file half written (4 datasets each)
     process = subprocess.run(CLI + ["tile", str(SAMPLE / "slides"), "--out", str(killed), "--workers", "1", "-q"],
                              env=env)
     assert process.returncode == -signal.SIGKILL
