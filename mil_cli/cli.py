@@ -21,7 +21,7 @@ from rich.table import Table
 from mil_cli import __version__
 from mil_cli.console import console, error, set_quiet
 from mil_cli.errors import InputError, MilcliError
-from mil_cli.config import ModelConfig, TrainOptions, read_options_file
+from mil_cli.config import ModelConfig, QCThresholds, TrainOptions, read_options_file
 from mil_cli.reports import StageReport
 
 EXIT_PARTIAL = 1
@@ -141,6 +141,7 @@ TargetMpp = Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 
 Magnification = Annotated[Optional[float], typer.Option(help="Patch magnification, instead of --target-mpp (20 = 0.5 µm/px).")]
 Mpp = Annotated[Optional[float], typer.Option(help="Override the slides' own µm/px (level 0).")]
 MinTissue = Annotated[float, typer.Option(help="Fraction of a patch that must be tissue.")]
+Qc = Annotated[bool, typer.Option("--qc", help="Read every kept patch and leave out blurred ones, ones that are mostly glass and ones that are mostly near-black (folds, bubble rims); measures and counts go into the tile store (README: Quality control). Costs about one more read of each patch.")]
 KeepPen = Annotated[bool, typer.Option("--keep-pen", help="Do not look for pen ink (blue, green, red, black marker on the glass); by default it is kept out of the tissue mask, and --previews hatch it in magenta.")]
 BackboneName = Annotated[str, typer.Option("--backbone", help="Frozen encoder: a name from `milcli embed --list-backbones`, timm:<model> or hf-hub:<org/repo>.")]
 Weights = Annotated[Optional[Path], typer.Option(help="Backbone weight file (.pth/.bin/.safetensors state_dict) instead of its default source.")]
@@ -166,6 +167,7 @@ Slides = Annotated[list[Path], typer.Argument(metavar="SLIDES", help="Slide file
                                               callback=_no_flag_values)]
 TRAIN_DEFAULTS = TrainOptions()
 MODEL_DEFAULTS = ModelConfig()
+QC_DEFAULTS = QCThresholds()
 ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, mean, max, noisy-and, clam-sb, clam-mb, dsmil or transmil.")]
 Ensemble = Annotated[int, typer.Option(min=1, help="Heads trained from different seeds and averaged (one model file).")]
 MaxPatches = Annotated[Optional[int], typer.Option(min=1, help="Random patches per training bag and epoch (evaluation uses all).")]
@@ -231,6 +233,10 @@ def tile(
     mpp: Mpp = None,
     min_tissue: MinTissue = 0.25,
     keep_pen: KeepPen = False,
+    qc: Qc = False,
+    min_sharpness: Annotated[float, typer.Option(help="--qc: least variance of the Laplacian over the variance of the grey levels, over the tissue pixels (sharp tissue 0.02-3; a sigma-4 px blur 0.003-0.02).")] = QC_DEFAULTS.min_sharpness,
+    max_background: Annotated[float, typer.Option(help="--qc: largest share of near-white pixels.")] = QC_DEFAULTS.max_background,
+    max_dark: Annotated[float, typer.Option(help="--qc: largest share of near-black pixels.")] = QC_DEFAULTS.max_dark,
     thumbnail_size: Annotated[int, typer.Option(help="Longer side of the stored thumbnail / mask in px.")] = 1024,
     workers: TileWorkers = None,
     previews: Annotated[bool, typer.Option("--previews", help="Write <out>_previews/<slide>.png: thumbnail, tissue outline, patch grid, pen ink left out.")] = False,
@@ -243,7 +249,8 @@ def tile(
     from mil_cli.tiling import TilingOptions, default_tiling_workers, tile_slides
 
     options = TilingOptions(patch_size=patch_size, stride=stride, target_mpp=_target_mpp(target_mpp, magnification),
-                            mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen, thumbnail_size=thumbnail_size)
+                            mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen, thumbnail_size=thumbnail_size,
+                            qc=QCThresholds(min_sharpness, max_background, max_dark) if qc else None)
     preview_dir = out.with_name(f"{out.stem}_previews") if previews else None
     report = tile_slides(inputs, out, options, overwrite=overwrite, workers=default_tiling_workers() if workers is None else workers,
                          previews=preview_dir)
@@ -495,6 +502,7 @@ def run(
     stride: Stride = None,
     min_tissue: MinTissue = 0.25,
     keep_pen: KeepPen = False,
+    qc: Qc = False,
     previews: Annotated[bool, typer.Option("--previews", help="Write previews/<slide>.png: thumbnail, tissue outline, patch grid, pen ink left out.")] = False,
     backbone: BackboneName = "efficientnet-lite0",
     weights: Weights = None,
@@ -526,7 +534,8 @@ def run(
     _check_model(model)
     options = RunOptions(
         tiling=TilingOptions(patch_size=patch_size, stride=stride, target_mpp=_target_mpp(target_mpp, magnification),
-                             mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen),
+                             mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen,
+                             qc=QCThresholds() if qc else None),
         training=TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, max_patches=max_patches, seed=seed,
                               model=ModelConfig(architecture=model)),
         backbone=backbone, embedding=EmbedOptions(batch_size=batch_size, workers=workers, weights=weights),

@@ -67,3 +67,12 @@ class TrainOptions:
             raise MilcliError(f"--precision {self.precision}: expected auto, fp32 or bf16")
         if self.lr_schedule not in ("cosine", "constant"):
             raise MilcliError(f"--lr-schedule {self.lr_schedule}: expected cosine or constant")
+
+
+@dataclass(frozen=True)
+class QCThresholds:
+    """`tile --qc`: patches outside these are left out (measures in quality.py)."""
+
+    min_sharpness: float = 0.015  # sharp tissue measured 0.018-2.7 on the real test slides; a sigma-4 px blur 0.003-0.02
+    max_background: float = 0.9   # nearly all glass although the thumbnail's mask saw tissue
+    max_dark: float = 0.5         # half the patch near-black

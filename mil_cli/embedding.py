@@ -33,7 +33,7 @@ from mil_cli.console import progress_bar, warn
 from mil_cli.devices import autocast, keep_freed_memory
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.reports import StageReport
-from mil_cli.slides import Slide, open_slide
+from mil_cli.slides import Slide, group_into_blocks, open_slide
 
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
 BLOCK_SPAN = 4  # patches per side of a block read at once
@@ -46,14 +46,6 @@ class SlideJob:
     coords: np.ndarray
     patch_size_level0: int
     attrs: dict
-
-
-def group_into_blocks(coords: np.ndarray, cell: int) -> list[np.ndarray]:
-    """Row indices of `coords`, grouped by the `cell` x `cell` square their top-left falls in."""
-    keys = coords // cell
-    order = np.lexsort((keys[:, 0], keys[:, 1]))
-    starts = np.flatnonzero(np.any(np.diff(keys[order], axis=0) != 0, axis=1)) + 1
-    return np.split(order, starts)
 
 
 class PatchBlocks(Dataset):

@@ -55,6 +55,14 @@ def safe_file_stem(slide_id: str) -> str:
     return cleaned or "_"
 
 
+def group_into_blocks(coords: np.ndarray, cell: int) -> list[np.ndarray]:
+    """Row indices of `coords`, grouped by the `cell` x `cell` square their top-left falls in."""
+    keys = coords // cell
+    order = np.lexsort((keys[:, 0], keys[:, 1]))
+    starts = np.flatnonzero(np.any(np.diff(keys[order], axis=0) != 0, axis=1)) + 1
+    return np.split(order, starts)
+
+
 class Slide(ABC):
     """A read-only slide. Coordinates are level-0 pixels, (x, y) order, as in OpenSlide."""
 

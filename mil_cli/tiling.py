@@ -9,7 +9,7 @@ import os
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import repeat
 from pathlib import Path
 
@@ -21,7 +21,10 @@ from mil_cli import stores
 from mil_cli.console import progress_bar, warn
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.reports import StageReport
-from mil_cli.slides import Slide, find_slides, no_slides_found, open_slide, safe_file_stem, slide_id_from_path
+from mil_cli.slides import (Slide, find_slides, group_into_blocks, no_slides_found, open_slide, safe_file_stem,
+                            slide_id_from_path)
+from mil_cli.config import QCThresholds
+from mil_cli.quality import QC_MEASURES, failures, measure_patches
 from mil_cli.tissue import find_tissue
 
 
@@ -34,6 +37,7 @@ class TilingOptions:
     min_tissue: float = 0.25       # fraction of a patch that must be tissue
     thumbnail_size: int = 1024     # longer side of the stored thumbnail and mask
     keep_pen: bool = False         # True: pen ink is not looked for (it may then pass as tissue)
+    qc: QCThresholds | None = None  # read every kept patch and drop blurred, empty or dark ones
 
     def __post_init__(self) -> None:
         if self.patch_size < 8:
@@ -55,6 +59,8 @@ class TiledSlide:
     mask: np.ndarray          # (h, w) bool, tissue without pen ink
     ink: np.ndarray           # (h, w) bool, pen ink found on the thumbnail
     attrs: dict
+    quality: dict[str, np.ndarray] = field(default_factory=dict)  # --qc: measure -> (N,) per kept patch
+    dropped: dict[str, np.ndarray] = field(default_factory=dict)  # --qc: reason -> (k, 2) coords left out
 
 
 MAX_INK_SHARE = 0.1  # a patch with more of its area under pen ink than this is left out
@@ -139,8 +145,37 @@ def _tile_open_slide(slide: Slide, options: TilingOptions) -> TiledSlide:
     }
     if mpp is not None:
         attrs["mpp"] = mpp
-    return TiledSlide(coords=coords, thumbnail=thumbnail, mask=mask, ink=found.ink,
-                      attrs=attrs | {"thumbnail_downsample": downsample})
+    tiled = TiledSlide(coords=coords, thumbnail=thumbnail, mask=mask, ink=found.ink,
+                       attrs=attrs | {"thumbnail_downsample": downsample})
+    if options.qc is not None:
+        apply_qc(slide, tiled, options.patch_size, options.qc)
+    return tiled
+
+
+QC_BLOCK = 1024  # level-0 px: patches whose top-left falls in one such square are read together
+
+
+def apply_qc(slide: Slide, tiled: TiledSlide, patch_size: int, thresholds: QCThresholds) -> None:
+    """Measure every patch at its target resolution (quality.py); keep the passing ones."""
+    size_level0 = int(tiled.attrs["patch_size_level0"])
+    measures = {name: np.zeros(len(tiled.coords), dtype=np.float32) for name in QC_MEASURES}
+    for rows in group_into_blocks(tiled.coords, max(QC_BLOCK, size_level0)):
+        patches = slide.read_patches_unscaled(tiled.coords[rows], size_level0, patch_size)
+        for name, values in measure_patches(patches).items():
+            measures[name][rows] = values
+    failed = failures(measures, thresholds)
+    keep = ~np.any(list(failed.values()), axis=0)
+    if not keep.any():
+        raise InputError(slide.path, f"every patch failed --qc ({_counts(failed)})")
+    tiled.dropped = {reason: tiled.coords[mask] for reason, mask in failed.items() if mask.any()}
+    tiled.coords = tiled.coords[keep]
+    tiled.quality = {name: values[keep] for name, values in measures.items()}
+    tiled.attrs["qc_dropped"] = json.dumps({reason: int(mask.sum()) for reason, mask in failed.items()})
+    tiled.attrs["qc_thresholds"] = json.dumps(asdict(thresholds))
+
+
+def _counts(failed: dict[str, np.ndarray]) -> str:
+    return ", ".join(f"{reason} {int(mask.sum())}" for reason, mask in failed.items() if mask.any())
 
 
 def default_tiling_workers() -> int:
@@ -163,8 +198,8 @@ def _tile_one(path: Path, options: TilingOptions) -> tuple[TiledSlide | None, st
 
 
 def write_preview(path: Path, tiled: TiledSlide) -> None:
-    """Thumbnail with the tissue outline (green), the patch grid (blue) and pen ink left out
-    (hatched magenta)."""
+    """Thumbnail with the tissue outline (green), the patch grid (blue), pen ink left out
+    (hatched magenta) and patches dropped by --qc (red)."""
     pixels = tiled.thumbnail.copy()
     yy, xx = np.nonzero(tiled.ink)
     hatch = (yy + xx) % 6 < 2
@@ -177,6 +212,9 @@ def write_preview(path: Path, tiled: TiledSlide) -> None:
     size = tiled.attrs["patch_size_level0"] / ds
     for x, y in tiled.coords / ds:
         draw.rectangle((x, y, x + size, y + size), outline=(30, 80, 220))
+    for coords in tiled.dropped.values():  # left out by --qc
+        for x, y in coords / ds:
+            draw.rectangle((x, y, x + size, y + size), outline=(230, 30, 30))
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 
@@ -225,10 +263,16 @@ def _tile_into(writer: stores.StoreWriter, paths: list[Path], inputs: list[Path]
                 continue
             if previews is not None:
                 write_preview(previews / f"{safe_file_stem(slide_id)}.png", tiled)
+            if tiled.dropped:
+                warn(f"{slide_id}: --qc left out {sum(len(c) for c in tiled.dropped.values())} of "
+                     f"{len(tiled.coords) + sum(len(c) for c in tiled.dropped.values())} patches "
+                     f"({', '.join(f'{reason} {len(c)}' for reason, c in tiled.dropped.items())})")
+                for reason, coords in tiled.dropped.items():
+                    report.counts[f"qc_{reason}"] = report.counts.get(f"qc_{reason}", 0) + len(coords)
             attrs = tiled.attrs | {"options": json.dumps(asdict(options))}
             downsample = attrs.pop("thumbnail_downsample")
             writer.write_slide(slide_id, attrs,
                                {"coords": tiled.coords, "thumbnail": tiled.thumbnail, "tissue_mask": tiled.mask,
-                                "ink_mask": tiled.ink},
+                                "ink_mask": tiled.ink, **{f"qc_{name}": v for name, v in tiled.quality.items()}},
                                {name: {"downsample": downsample} for name in ("thumbnail", "tissue_mask", "ink_mask")})
             report.done.append(slide_id)

@@ -18,8 +18,8 @@ import torch
 from conftest import SAMPLE, invoke
 from mil_cli import stores
 from mil_cli.backbones import get_backbone
-from mil_cli.embedding import EmbedOptions, Rebatcher, embed_store, group_into_blocks
-from mil_cli.slides import open_slide
+from mil_cli.embedding import EmbedOptions, Rebatcher, embed_store
+from mil_cli.slides import group_into_blocks, open_slide
 from mil_cli.tiling import TilingOptions, tile_slides
 
 SLIDE = SAMPLE / "slides" / "slide_00.tif"
