@@ -151,7 +151,8 @@ def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, opt
             features = torch.from_numpy(x)
             attention.append(fitted.model.bag(features)[1].numpy())
             instance.append(fitted.model.instance_scores(features)[:, 1].numpy())
-    return {"p": probs[:, 1], "attention": attention, "instance": instance, "seconds_per_epoch": seconds_per_epoch}
+    return {"p": probs[:, 1], "attention": attention, "instance": instance, "seconds_per_epoch": seconds_per_epoch,
+            "chosen": fitted.selection.get("instance_loss")}
 
 
 def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int) -> dict:
@@ -163,7 +164,7 @@ def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int) 
 def evaluate_row(row: Row, repeats: int, options: TrainOptions, with_reference: bool = True) -> dict:
     results: dict[str, list[float]] = {}
     for repeat in range(repeats):
-        pooled: dict[str, list] = {"y": [], "milcli": [], "reference": [], "epoch seconds": []}
+        pooled: dict[str, list] = {"y": [], "milcli": [], "reference": [], "epoch seconds": [], "chosen": []}
         loc: dict[str, list] = {"instance": [], "attention": [], "reference attention": []}
         for fold, (train, test) in enumerate(row.splits(repeat)):
             seed = repeat * 100 + fold
@@ -173,12 +174,16 @@ def evaluate_row(row: Row, repeats: int, options: TrainOptions, with_reference: 
             pooled["y"] += [y for _, y, _ in test]
             pooled["milcli"] += list(ours["p"])
             pooled["epoch seconds"].append(ours["seconds_per_epoch"])
+            pooled["chosen"].append(ours["chosen"])
             pooled["reference"] += list(theirs["p"])
             loc["instance"] += list(zip(ours["instance"], test))
             loc["attention"] += list(zip(ours["attention"], test))
             loc["reference attention"] += list(zip(theirs["attention"], test))
         y = np.array(pooled["y"])
         results.setdefault("milcli s/epoch", []).append(float(np.mean(pooled["epoch seconds"])))
+        chosen = [c for c in pooled["chosen"] if c is not None]
+        if chosen:  # share of the folds whose inner cross-validation chose no patch-classifier loss
+            results.setdefault("chose instance-loss 0", []).append(float(np.mean(np.array(chosen) == 0)))
         for who in ("milcli", "reference") if with_reference else ("milcli",):
             p = np.array(pooled[who])
             results.setdefault(f"{who} auc", []).append(roc_auc_score(y, p))
@@ -222,7 +227,9 @@ def main() -> None:
                                                   "loc attention", "loc reference attention")]
         cells.append(f"{np.mean(r['milcli s/epoch']):.4f}")
         print(f"| {name} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |", flush=True)
-        per_repeat.append(f"{name}: milcli AUC per repeat " + ", ".join(f"{v:.3f}" for v in r["milcli auc"]))
+        per_repeat.append(f"{name}: milcli AUC per repeat " + ", ".join(f"{v:.3f}" for v in r["milcli auc"])
+                          + (f"; inner CV chose --instance-loss 0 in {np.mean(r['chose instance-loss 0']):.0%} of folds"
+                             if "chose instance-loss 0" in r else ""))
         for k, v in r.items():
             summary.setdefault(k, []).append(float(np.nanmean(v)))
     print("mean over rows: " + ", ".join(f"{k} {np.nanmean(v):.3f}" for k, v in summary.items()))
@@ -237,8 +244,8 @@ def apply_overrides(options: TrainOptions, settings: list[str]) -> TrainOptions:
         current = getattr(target, field)
         if isinstance(current, bool):
             typed = value.lower() in ("1", "true", "yes")
-        elif current is None:  # max_patches: None or a count
-            typed = int(value)
+        elif current is None:  # max_patches (None or a count), instance_loss (None or a share)
+            typed = float(value) if "." in value or field == "instance_loss" else int(value)
         else:
             typed = type(current)(value)
         if target is options.model:

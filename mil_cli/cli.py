@@ -141,6 +141,8 @@ TargetMpp = Annotated[float, typer.Option(help="Patch resolution in µm/px (0.5 
 Magnification = Annotated[Optional[float], typer.Option(help="Patch magnification, instead of --target-mpp (20 = 0.5 µm/px).")]
 Mpp = Annotated[Optional[float], typer.Option(help="Override the slides' own µm/px (level 0).")]
 MinTissue = Annotated[float, typer.Option(help="Fraction of a patch that must be tissue.")]
+Stain = Annotated[str, typer.Option(help="Stain normalisation of every patch before the encoder, on the device: none, reinhard (CIELAB mean and spread of the tissue pixels) or macenko (stain vectors and concentrations in optical density). The store records it; adding slides with another setting is refused.")]
+StainTargetImage = Annotated[Optional[Path], typer.Option(help="Image (PNG/JPEG/TIFF) of H&E tissue whose stain is the target for --stain.", show_default="a bundled H&E reference")]
 Qc = Annotated[bool, typer.Option("--qc", help="Read every kept patch and leave out blurred ones, ones that are mostly glass and ones that are mostly near-black (folds, bubble rims); measures and counts go into the tile store (README: Quality control). Costs about one more read of each patch.")]
 KeepPen = Annotated[bool, typer.Option("--keep-pen", help="Do not look for pen ink (blue, green, red, black marker on the glass); by default it is kept out of the tissue mask, and --previews hatch it in magenta.")]
 BackboneName = Annotated[str, typer.Option("--backbone", help="Frozen encoder: a name from `milcli embed --list-backbones`, timm:<model> or hf-hub:<org/repo>.")]
@@ -289,6 +291,8 @@ def embed(
     workers: EmbedWorkers = None,
     dtype: Annotated[str, typer.Option(help="Stored feature type: float16 or float32.")] = "float16",
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (worth it for long GPU runs).")] = False,
+    stain: Stain = "none",
+    stain_target: StainTargetImage = None,
     device: Device = "auto",
     ray: RayAddress = None,
     ray_workers: Annotated[Optional[int], typer.Option(min=1, help="With --ray: worker processes, each holding one model.", show_default="GPUs x --workers-per-gpu; CPU-only: one per 4 CPUs")] = None,
@@ -307,7 +311,8 @@ def embed(
     from mil_cli.embedding import EmbedOptions, embed_store
     from mil_cli.stores import require_file
 
-    options = EmbedOptions(batch_size=batch_size, workers=workers, dtype=dtype, weights=weights, compile=compile)
+    options = EmbedOptions(batch_size=batch_size, workers=workers, dtype=dtype, weights=weights, compile=compile,
+                           stain=stain, stain_target=stain_target)
     require_file(tiles, "the TILES argument")
     if ray is not None:
         from mil_cli.distributed import RayOptions, ray_embed_store
@@ -372,7 +377,7 @@ def train(
     hidden_dim: Annotated[int, typer.Option(min=1, help="Patch embedding size.")] = MODEL_DEFAULTS.hidden_dim,
     attention_dim: Annotated[int, typer.Option(min=1, help="Attention branch size.")] = MODEL_DEFAULTS.attention_dim,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout after the patch embedding.")] = MODEL_DEFAULTS.dropout,
-    instance_loss: Annotated[float, typer.Option(min=0.0, max=1.0, help="abmil heads: share of the max-pooled patch-classifier loss (its patch scores localise).")] = MODEL_DEFAULTS.instance_loss,
+    instance_loss: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, show_default="0.5, or 0 when inner CV prefers it", help="abmil heads: share of the max-pooled patch-classifier loss (its patch scores localise). Left unset, on up to 300 training slides milcli trains one head per inner fold (3 folds) with 0.5 and with 0 and keeps 0.5 unless 0 gains 0.02 out-of-fold AUC (it can, on a few dozen slides of high-dimensional features); larger cohorts take 0.5.")] = MODEL_DEFAULTS.instance_loss,
     instance_k: Annotated[int, typer.Option(min=1, help="clam-sb, clam-mb: top/bottom patches per bag for the instance loss.")] = MODEL_DEFAULTS.instance_k,
     seed: Seed = 0,
     device: Device = "auto",
@@ -506,6 +511,8 @@ def run(
     previews: Annotated[bool, typer.Option("--previews", help="Write previews/<slide>.png: thumbnail, tissue outline, patch grid, pen ink left out.")] = False,
     backbone: BackboneName = "efficientnet-lite0",
     weights: Weights = None,
+    stain: Stain = "none",
+    stain_target: StainTargetImage = None,
     batch_size: BatchSize = 64,
     workers: Annotated[Optional[int], typer.Option(min=0, help=WORKERS_HELP, show_default="tile: cores, at most 4; embed: CUDA cores - 1, at most 8, CPU 0")] = None,
     model: ModelName = MODEL_DEFAULTS.architecture,
@@ -538,7 +545,8 @@ def run(
                              qc=QCThresholds() if qc else None),
         training=TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, max_patches=max_patches, seed=seed,
                               model=ModelConfig(architecture=model)),
-        backbone=backbone, embedding=EmbedOptions(batch_size=batch_size, workers=workers, weights=weights),
+        backbone=backbone, embedding=EmbedOptions(batch_size=batch_size, workers=workers, weights=weights, stain=stain,
+                                                  stain_target=stain_target),
         explain_all=explain_all, previews=previews, folds=folds, repeats=repeats, overwrite=overwrite)
     reports = run_pipeline(inputs, require_file(labels, "--labels"), out, options, _device(device))
     record = json.loads((out / "run.json").read_text())

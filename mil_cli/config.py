@@ -27,6 +27,9 @@ def read_options_file(path: Path) -> dict[str, Any]:
     return {key.replace("_", "-"): value for key, value in table.items()}
 
 
+DEFAULT_INSTANCE_LOSS = 0.5  # abmil heads' patch-classifier share, unless inner cross-validation prefers 0
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str = "abmil"
@@ -35,7 +38,8 @@ class ModelConfig:
     hidden_dim: int = 256
     attention_dim: int = 128
     dropout: float = 0.25
-    instance_loss: float = 0.5    # abmil heads: share of the max-pooled patch-classifier loss
+    instance_loss: float | None = None  # abmil heads: share of the max-pooled patch-classifier loss;
+                                        # None: chosen by training.choose_instance_loss
     instance_k: int = 8           # clam-sb/-mb: patches taken from each end of the attention ranking
     instance_weight: float = 0.3  # clam-sb/-mb: share of the instance loss in the total loss
 
@@ -46,7 +50,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainOptions:
     epochs: int = 50              # exactly this many without validation bags; at most, with them
-    lr: float = 5e-4
+    lr: float = 1e-3
     weight_decay: float = 1e-4
     lr_schedule: str = "cosine"   # cosine decay to 1 % over the epochs, or constant
     patience: int = 10            # epochs without a better validation loss before stopping

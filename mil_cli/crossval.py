@@ -23,14 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedGroupKFold
 
 from mil_cli.console import warn
 from mil_cli.errors import InputError
 from mil_cli.metrics import classification_metrics, plot_roc, summarise, summarise_repeats
 from mil_cli.config import TrainOptions
-from mil_cli.training import (Bag, LabelledBags, epochs_summary, evaluate, fit_pool, load_dataset, make_checkpoint,
-                              save_checkpoint)
+from mil_cli.training import (Bag, LabelledBags, epochs_summary, evaluate, fit_pool, group_folds, load_dataset,
+                              make_checkpoint, save_checkpoint)
 
 
 @dataclass
@@ -42,14 +41,11 @@ class CrossValidationResult:
 
 def fold_splits(bags: list[Bag], folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
     """(training, test) bag indices per fold: stratified by label, patients kept together."""
-    targets = np.array([b.target for b in bags])
-    smallest = np.bincount(targets).min()
+    smallest = np.bincount(np.array([b.target for b in bags])).min()
     if smallest < folds:
         raise InputError("--folds", f"{folds} folds need at least {folds} slides of every class; the rarest has "
                                     f"{smallest}")
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-    return [(train.tolist(), test.tolist())
-            for train, test in splitter.split(np.zeros(len(bags)), targets, [b.group for b in bags])]
+    return group_folds(bags, folds, seed)
 
 
 def cross_validate(features_path: Path, labels_path: Path, options: TrainOptions, device: torch.device,

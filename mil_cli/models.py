@@ -30,13 +30,13 @@ patch-level answer that localises; attention only says what the bag pooling weig
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mil_cli.config import ModelConfig
+from mil_cli.config import DEFAULT_INSTANCE_LOSS, ModelConfig
 from mil_cli.errors import MilcliError
 
 
@@ -154,8 +154,11 @@ class AttentionMIL(MILHead):
         attention stream what a diffuse one needs (benchmarks/panel.py)."""
         h, attention = self.attend(features, mask)
         pooled_logits = self.classifier(torch.einsum("bn,bnh->bh", attention, h))
-        if not self.max_instance_loss or self.config.instance_loss == 0:
+        if not self.max_instance_loss:
             return MILOutput(pooled_logits, attention, h)
+        if self.config.instance_loss == 0:  # the patch classifier as a probe: it learns from the embedding
+            strongest = without_padding(self.instance_classifier(h.detach()), mask).amax(dim=1)  # but shapes nothing
+            return MILOutput(pooled_logits, attention, h, pooled_logits, strongest)
         strongest = without_padding(self.instance_classifier(h), mask).amax(dim=1)
         probs = (torch.softmax(pooled_logits, -1) + self.patch_probabilities(strongest)) / 2
         return MILOutput(torch.log(probs.clamp(min=1e-12)), attention, h, pooled_logits, strongest)
@@ -179,16 +182,19 @@ class AttentionMIL(MILHead):
         """Bag loss plus the patch classifier's, through the bag's most convincing patch. Binary
         (the MIL assumption): a bag is positive when one patch is, so the highest positive
         logit must say whether the bag is positive; negative patches in positive bags are left
-        free. With more classes, the per-class maxima must name the bag's class."""
+        free. With more classes, the per-class maxima must name the bag's class. With
+        `instance_loss` 0 the patch classifier is only a probe (trained on a detached
+        embedding, out of the prediction): its patch scores still localise, while the
+        embedding and the prediction are the attention stream's alone."""
         bag_loss = F.cross_entropy(out.pooled_logits, targets, weight=weight)
         w = self.config.instance_loss
-        if w == 0:
-            return bag_loss
         if self.config.n_classes == 2:
             per_bag = weight[targets] if weight is not None else None
             instance_loss = F.binary_cross_entropy_with_logits(out.strongest[:, 0], targets.float(), weight=per_bag)
         else:
             instance_loss = F.cross_entropy(out.strongest, targets, weight=weight)
+        if w == 0:
+            return bag_loss + instance_loss  # the probe's gradient reaches only the patch classifier
         return (1 - w) * bag_loss + w * instance_loss
 
 
@@ -508,6 +514,10 @@ class SeedEnsemble(nn.Module):
 
 
 def build_model(config: ModelConfig) -> MILHead:
+    """The head `config` describes; an instance_loss left to milcli (None) builds with the
+    default share (training chooses it before building, training.choose_instance_loss)."""
     if config.architecture not in MODELS:
         raise MilcliError(f"unknown model '{config.architecture}' (available: {', '.join(MODELS)})")
+    if config.instance_loss is None:
+        config = replace(config, instance_loss=DEFAULT_INSTANCE_LOSS)
     return MODELS[config.architecture](config)

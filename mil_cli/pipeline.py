@@ -64,7 +64,8 @@ def _model_matches(path: Path, options: TrainOptions) -> bool:
         return False
     wanted = asdict(options)
     head = {k: v for k, v in wanted.pop("model").items() if k not in ("in_dim", "n_classes")}
-    return config.get("training") == wanted and all(config["model"].get(k) == v for k, v in head.items())
+    return config.get("training") == wanted and all(config["model"].get(k) == v for k, v in head.items()
+                                                    if v is not None)  # None: left to training to choose
 
 
 def _cv_matches(path: Path, options: RunOptions) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 
 from mil_cli import __version__
@@ -26,7 +27,7 @@ from mil_cli.devices import keep_freed_memory, seed_everything, training_autocas
 from mil_cli.errors import InputError
 from mil_cli.labels import LabelTable, check_cohort, read_labels
 from mil_cli.metrics import classification_metrics
-from mil_cli.config import ModelConfig, TrainOptions
+from mil_cli.config import DEFAULT_INSTANCE_LOSS, ModelConfig, TrainOptions
 from mil_cli.models import MILHead, SeedEnsemble, build_model
 from mil_cli.stores import FeatureSource
 
@@ -183,6 +184,7 @@ class Fitted:
     config: ModelConfig
     histories: list[list[dict]]  # per member: epoch, train_loss, val_loss
     best_epochs: list[int]       # per member: the epoch whose weights were kept
+    selection: dict              # what inner cross-validation chose, and its scores (empty: nothing chosen)
 
 
 MEMBER_SEED_STEP = 100_003  # member m trains from seed + m * this (member 0 from the seed itself)
@@ -190,8 +192,13 @@ MEMBER_SEED_STEP = 100_003  # member m trains from seed + m * this (member 0 fro
 
 def fit(train_bags: list[Bag], val_bags: list[Bag], n_classes: int, options: TrainOptions,
         device: torch.device) -> Fitted:
-    """Train `options.ensemble` fresh heads from different seeds and join them."""
+    """Train `options.ensemble` fresh heads from different seeds and join them (after choosing
+    the patch-classifier share by inner cross-validation when it is left to milcli)."""
     keep_freed_memory()
+    selection: dict = {}
+    if options.model.instance_loss is None:
+        share, selection = choose_instance_loss(train_bags, n_classes, options, device)
+        options = replace(options, model=replace(options.model, instance_loss=share))
     config = ModelConfig(**{**asdict(options.model), "in_dim": int(train_bags[0].features.shape[1]),
                             "n_classes": n_classes})
     statistics = feature_statistics(train_bags) if options.standardise else None
@@ -202,7 +209,52 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], n_classes: int, options: Tra
         members.append(head)
         histories.append(history)
         best_epochs.append(best_epoch)
-    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs)
+    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs, selection)
+
+
+INSTANCE_LOSS_CHOICES = (DEFAULT_INSTANCE_LOSS, 0.0)  # the first is kept unless another is clearly better
+SELECTION_MARGIN = 0.02             # out-of-fold AUC another choice must gain to be taken
+SELECTION_MAX_BAGS = 300            # larger cohorts take the first choice without the inner cross-validation
+INNER_FOLDS = 3
+
+
+def choose_instance_loss(bags: list[Bag], n_classes: int, options: TrainOptions,
+                         device: torch.device) -> tuple[float, dict]:
+    """The share of the max-pooled patch classifier's loss for abmil heads, by inner
+    cross-validation on small cohorts. Why: the patch classifier sharpens the heads and their
+    patch scores on low-dimensional or strong-signal features (digits-bags +0.03 AUC, MUSK-like
+    +0.02), but on a few dozen bags of 1,000-d features with a weak signal it overfits (max
+    over hundreds of patches finds a noise direction that separates the training bags) and
+    costs 0.1-0.15 AUC (benchmarks/panel.py). Which case a cohort is cannot be told from its
+    shape, so each choice trains one head per inner fold and the pooled out-of-fold AUC decides;
+    the first choice stays unless another beats it by SELECTION_MARGIN (an AUC over a few
+    dozen bags is noisy). Returns the share and what was measured."""
+    default = INSTANCE_LOSS_CHOICES[0]
+    targets = np.array([b.target for b in bags])
+    architecture = build_model(replace(options.model, instance_loss=default, in_dim=1, n_classes=n_classes))
+    if (not getattr(architecture, "max_instance_loss", False) or len(bags) > SELECTION_MAX_BAGS
+            or np.bincount(targets, minlength=n_classes).min() < INNER_FOLDS):
+        return default, {}
+    splits = group_folds(bags, INNER_FOLDS, options.seed)
+    single = replace(options, ensemble=1)
+    scores = {}
+    for share in INSTANCE_LOSS_CHOICES:
+        probs = np.zeros((len(bags), n_classes))
+        trial = replace(single, model=replace(single.model, instance_loss=share))
+        for train_idx, test_idx in splits:
+            fitted = fit([bags[i] for i in train_idx], [], n_classes, trial, device)
+            probs[test_idx] = evaluate(fitted.model, [bags[i] for i in test_idx], device)[1]
+        scores[share] = float(classification_metrics(targets, probs)["auc"])
+    best = max(scores, key=lambda share: scores[share] - (SELECTION_MARGIN if share != default else 0.0))
+    return best, {"instance_loss": best, "inner_cv_auc": {str(k): v for k, v in scores.items()}}
+
+
+def group_folds(bags: list[Bag], folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """(training, test) bag indices per fold: stratified by label, patients kept together."""
+    targets = np.array([b.target for b in bags])
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return [(train.tolist(), test.tolist())
+            for train, test in splitter.split(np.zeros(len(bags)), targets, [b.group for b in bags])]
 
 
 def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig,
@@ -315,7 +367,7 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
 def epochs_summary(fitted: Fitted) -> dict:
     """The epochs each member ran and kept, for metrics.json and the tables."""
     return {"ensemble": len(fitted.best_epochs), "best_epochs": fitted.best_epochs,
-            "epochs_run": [len(h) for h in fitted.histories]}
+            "epochs_run": [len(h) for h in fitted.histories]} | ({"selection": fitted.selection} if fitted.selection else {})
 
 
 def subset_metrics(model: SeedEnsemble, subsets: dict[str, list[Bag]], device: torch.device) -> dict:

@@ -272,3 +272,39 @@ def test_training_errors_are_clear(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--model transformer" in result.stderr
     result = invoke("train", "--features", feats, "--labels", labels, "--folds", "3", "--device", "cpu")
     assert result.exit_code == 2 and "3-fold cross-validation needs at least 3 training slides of every class" in result.stderr
+
+
+def test_the_patch_classifier_share_is_chosen_by_inner_cross_validation_and_recorded(tmp_path: Path) -> None:
+    from mil_cli import training
+
+    feats, labels = synthetic_store(tmp_path, n_bags=40)
+    result = train(feats, labels, TrainOptions(epochs=4, ensemble=1), torch.device("cpu"))
+    selection = result.metrics["selection"]
+    scores = selection["inner_cv_auc"]
+    assert set(scores) == {"0.5", "0.0"} and all(0.0 <= v <= 1.0 for v in scores.values())
+    expected = 0.0 if scores["0.0"] > scores["0.5"] + training.SELECTION_MARGIN else 0.5
+    assert selection["instance_loss"] == expected == result.checkpoint["config"]["model"]["instance_loss"]
+    fixed = train(feats, labels, TrainOptions(epochs=4, ensemble=1, model=ModelConfig(instance_loss=0.5)),
+                  torch.device("cpu"))
+    assert "selection" not in fixed.metrics  # a share the user gave is used as it is
+    mean_head = train(feats, labels, TrainOptions(epochs=4, ensemble=1, model=ModelConfig(architecture="mean")),
+                      torch.device("cpu"))
+    assert "selection" not in mean_head.metrics  # no patch classifier to choose for
+
+
+def test_with_no_patch_classifier_share_it_is_a_probe_that_shapes_nothing() -> None:
+    """instance_loss 0: the patch classifier still learns (its scores localise) but its loss
+    sends no gradient into the embedding or the attention, and the prediction ignores it."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(in_dim=DIM, instance_loss=0.0, dropout=0.0))
+    x, mask = torch.randn(4, 12, DIM), torch.ones(4, 12, dtype=torch.bool)
+    targets = torch.tensor([0, 1, 0, 1])
+    out = model(x, mask)
+    assert torch.equal(out.logits, out.pooled_logits)
+    total = model.loss(out, targets, mask, None)
+    bag_only = torch.nn.functional.cross_entropy(out.pooled_logits, targets)
+    shared = [p for name, p in model.named_parameters() if not name.startswith("instance_classifier")]
+    for a, b in zip(torch.autograd.grad(total, shared, retain_graph=True), torch.autograd.grad(bag_only, shared)):
+        assert torch.allclose(a, b)
+    probe = torch.autograd.grad(total, model.instance_classifier.weight)[0]
+    assert probe.abs().sum() > 0
