@@ -102,6 +102,20 @@ def peak_memory(args: argparse.Namespace, slides: int) -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
+def print_stain_cost(batches: list, device: torch.device) -> None:
+    """patches/s of each --stain method alone, on the device, over the decoded batches."""
+    from mil_cli.stain import METHODS, normalise
+
+    for method in METHODS:
+        normalise(batches[0].to(device).float(), method)  # warm-up
+        start, count = time.perf_counter(), 0
+        for images in batches:
+            out = normalise(images.to(device).float(), method)
+            count += len(images)
+        float(out.sum())  # wait for the device
+        print(f"--stain {method}: {count / (time.perf_counter() - start):,.0f} patches/s (normalisation alone)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slides", type=Path, default=ROOT / "sample_data" / "slides")
@@ -143,6 +157,7 @@ def main() -> None:
               f"model-only {model:.1f} patches/s, efficiency {whole / model:.2f} ({steady / model:.2f})")
     whole, steady, model = (statistics.median(r[k] for r in rounds) for k in range(3))
     print(f"median: end-to-end {whole:.1f} patches/s, after model load {steady:.1f}, model-only {model:.1f}")
+    print_stain_cost(batches, device)
     print(f"efficiency, median of the rounds' ratios: {statistics.median(r[0] / r[2] for r in rounds):.2f} "
           f"(after model load {statistics.median(r[1] / r[2] for r in rounds):.2f})")
     for peak in memory:

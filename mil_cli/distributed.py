@@ -30,7 +30,7 @@ import torch
 from mil_cli import stores
 from mil_cli.backbones import get_backbone
 from mil_cli.console import progress_bar
-from mil_cli.embedding import (EmbedOptions, Embedder, SlideJob, decode_blocks, default_workers, embed_blocks,
+from mil_cli.embedding import (EmbedOptions, SlideJob, build_embedder, decode_blocks, default_workers, embed_blocks,
                                feature_store_attrs, pending_jobs, record_slide, write_slide)
 from mil_cli.errors import InputError, MilcliError, first_line
 from mil_cli.inference import (LoadedModel, Prediction, check_compatible, check_unique_slides, load_models,
@@ -140,7 +140,7 @@ class SlideWorker:
             torch.set_num_threads(cpus)
         self.backbone = get_backbone(backbone_name)
         self.options = options
-        self.embedder = Embedder(self.backbone, self.device, options.weights, options.compile)
+        self.embedder = build_embedder(self.backbone, self.device, options)
         self.decoders = default_workers(self.device) if options.workers is None else options.workers
         self.write = None
         if target.shared():
@@ -174,8 +174,9 @@ def ray_embed_store(tiles_path: Path, out: Path, backbone_name: str, options: Em
             ray = connect(cluster.address)
             count, resources = worker_resources(ray, cluster)
             actor = ray.remote(SlideWorker).options(**resources, max_restarts=RETRIES, max_task_retries=RETRIES)
-            if options.weights is not None:  # workers do not share this process's working folder
-                options = replace(options, weights=options.weights.resolve())
+            # workers do not share this process's working folder
+            options = replace(options, weights=options.weights and options.weights.resolve(),
+                              stain_target=options.stain_target and options.stain_target.resolve())
             token = secrets.token_hex(8)
             target = StoreTarget(writer.folder.resolve(), writer.root_attrs, tiles_path.resolve(),
                                  writer.folder.resolve() / f".probe-{token}", token)

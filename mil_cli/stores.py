@@ -133,7 +133,11 @@ def _check_format(f: h5py.File, path: Path, expected: str) -> int:
     return version
 
 
+IMPLIED_ATTRS = {"stain": "none"}  # what stores written before an attribute existed hold without saying
+
+
 def _check_attrs(where: Path, stored: dict, expected: dict) -> None:
+    stored = IMPLIED_ATTRS | stored
     for key, value in expected.items():
         if key in stored and stored[key] != value:
             raise InputError(where, f"was made with {key}={stored[key]!r}, not {value!r}; "
