@@ -46,6 +46,7 @@ class Backbone:
     precision: str = "bf16"       # preferred CUDA autocast type; bf16 falls back to fp16 where unsupported
     hub_files: tuple[str, tuple[str, ...]] | None = None  # (repo, candidate files) when weights come from the HF hub
     mpp: float | None = None      # µm/px of the patches it was trained on (None: natural images)
+    gated: bool = False           # the hub asks each user to accept its terms before downloading
 
     def weights_present(self) -> bool:
         """Whether the default weights are on this machine (looked up, never downloaded)."""
@@ -202,8 +203,18 @@ def hub_reachable() -> bool:
         return False
 
 
-def _hub_file(name: str, repo: str, filenames: tuple[str, ...], otherwise: str = "pass --weights FILE") -> Path:
-    """The first of `filenames` in the Hugging Face cache for `repo`, downloaded when online."""
+_downloads = {"allowed": False}
+
+
+def allow_downloads() -> None:
+    """`--download`: weights missing from the Hugging Face cache may be fetched (never otherwise)."""
+    _downloads["allowed"] = True
+
+
+def _hub_file(name: str, repo: str, filenames: tuple[str, ...], otherwise: str = "pass --weights FILE",
+              gated: bool = False) -> Path:
+    """The first of `filenames` in the Hugging Face cache for `repo`; downloaded only when the
+    user allowed it (`--download`) and the hub answers."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     for filename in filenames:
@@ -211,8 +222,13 @@ def _hub_file(name: str, repo: str, filenames: tuple[str, ...], otherwise: str =
         if isinstance(cached, str):
             return Path(cached)
     where = f"{repo}/{filenames[0]}"
-    advice = f"run `hf download {repo} {filenames[0]}` where there is internet, or {otherwise}"
+    access = (f"request access at https://huggingface.co/{repo} and log in (`hf auth login`), then " if gated
+              else "")
+    advice = (f"{access}run `hf download {repo} {filenames[0]}` where there is internet, pass --download, "
+              f"or {otherwise}")
     cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    if not _downloads["allowed"]:
+        raise MilcliError(f"{name}: {where} is not in the Hugging Face cache ({cache}); {advice}")
     if not hub_reachable():
         raise MilcliError(f"{name}: {where} is not in the Hugging Face cache ({cache}) and the hub cannot be "
                           f"reached (offline); {advice}")
@@ -271,6 +287,119 @@ def _timm_backbone(name: str) -> Backbone:
                     default_weights=partial(_timm_hub_weights, name, probe.pretrained_cfg.get("hf_hub_id")))
 
 
+class TokenPooling(nn.Module):
+    """A timm ViT's patch feature: its class token, or (where the model card says so) the
+    class token and the mean of the patch tokens side by side (register tokens left out)."""
+
+    def __init__(self, vit: nn.Module, pooling: str) -> None:
+        super().__init__()
+        self.vit, self.pooling = vit, pooling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(x)
+        if self.pooling == "cls":
+            return tokens[:, 0]
+        return torch.cat([tokens[:, 0], tokens[:, self.vit.num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A pathology foundation model that timm builds, weights on the Hugging Face hub. Every
+    fact comes from the model's card (`card`); kwargs are those the card gives to timm."""
+
+    name: str
+    repo: str
+    arch: str
+    kwargs: dict
+    dim: int
+    pooling: str                  # "cls" or "cls+mean"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    mpp: float | None
+    licence: str
+    gated: bool
+    card: str
+    description: str
+    precision: str = "bf16"
+    input_size: int = 224
+    files: tuple[str, ...] = ("pytorch_model.bin", "model.safetensors")
+
+    def backbone(self) -> Backbone:
+        return Backbone(name=self.name, dim=self.dim, input_size=self.input_size, mean=self.mean, std=self.std,
+                        licence=self.licence, gated=self.gated,
+                        description=f"{self.description} ({self.repo}); HF cache, --download or --weights",
+                        build=partial(_build_preset, self),
+                        default_weights=partial(_hub_file, self.name, self.repo, self.files, gated=self.gated),
+                        precision=self.precision, hub_files=(self.repo, self.files), mpp=self.mpp)
+
+    def architecture(self) -> nn.Module:
+        """The encoder with random weights (on the current default device)."""
+        import timm
+
+        from timm.layers import SwiGLUPacked
+
+        layers = {"SwiGLUPacked": SwiGLUPacked, "SiLU": nn.SiLU}  # kwargs name them, so presets stay plain data
+        kwargs = {k: layers.get(v, v) if isinstance(v, str) else v for k, v in self.kwargs.items()}
+        return TokenPooling(timm.create_model(self.arch, pretrained=False, num_classes=0, **kwargs), self.pooling)
+
+
+def _build_preset(preset: Preset, weights: Path) -> nn.Module:
+    model = preset.architecture()
+    load_into(model.vit, load_weight_file(weights), weights, ignored_prefixes=("head.", "fc."))
+    return model
+
+
+SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
+HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
+PRESETS = [
+    Preset("uni2-h", "MahmoodLab/UNI2-h", "vit_giant_patch14_224",
+           {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5, "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True, **SWIGLU},
+           dim=1536, pooling="cls", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.5,
+           licence="CC-BY-NC-ND-4.0", gated=True, card="https://huggingface.co/MahmoodLab/UNI2-h",
+           description="UNI2-h ViT-H/14, 8 registers, 200M+ tiles at 20x"),
+    Preset("virchow", "paige-ai/Virchow", "vit_huge_patch14_224",
+           {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True,
+            **SWIGLU},
+           dim=2560, pooling="cls+mean", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.5,
+           licence="Apache-2.0", gated=True, card="https://huggingface.co/paige-ai/Virchow",
+           description="Virchow ViT-H/14 at 20x; class token + mean patch token, as its card embeds",
+           precision="fp16"),
+    Preset("virchow2", "paige-ai/Virchow2", "vit_huge_patch14_224",
+           {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "", "dynamic_img_size": True,
+            "reg_tokens": 4, **SWIGLU},
+           dim=2560, pooling="cls+mean", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.5,
+           licence="CC-BY-NC-ND-4.0", gated=True, card="https://huggingface.co/paige-ai/Virchow2",
+           description="Virchow2 ViT-H/14, 4 registers, mixed 5-40x; class token + mean patch token",
+           precision="fp16"),
+    Preset("h-optimus-0", "bioptimus/H-optimus-0", "vit_giant_patch14_reg4_dinov2",
+           {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+           dim=1536, pooling="cls", mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, mpp=0.5,
+           licence="Apache-2.0", gated=True, card="https://huggingface.co/bioptimus/H-optimus-0",
+           description="H-optimus-0 ViT-g/14, 4 registers, 20x", precision="fp16"),
+    Preset("h-optimus-1", "bioptimus/H-optimus-1", "vit_giant_patch14_reg4_dinov2",
+           {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+           dim=1536, pooling="cls", mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, mpp=0.5,
+           licence="non-commercial (see its card)", gated=True, card="https://huggingface.co/bioptimus/H-optimus-1",
+           description="H-optimus-1 ViT-g/14, 4 registers, 20x", precision="fp16"),
+    Preset("gigapath", "prov-gigapath/prov-gigapath", "vit_giant_patch14_dinov2",
+           {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
+            "init_values": 1e-5, "mlp_ratio": 5.33334},
+           dim=1536, pooling="cls", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.5,
+           licence="Apache-2.0 (research use)", gated=True, card="https://huggingface.co/prov-gigapath/prov-gigapath",
+           description="Prov-GigaPath tile encoder ViT-g/16 at 20x"),
+    Preset("lunit-dino-vits8", "1aurent/vit_small_patch8_224.lunit_dino", "vit_small_patch8_224", {},
+           dim=384, pooling="cls", mean=(0.70322989, 0.53606487, 0.66096631),
+           std=(0.21716536, 0.26081574, 0.20723464), mpp=0.5, licence="see its card (Lunit)", gated=False,
+           card="https://huggingface.co/1aurent/vit_small_patch8_224.lunit_dino",
+           description="Lunit DINO ViT-S/8 (Kang et al. 2023), 20x and 40x tiles", precision="fp16"),
+    Preset("dinov2-vitl", "timm/vit_large_patch14_dinov2.lvd142m", "vit_large_patch14_dinov2",
+           {"img_size": 224, "init_values": 1e-5},
+           dim=1024, pooling="cls", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=None, licence="Apache-2.0",
+           gated=False, card="https://huggingface.co/timm/vit_large_patch14_dinov2.lvd142m",
+           description="DINOv2 ViT-L/14 (natural images, LVD-142M)", files=("model.safetensors",)),
+]
+
 UNI_FILES = ("MahmoodLab/UNI", ("pytorch_model.bin",))
 BACKBONES: dict[str, Backbone] = {
     "efficientnet-lite0": Backbone(
@@ -287,13 +416,14 @@ BACKBONES: dict[str, Backbone] = {
     ),
     "uni": Backbone(
         name="uni", dim=1024, input_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        licence="CC-BY-NC-ND-4.0, gated (accept the terms on Hugging Face)",
+        licence="CC-BY-NC-ND-4.0", gated=True,
         description="UNI ViT-L/16 pathology foundation model (MahmoodLab/UNI); HF cache or --weights",
         build=partial(_build_timm, "vit_large_patch16_224",
                       {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True}),
-        default_weights=partial(_hub_file, "uni", *UNI_FILES), hub_files=UNI_FILES,
+        default_weights=partial(_hub_file, "uni", *UNI_FILES, gated=True), hub_files=UNI_FILES,
         mpp=0.5,  # model card: trained on 20x (0.5 µm/px) tiles of Mass-100K
     ),
+    **{preset.name: preset.backbone() for preset in PRESETS},
 }
 DEFAULT_BACKBONE = "efficientnet-lite0"
 DYNAMIC_PREFIXES = ("timm:", "hf-hub:")

@@ -146,6 +146,7 @@ StainTargetImage = Annotated[Optional[Path], typer.Option(help="Image (PNG/JPEG/
 Qc = Annotated[bool, typer.Option("--qc", help="Read every kept patch and leave out blurred ones, ones that are mostly glass and ones that are mostly near-black (folds, bubble rims); measures and counts go into the tile store (README: Quality control). Costs about one more read of each patch.")]
 KeepPen = Annotated[bool, typer.Option("--keep-pen", help="Do not look for pen ink (blue, green, red, black marker on the glass); by default it is kept out of the tissue mask, and --previews hatch it in magenta.")]
 BackboneName = Annotated[str, typer.Option("--backbone", help="Frozen encoder: a name from `milcli embed --list-backbones`, timm:<model> or hf-hub:<org/repo>.")]
+Download = Annotated[bool, typer.Option("--download", help="Fetch backbone weights missing from the Hugging Face cache (needs internet, and accepted terms for gated models); without it nothing is downloaded.")]
 Weights = Annotated[Optional[Path], typer.Option(help="Backbone weight file (.pth/.bin/.safetensors state_dict) instead of its default source.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Patches per forward pass.")]
 RayAddress = Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="Spread the work over Ray workers (each on the GPU share Ray gives it, else CPUs; --device is then ignored): 'local' (this machine's Ray, started here if none runs), 'auto' (the cluster this node is in) or host:port. Needs `pip install 'milcli\\[ray]'`.", show_default="off")]
@@ -262,22 +263,23 @@ def tile(
 def _list_backbones(as_json: bool) -> None:
     from mil_cli.backbones import BACKBONES
 
-    rows = [{"name": b.name, "dim": b.dim, "input_size": b.input_size, "mean": b.mean, "std": b.std,
-             "precision": b.precision, "licence": b.licence, "weights_present": b.weights_present(),
+    rows = [{"name": b.name, "dim": b.dim, "input_size": b.input_size, "mean": b.mean, "std": b.std, "mpp": b.mpp,
+             "precision": b.precision, "licence": b.licence, "gated": b.gated, "weights_present": b.weights_present(),
              "description": b.description} for b in BACKBONES.values()]
     if as_json:
         print(json.dumps({"ok": True, "command": "embed --list-backbones", "backbones": rows}))
         return
     table = Table(title="backbones")
-    for column in ("name", "dim", "input", "CUDA precision", "licence", "weights here", "description"):
+    for column in ("name", "dim", "input", "µm/px", "CUDA precision", "licence", "gated", "weights here", "description"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["name"], str(r["dim"]), f"{r['input_size']} px", r["precision"], r["licence"],
-                      "yes" if r["weights_present"] else "no", r["description"])
-    table.add_row("timm:<model>", "model's", "model's", "bf16", "model's", "",
-                  "any timm model; HF cache (downloads when online) or --weights FILE")
-    table.add_row("hf-hub:<org/repo>", "model's", "model's", "bf16", "model's", "",
-                  "a timm model on the Hugging Face hub (e.g. a pathology foundation model); HF cache or --weights")
+        table.add_row(r["name"], str(r["dim"]), f"{r['input_size']} px", str(r["mpp"] or "-"), r["precision"],
+                      r["licence"], "yes" if r["gated"] else "no", "yes" if r["weights_present"] else "no",
+                      r["description"])
+    table.add_row("timm:<model>", "model's", "model's", "-", "bf16", "model's", "", "",
+                  "any timm model; HF cache, --download or --weights FILE")
+    table.add_row("hf-hub:<org/repo>", "model's", "model's", "-", "bf16", "model's", "", "",
+                  "a timm model on the Hugging Face hub; HF cache, --download or --weights")
     Console(width=None if sys.stdout.isatty() else 200).print(table)  # a listing is the output: stdout
 
 
@@ -287,6 +289,7 @@ def embed(
     out: Annotated[Path, typer.Option(help="Feature store to write (HDF5).")] = Path("feats.h5"),
     backbone: BackboneName = "efficientnet-lite0",
     weights: Weights = None,
+    download: Download = False,
     batch_size: BatchSize = 64,
     workers: EmbedWorkers = None,
     dtype: Annotated[str, typer.Option(help="Stored feature type: float16 or float32.")] = "float16",
@@ -307,7 +310,10 @@ def embed(
     if list_backbones:
         _list_backbones(as_json)
         return
-    from mil_cli.backbones import get_backbone
+    from mil_cli.backbones import allow_downloads, get_backbone
+
+    if download:
+        allow_downloads()
     from mil_cli.embedding import EmbedOptions, embed_store
     from mil_cli.stores import require_file
 
@@ -511,6 +517,7 @@ def run(
     previews: Annotated[bool, typer.Option("--previews", help="Write previews/<slide>.png: thumbnail, tissue outline, patch grid, pen ink left out.")] = False,
     backbone: BackboneName = "efficientnet-lite0",
     weights: Weights = None,
+    download: Download = False,
     stain: Stain = "none",
     stain_target: StainTargetImage = None,
     batch_size: BatchSize = 64,
@@ -539,6 +546,10 @@ def run(
     from mil_cli.tiling import TilingOptions
 
     _check_model(model)
+    if download:
+        from mil_cli.backbones import allow_downloads
+
+        allow_downloads()
     options = RunOptions(
         tiling=TilingOptions(patch_size=patch_size, stride=stride, target_mpp=_target_mpp(target_mpp, magnification),
                              mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen,

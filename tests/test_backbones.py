@@ -139,3 +139,66 @@ def test_list_backbones_as_json_says_whose_weights_are_here(tmp_path, monkeypatc
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"")
     assert json.loads(invoke("embed", "--list-backbones", "--json").stdout)["backbones"][1]["weights_present"] is True
+
+
+@pytest.mark.parametrize("name", [p.name for p in __import__("mil_cli.backbones", fromlist=["PRESETS"]).PRESETS])
+def test_every_preset_builds_with_its_declared_feature_size(name: str) -> None:
+    """Built on the meta device (no memory, no weights): the kwargs from the model card give a
+    network whose output is the declared dim (class token, or class token + mean patch token)."""
+    from mil_cli.backbones import PRESETS
+
+    preset = next(p for p in PRESETS if p.name == name)
+    with torch.device("meta"):
+        out = preset.architecture()(torch.empty(2, 3, preset.input_size, preset.input_size))
+    assert tuple(out.shape) == (2, preset.dim) == (2, get_backbone(name).dim)
+    assert preset.card.startswith("https://huggingface.co/") and preset.repo in preset.card
+
+
+@pytest.fixture(scope="module")
+def lunit_weights(tmp_path_factory: pytest.TempPathFactory):
+    """Random weights for the small lunit-dino-vits8 preset, saved as its hub file would be."""
+    from mil_cli.backbones import PRESETS
+
+    preset = next(p for p in PRESETS if p.name == "lunit-dino-vits8")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "lunit.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(preset.architecture().vit.state_dict(), str(path))
+    return path
+
+
+def test_a_preset_embeds_with_a_local_weight_file(lunit_weights, embedded_subset) -> None:
+    from conftest import invoke
+    from mil_cli.stores import FeatureSource
+
+    result = invoke("embed", "--backbone", "lunit-dino-vits8", "--weights", lunit_weights, "--out", "lunit.h5",
+                    "--device", "cpu", "-q", cwd=embedded_subset)
+    assert result.exit_code == 0, result.stderr
+    source = FeatureSource(embedded_subset / "lunit.h5")
+    features = source.load(source.slide_ids[0]).features
+    assert features.shape[1] == 384 and np.isfinite(features).all() and features.std() > 0
+    assert source.attrs["backbone"] == "lunit-dino-vits8"
+
+
+def test_a_weight_file_of_another_preset_is_one_clear_line(lunit_weights, embedded_subset) -> None:
+    from conftest import invoke
+
+    result = invoke("embed", "--backbone", "dinov2-vitl", "--weights", lunit_weights, "--out", "wrong.h5",
+                    "--device", "cpu", cwd=embedded_subset)
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert "lunit.safetensors" in result.stderr and ("does not fit" in result.stderr or "another architecture" in result.stderr)
+
+
+def test_a_gated_preset_without_weights_says_what_to_do_and_downloads_nothing(embedded_subset, tmp_path,
+                                                                              monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    from conftest import invoke
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    result = invoke("embed", embedded_subset / "tiles.h5", "--backbone", "virchow2", "--out", tmp_path / "f.h5")
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 2 and "paige-ai/Virchow2" in message
+    assert "request access at https://huggingface.co/paige-ai/Virchow2" in message and "--download" in message
+    assert not (tmp_path / "hub").exists() and not (tmp_path / "f.h5").exists()
