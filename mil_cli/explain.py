@@ -249,14 +249,17 @@ def cell_means(coords: np.ndarray, step: int, size: int, values: np.ndarray) -> 
 
 
 def region_grid(coords: np.ndarray, step: int, size: int, values: np.ndarray, threshold: float,
-                top_pct: float | None = None, level: float | None = None) -> RegionGrid:
+                top_pct: float | None = None, level: float | None = None,
+                tissue: SlideImages | None = None) -> RegionGrid:
     """Regions where the patch values, averaged where patches overlap and interpolated
     bilinearly between cell centres as CAM upsamples its map, exceed `threshold` times their
     highest (or, with `top_pct`, the level of that top percentile of the patches; or the
     absolute `level`), within the area the patches cover. Interpolating puts a region's edge
     between patches where the evidence changes, not on the patch grid, so its boxes are not
     quantised to whole patches.
-    Cells without a patch take their nearest cell's value."""
+    Cells without a patch take their nearest cell's value. Given the slide's tissue mask,
+    regions stay on tissue (a patch that is one quarter tissue must not carry a region out
+    onto the glass)."""
     grid, origin = cell_means(coords, step, size, values)
     covered = np.isfinite(grid)
     if level is None:
@@ -268,10 +271,21 @@ def region_grid(coords: np.ndarray, step: int, size: int, values: np.ndarray, th
     cols = (np.arange(grid.shape[1] * upsample) + 0.5) / upsample - 0.5
     fine = ndimage.map_coordinates(grid, np.meshgrid(rows, cols, indexing="ij"), order=1, mode="nearest")
     inside = np.kron(covered, np.ones((upsample, upsample), dtype=bool))
+    if tissue is not None:
+        inside &= on_tissue(tissue, origin, step / upsample, inside.shape)
     labels = measure.label((fine > level) & inside, connectivity=1)
     by_size = np.zeros(labels.max() + 1, dtype=labels.dtype)  # renumbered: 1 = the largest region
     by_size[np.argsort(-np.bincount(labels.ravel())[1:], kind="stable") + 1] = np.arange(1, labels.max() + 1)
     return RegionGrid(by_size[labels], origin, step / upsample)
+
+
+def on_tissue(images: SlideImages, origin: np.ndarray, pixel: float, shape: tuple[int, int]) -> np.ndarray:
+    """Which pixels of a level-0 grid (origin, pixel size, shape) have their centre on the
+    thumbnail's tissue mask."""
+    rows = ((origin[1] + (np.arange(shape[0]) + 0.5) * pixel) / images.downsample).astype(int)
+    cols = ((origin[0] + (np.arange(shape[1]) + 0.5) * pixel) / images.downsample).astype(int)
+    mask = images.tissue_mask
+    return mask[np.clip(rows, 0, mask.shape[0] - 1)][:, np.clip(cols, 0, mask.shape[1] - 1)]
 
 
 SIMPLIFY_PX = 0.75     # map pixels: how far a simplified outline may stray from the traced one
@@ -367,14 +381,17 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
              f"(p={probs[predicted]:.2f})")
     step = patch_step(data)
     shown = shown_map(options, attention, ranks, instance, probs, classes)
-    regions = region_grid(data.coords, step, size, shown.values, options.threshold, options.top_pct, shown.level)
+    images = source.images(slide_id)
+    regions = region_grid(data.coords, step, size, shown.values, options.threshold, options.top_pct, shown.level,
+                          images)
     polygons = region_polygons(regions)
     scores = region_scores(regions, data.coords, size, attention)
+    kept = [i for i, score in enumerate(scores) if score > 0]  # a region no patch's attention falls in says nothing
+    polygons, scores = [polygons[i] for i in kept], [scores[i] for i in kept]
     (folder / "regions.geojson").write_text(json.dumps(regions_geojson(polygons, scores, slide_id,
                                                                        shown.region_class)))
     write_boxes_csv(folder / "boxes.csv", polygons, data.coords, step, size, attention)
 
-    images = source.images(slide_id)
     if images is not None:
         draw_slide_maps(folder, images, data, size, step, shown, contributions, classes,
                         models[0].module.additive, title, options, polygons)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import invoke
+from conftest import TEST_DATA, invoke
 from mil_cli.explain import attention_box, rank_percent, percentile_level, region_grid, region_polygons, region_scores
 from mil_cli.inference import load_model
 from mil_cli.models import whole_bag
@@ -119,16 +119,53 @@ def test_every_region_is_a_valid_polygon_on_random_maps(columns: int, rows: int,
         assert Polygon(rings[0], rings[1:]).is_valid
 
 
-def test_every_exported_region_of_the_sample_run_is_valid(sample_run: Path) -> None:
+def assert_regions_valid_on_tissue_and_scored(folder: Path, source: FeatureSource) -> int:
+    """Every region of every regions.geojson under `folder`: valid, rings of >= 4 positions,
+    at most 25 % of its area off the slide's tissue mask, a score above 0. Returns the count."""
+    import shapely
     from shapely.geometry import shape
 
-    files = sorted((sample_run / "explain").glob("*/regions.geojson"))
-    assert len(files) == 20
-    for path in files:
+    count = 0
+    for path in sorted(folder.glob("*/regions.geojson")):
+        images = source.images(path.parent.name)
         for feature in json.loads(path.read_text())["features"]:
             rings = feature["geometry"]["coordinates"]
-            assert all(len(ring) >= 4 for ring in rings), path
-            assert shape(feature["geometry"]).is_valid, path
+            polygon = shape(feature["geometry"])
+            assert all(len(ring) >= 4 for ring in rings) and polygon.is_valid, path
+            assert feature["properties"]["score"] > 0, path
+            x0, y0, x1, y1 = polygon.bounds
+            xs, ys = np.meshgrid(np.linspace(x0, x1, 60), np.linspace(y0, y1, 60))
+            inside = shapely.contains_xy(polygon, xs.ravel(), ys.ravel())
+            rows = np.clip((ys.ravel()[inside] / images.downsample).astype(int), 0, images.tissue_mask.shape[0] - 1)
+            cols = np.clip((xs.ravel()[inside] / images.downsample).astype(int), 0, images.tissue_mask.shape[1] - 1)
+            assert images.tissue_mask[rows, cols].mean() >= 0.75, f"{path}: region more than 25 % off tissue"
+            count += 1
+    return count
+
+
+def test_every_exported_region_of_the_sample_run_is_valid_on_tissue_and_scored(sample_run: Path,
+                                                                               tmp_path: Path) -> None:
+    assert len(list((sample_run / "explain").glob("*/regions.geojson"))) == 20
+    source = FeatureSource(sample_run / "feats.h5")
+    assert_regions_valid_on_tissue_and_scored(sample_run / "explain", source) >= 1
+    attention = invoke("explain", "--all", "--model", sample_run / "model.pt", "--features", sample_run / "feats.h5",
+                       "--map", "attention", "--out", tmp_path, "--device", "cpu", "-q")
+    assert attention.exit_code == 0
+    assert assert_regions_valid_on_tissue_and_scored(tmp_path, source) >= 20  # the attention map always has one
+
+
+def test_regions_on_both_real_slides_are_valid_on_tissue_and_scored(sample_run: Path, tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("CMU-1-Small-Region.svs", "TCGA-CR-7395-01A-01-TS1.svs"):
+        (slides / name).symlink_to(TEST_DATA / name)
+    assert invoke("tile", slides, "--out", tmp_path / "tiles.h5", "-q").exit_code == 0
+    assert invoke("embed", tmp_path / "tiles.h5", "--out", tmp_path / "feats.h5", "--device", "cpu", "-q").exit_code == 0
+    for kind in ("instance", "attention"):
+        result = invoke("explain", "--all", "--model", sample_run / "model.pt", "--features", tmp_path / "feats.h5",
+                        "--map", kind, "--out", tmp_path / kind, "--device", "cpu", "-q")
+        assert result.exit_code == 0, result.stderr
+        assert_regions_valid_on_tissue_and_scored(tmp_path / kind, FeatureSource(tmp_path / "feats.h5"))
 
 
 def test_region_edges_follow_the_evidence_not_the_patch_grid() -> None:
