@@ -206,9 +206,9 @@ def hub_reachable() -> bool:
 _downloads = {"allowed": False}
 
 
-def allow_downloads() -> None:
+def allow_downloads(allowed: bool) -> None:
     """`--download`: weights missing from the Hugging Face cache may be fetched (never otherwise)."""
-    _downloads["allowed"] = True
+    _downloads["allowed"] = allowed
 
 
 def _hub_file(name: str, repo: str, filenames: tuple[str, ...], otherwise: str = "pass --weights FILE",

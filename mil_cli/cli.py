@@ -311,12 +311,10 @@ def embed(
         _list_backbones(as_json)
         return
     from mil_cli.backbones import allow_downloads, get_backbone
-
-    if download:
-        allow_downloads()
     from mil_cli.embedding import EmbedOptions, embed_store
     from mil_cli.stores import require_file
 
+    allow_downloads(download)
     options = EmbedOptions(batch_size=batch_size, workers=workers, dtype=dtype, weights=weights, compile=compile,
                            stain=stain, stain_target=stain_target)
     require_file(tiles, "the TILES argument")
@@ -540,16 +538,14 @@ def run(
     """All stages in one go: tiles.h5, feats.h5, model.pt, predictions.csv, explain/, run.json.
 
     The slides, the labels (two or more classes, enough slides of each among those given) and the backbone's weights are checked first: a mistake costs seconds and writes nothing."""
+    from mil_cli.backbones import allow_downloads
     from mil_cli.embedding import EmbedOptions
     from mil_cli.pipeline import RunOptions, run_pipeline
     from mil_cli.stores import require_file
     from mil_cli.tiling import TilingOptions
 
     _check_model(model)
-    if download:
-        from mil_cli.backbones import allow_downloads
-
-        allow_downloads()
+    allow_downloads(download)
     options = RunOptions(
         tiling=TilingOptions(patch_size=patch_size, stride=stride, target_mpp=_target_mpp(target_mpp, magnification),
                              mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen,

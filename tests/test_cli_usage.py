@@ -211,13 +211,17 @@ def test_offline_backbone_is_one_line_in_under_a_second(sample_run: Path, tmp_pa
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     for variable in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(variable, raising=False)
+    args = ["embed", sample_run / "tiles.h5", "--out", tmp_path / "f.h5", "--backbone", "timm:resnet18", "--device", "cpu"]
+    result = invoke(*args)  # without --download nothing is fetched: the cache is all there is
+    line = one_error_line(result.stderr)
+    assert result.exit_code == 2
+    assert "timm:resnet18: timm/resnet18.a1_in1k/model.safetensors is not in the Hugging Face cache" in line
+    assert "--download" in line and "--weights FILE" in line
     start = time.perf_counter()
-    result = invoke("embed", sample_run / "tiles.h5", "--out", tmp_path / "f.h5", "--backbone", "timm:resnet18",
-                    "--device", "cpu")
+    result = invoke(*args, "--download")
     seconds = time.perf_counter() - start
     assert result.exit_code == 2
     line = one_error_line(result.stderr)
-    assert "timm:resnet18: timm/resnet18.a1_in1k/model.safetensors is not in the Hugging Face cache" in line
     assert "the hub cannot be reached (offline)" in line and "--weights FILE" in line
     assert seconds < 1, f"{seconds:.2f} s"
     assert not (tmp_path / "f.h5").exists()  # a run that wrote no slide leaves no store behind
