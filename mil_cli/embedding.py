@@ -254,8 +254,14 @@ def feature_store_attrs(backbone: Backbone, options: EmbedOptions) -> dict:
             f"{options.stain} ({options.stain_target.resolve() if options.stain_target else 'bundled H&E target'})"}
 
 
-def build_embedder(backbone: Backbone, device: torch.device, options: EmbedOptions) -> Embedder:
-    target = load_target(options.stain_target) if options.stain_target else BUNDLED_TARGET
+def stain_target_of(options: EmbedOptions) -> StainTarget:
+    """The --stain-target image's statistics (a one-line error when it is unreadable), else the bundled target."""
+    return load_target(options.stain_target) if options.stain_target else BUNDLED_TARGET
+
+
+def build_embedder(backbone: Backbone, device: torch.device, options: EmbedOptions,
+                   target: StainTarget | None = None) -> Embedder:
+    target = target or stain_target_of(options)
     return Embedder(backbone, device, options.weights, options.compile, options.stain, target)
 
 
@@ -273,15 +279,14 @@ def embed_store(tiles_path: Path, out: Path, backbone: Backbone, device: torch.d
     report = StageReport()
     tiles = stores.FeatureSource(tiles_path, kind=stores.TILES_FORMAT)
     backbone.check(options.weights)  # missing or unreadable weights: one line, before the store is touched
-    if options.stain_target is not None:
-        load_target(options.stain_target)  # likewise an unreadable --stain-target
+    target = stain_target_of(options)  # likewise an unreadable --stain-target
     with stores.StoreWriter(out, stores.FEATURES_FORMAT, feature_store_attrs(backbone, options), overwrite) as writer:
         jobs = pending_jobs(tiles, writer.completed(), report)
         warn_on_resolution(backbone, jobs)
         if jobs:
             workers = default_workers(device) if options.workers is None else options.workers
             blocks = decode_blocks(jobs, backbone.input_size, workers)  # workers decode while the model loads
-            embedder = build_embedder(backbone, device, options)
+            embedder = build_embedder(backbone, device, options, target)
             report.phases["model_load"] = time.perf_counter() - start
             _embed_jobs(embedder, blocks, jobs, tiles, writer, backbone.name, options, report)
             report.phases["embedding"] = time.perf_counter() - start - report.phases["model_load"]

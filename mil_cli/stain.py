@@ -142,13 +142,18 @@ def concentrations(od: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
     return torch.linalg.pinv(stains) @ od
 
 
+def peak_concentrations(od: torch.Tensor, amounts: torch.Tensor) -> torch.Tensor:
+    """(B, 2) robust maximum of each stain's concentration over the stained pixels."""
+    tissue = (od > OD_TISSUE).all(dim=1, keepdim=True).expand_as(amounts)
+    return torch.nanquantile(amounts.masked_fill(~tissue, float("nan")), MAX_PERCENTILE, dim=2)
+
+
 def macenko(x: torch.Tensor, target: StainTarget) -> torch.Tensor:
     b, _, h, w = x.shape
     od = optical_density(x).flatten(2)
     stains, enough = macenko_stains(od)
     amounts = concentrations(od, stains)
-    tissue = (od > OD_TISSUE).all(dim=1, keepdim=True).expand_as(amounts)
-    peak = torch.nanquantile(amounts.masked_fill(~tissue, float("nan")), MAX_PERCENTILE, dim=2)  # (B, 2)
+    peak = peak_concentrations(od, amounts)
     scale = torch.tensor(target.max_concentration).to(x) / peak.clamp(min=1e-3)
     goal = torch.tensor(target.stains).to(x).T                             # (3, 2)
     normalised = from_optical_density(goal @ (amounts * scale.unsqueeze(2))).view(b, 3, h, w)
@@ -173,9 +178,7 @@ def stain_target(image: np.ndarray) -> StainTarget:
     stains, enough = macenko_stains(od)
     if not bool(enough[0]):
         raise ValueError("too little stained tissue to measure its stains")
-    amounts = concentrations(od, stains)
-    tissue = (od > OD_TISSUE).all(dim=1, keepdim=True).expand_as(amounts)
-    peak = torch.nanquantile(amounts.masked_fill(~tissue, float("nan")), MAX_PERCENTILE, dim=2)[0]
+    peak = peak_concentrations(od, concentrations(od, stains))[0]
 
     def rounded(values: torch.Tensor, digits: int) -> tuple:
         return tuple(round(float(v), digits) for v in values)
