@@ -35,9 +35,12 @@ from sklearn.model_selection import StratifiedKFold
 from mil_cli.console import set_quiet
 from mil_cli.synthetic import LabelledBag, digit_bags, key_instance_bags
 from mil_cli.config import TrainOptions
+from mil_cli.tasks import Classification
 from mil_cli.training import Bag, evaluate, fit_pool
 
 from reference import fit_reference, predict_reference  # type: ignore[import-not-found]
+
+BINARY = Classification(["0", "1"])
 
 Split = tuple[list[LabelledBag], list[LabelledBag]]
 DEVICE = torch.device("cpu")
@@ -88,7 +91,7 @@ def slide_row(name: str, slides: Path, labels_path: Path, masks: Path, cache: Pa
     cache.mkdir(parents=True, exist_ok=True)
     tile_slides([slides], cache / "tiles.h5", TilingOptions())
     embed_store(cache / "tiles.h5", cache / "feats.h5", get_backbone("efficientnet-lite0"), DEVICE)
-    table = read_labels(labels_path)
+    table = read_labels(labels_path, Classification())
     source = FeatureSource(cache / "feats.h5")
     bags = []
     for slide_id in sorted(table.rows):
@@ -98,7 +101,7 @@ def slide_row(name: str, slides: Path, labels_path: Path, masks: Path, cache: Pa
         if mask_path.exists():
             mask = np.array(Image.open(mask_path)).astype(bool)
             key = patch_mask_fraction(mask, data.coords, int(data.attrs["patch_size_level0"])) >= TUMOUR_SHARE
-        bags.append((data.features.astype(np.float32), int(table.rows[slide_id].label == "tumour"), key))
+        bags.append((data.features.astype(np.float32), int(table.rows[slide_id].target == "tumour"), key))
     return Row(name, cross_validation(lambda repeat: bags))
 
 
@@ -141,10 +144,10 @@ def localisation(scores: list[np.ndarray], bags: list[LabelledBag]) -> float:
 def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, options: TrainOptions) -> dict:
     as_bags = [Bag(f"b{i}", torch.from_numpy(x), y, f"b{i}") for i, (x, y, _) in enumerate(train)]
     start = time.perf_counter()
-    fitted, _, _ = fit_pool(as_bags, 2, replace(options, seed=seed), DEVICE)
+    fitted, _, _ = fit_pool(as_bags, BINARY, replace(options, seed=seed), DEVICE)
     seconds_per_epoch = (time.perf_counter() - start) / sum(len(h) for h in fitted.histories)
     test_bags = [Bag(f"t{i}", torch.from_numpy(x), y, f"t{i}") for i, (x, y, _) in enumerate(test)]
-    _, probs = evaluate(fitted.model, test_bags, DEVICE)
+    _, probs = evaluate(fitted.model, test_bags, DEVICE, fitted.task)
     attention, instance = [], []
     with torch.inference_mode():
         for x, _, _ in test:

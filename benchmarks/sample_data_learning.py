@@ -33,6 +33,7 @@ from mil_cli.explain import (BOX_MASS, ExplainOptions, attention_box, patch_step
                              region_polygons)
 from mil_cli.inference import load_model, predict_bag
 from mil_cli.labels import read_labels
+from mil_cli.tasks import Classification
 from mil_cli.stores import FeatureSource
 from mil_cli.tiling import TilingOptions, tile_slides
 from mil_cli.config import TrainOptions
@@ -54,10 +55,10 @@ def main() -> None:
         tile_slides([SAMPLE / "slides"], work / "tiles.h5", TilingOptions())
         embed_store(work / "tiles.h5", work / "feats.h5", get_backbone("efficientnet-lite0"), device)
         features = work / "feats.h5"
-    labels = read_labels(SAMPLE / "labels.csv")
+    labels = read_labels(SAMPLE / "labels.csv", Classification())
     classes = labels.classes
     ids = sorted(labels.rows)
-    y = np.array([classes.index(labels.rows[s].label) for s in ids])
+    y = np.array([classes.index(labels.rows[s].target) for s in ids])
     source = FeatureSource(features)
     masks = {p.stem: np.array(Image.open(p)).astype(bool) for p in (SAMPLE / "masks").glob("*.png")}
 
@@ -72,7 +73,7 @@ def main() -> None:
             test_ids = {ids[i] for i in test_index}
             csv = work / f"labels_r{repeat}_f{fold}.csv"
             csv.write_text("slide_id,label,split\n" + "".join(
-                f"{s},{labels.rows[s].label},{'test' if s in test_ids else 'train'}\n" for s in ids))
+                f"{s},{labels.rows[s].target},{'test' if s in test_ids else 'train'}\n" for s in ids))
             result = train(features, csv, TrainOptions(seed=repeat), device)
             save_checkpoint(result.checkpoint, work / "model.pt")
             model = load_model(work / "model.pt", device)

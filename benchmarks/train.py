@@ -22,6 +22,7 @@ from mil_cli.console import set_quiet
 from mil_cli.devices import fast_bf16, resolve_device
 from mil_cli.metrics import auc
 from mil_cli.config import TrainOptions
+from mil_cli.tasks import Classification
 from mil_cli.training import Bag, evaluate, fit
 
 
@@ -43,9 +44,9 @@ def synthetic_bags(n_bags: int, patches: int, dim: int, seed: int) -> list[Bag]:
 def run(name: str, options: TrainOptions, train: list[Bag], val: list[Bag], test: list[Bag],
         device: torch.device) -> None:
     start = time.perf_counter()
-    fitted = fit(train, val, 2, options, device)
+    fitted = fit(train, val, Classification(["0", "1"]), options, device)
     seconds = time.perf_counter() - start
-    _, probs = evaluate(fitted.model, test, device)
+    _, probs = evaluate(fitted.model, test, device, fitted.task)
     test_auc = auc(np.array([b.target for b in test]), probs)
     epochs = sum(len(h) for h in fitted.histories)
     print(f"{name:<34} {seconds / epochs:6.2f} s/epoch over {epochs} epochs ({len(fitted.histories)} seeds), "

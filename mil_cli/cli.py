@@ -172,6 +172,10 @@ TRAIN_DEFAULTS = TrainOptions()
 MODEL_DEFAULTS = ModelConfig()
 QC_DEFAULTS = QCThresholds()
 ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, mean, max, noisy-and, clam-sb, clam-mb, dsmil or transmil.")]
+TaskName = Annotated[str, typer.Option("--task", help="classification (labels CSV column label: a class), regression (label: a number) or survival (columns time and event, 1 = event observed, 0 = censored).")]
+SurvivalLoss = Annotated[str, typer.Option(help="--task survival: cox (partial likelihood over batches of at least 32 slides, each holding events) or nll (discrete-time hazards in 4 intervals).")]
+Horizons = Annotated[Optional[str], typer.Option(help="--task survival: comma-separated times at which to measure the time-dependent AUC, in the labels' time unit (e.g. 12,36,60).", show_default="the quartiles of the event times")]
+BagBy = Annotated[str, typer.Option(help="slide (one bag per slide) or patient (one bag per patient_id of the labels CSV: its slides' patches together; predictions and metrics per patient, maps per slide).")]
 Ensemble = Annotated[int, typer.Option(min=1, help="Heads trained from different seeds and averaged (one model file).")]
 MaxPatches = Annotated[Optional[int], typer.Option(min=1, help="Random patches per training bag and epoch (evaluation uses all).")]
 Repeats = Annotated[int, typer.Option(min=1, help="With --folds: repeat the cross-validation with other fold assignments and seeds; the pooled out-of-fold metrics are reported as mean ± sd over repeats with their standard error.")]
@@ -213,11 +217,10 @@ def finish(name: str, report: StageReport, as_json: bool, extra: dict | None = N
         raise typer.Exit(EXIT_PARTIAL)
 
 
-def _check_model(name: str) -> None:
-    from mil_cli.models import MODELS
+def _check_model(name: str, task: str) -> None:
+    from mil_cli.models import check_architecture
 
-    if name not in MODELS:
-        raise MilcliError(f"--model {name}: expected one of {', '.join(MODELS)}")
+    check_architecture(name, task)
 
 
 def _device(spec: str):
@@ -327,34 +330,59 @@ def embed(
     finish("embed", report, as_json, {"out": str(out)})
 
 
-METRIC_COLUMNS = ("AUC", "balanced acc.", "accuracy", "F1")
-METRIC_KEYS = ("auc", "balanced_accuracy", "accuracy", "f1")
+METRIC_NAMES = {"auc": "AUC", "balanced_accuracy": "balanced acc.", "accuracy": "accuracy", "f1": "F1",
+                "mae": "MAE", "rmse": "RMSE", "r2": "R²", "pearson": "Pearson", "spearman": "Spearman",
+                "c_index": "C-index", "c_index_uno": "Uno's C"}
 
 
-def _metrics_table(metrics: dict) -> Table:
+def metric_keys(task: str) -> tuple[str, ...]:
+    from mil_cli.metrics import TASK_KEYS
+
+    return TASK_KEYS[task]
+
+
+def _horizons(text: str | None) -> tuple[float, ...]:
+    try:
+        times = tuple(float(t) for t in text.split(",")) if text else ()
+    except ValueError:
+        raise MilcliError(f"--horizons {text}: expected comma-separated numbers, e.g. 12,36,60") from None
+    if any(t <= 0 for t in times):
+        raise MilcliError(f"--horizons {text}: times must be positive")
+    return times
+
+
+def _plot_name(task: str) -> str:
+    from mil_cli.metrics import TASK_PLOTS
+
+    return TASK_PLOTS[task]
+
+
+def _metrics_table(metrics: dict, task: str) -> Table:
     from mil_cli.metrics import epochs_note
 
+    keys = metric_keys(task)
     table = Table(title=f"metrics ({epochs_note(metrics)})")
-    for column in ("split", "slides", *METRIC_COLUMNS):
+    for column in ("split", "n", *(METRIC_NAMES[k] for k in keys)):
         table.add_column(column, justify="right")
     for split in ("train", "val", "test"):
         if split in metrics:
             m = metrics[split]
-            table.add_row(split, str(m["n"]), *(f"{m.get(k, float('nan')):.3f}" for k in METRIC_KEYS))
+            table.add_row(split, str(m["n"]), *(f"{m.get(k, float('nan')):.3f}" for k in keys))
     return table
 
 
 def _cv_table(summary: dict) -> Table:
+    keys = metric_keys(summary.get("task", "classification"))
     table = Table(title=f"{summary['folds']}-fold cross-validation x {summary['repeats']} (held-out folds)")
-    for column in ("repeat", "fold", "slides", *METRIC_COLUMNS):
+    for column in ("repeat", "fold", "n", *(METRIC_NAMES[k] for k in keys)):
         table.add_column(column, justify="right")
     for m in summary["per_fold"]:
-        table.add_row(str(m["repeat"]), str(m["fold"]), str(m["n"]), *(f"{m[k]:.3f}" for k in METRIC_KEYS))
+        table.add_row(str(m["repeat"]), str(m["fold"]), str(m["n"]), *(f"{m[k]:.3f}" for k in keys))
     spread = summary["mean_std"]
-    table.add_row("", "folds: mean ± sd", "", *(f"{spread[k]['mean']:.3f} ± {spread[k]['std']:.3f}" for k in METRIC_KEYS))
+    table.add_row("", "folds: mean ± sd", "", *(f"{spread[k]['mean']:.3f} ± {spread[k]['std']:.3f}" for k in keys))
     pooled = summary["over_repeats"]
     table.add_row("", "pooled out-of-fold: mean ± sd over repeats (± s.e.)", "",
-                  *(f"{pooled[k]['mean']:.3f} ± {pooled[k]['std']:.3f} (± {pooled[k]['sem']:.3f})" for k in METRIC_KEYS),
+                  *(f"{pooled[k]['mean']:.3f} ± {pooled[k]['std']:.3f} (± {pooled[k]['sem']:.3f})" for k in keys),
                   style="bold")
     return table
 
@@ -365,7 +393,11 @@ def train(
     labels: LabelsFile = Path("labels.csv"),
     out: Annotated[Optional[Path], typer.Option(help="Model file to write; with --folds, a folder.", show_default="model.pt, or cv/ with --folds")] = None,
     model: ModelName = MODEL_DEFAULTS.architecture,
-    folds: Annotated[Optional[int], typer.Option(min=2, help="K-fold cross-validation: writes fold models, oof_predictions.csv, splits.csv, metrics.json, roc.png.")] = None,
+    task: TaskName = TRAIN_DEFAULTS.task,
+    survival_loss: SurvivalLoss = TRAIN_DEFAULTS.survival_loss,
+    horizons: Horizons = None,
+    bag_by: BagBy = TRAIN_DEFAULTS.bag_by,
+    folds: Annotated[Optional[int], typer.Option(min=2, help="K-fold cross-validation: writes fold models, oof_predictions.csv, splits.csv, metrics.json and roc.png (scatter.png for regression, km.png for survival).")] = None,
     repeats: Repeats = 3,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs per head: exactly this many, or at most with validation slides (early stopping).")] = TRAIN_DEFAULTS.epochs,
     ensemble: Ensemble = TRAIN_DEFAULTS.ensemble,
@@ -397,10 +429,11 @@ def train(
     from mil_cli.training import save_checkpoint
     from mil_cli.training import train as train_model
 
-    _check_model(model)
+    _check_model(model, task)
     options = TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, lr_schedule=lr_schedule, weight_decay=weight_decay,
                            patience=patience, val_fraction=val_fraction, standardise=not no_standardise, seed=seed,
-                           batch_size=batch_size, max_patches=max_patches, precision=precision,
+                           batch_size=batch_size, max_patches=max_patches, precision=precision, task=task,
+                           survival_loss=survival_loss, horizons=_horizons(horizons), bag_by=bag_by,
                            model=ModelConfig(architecture=model, hidden_dim=hidden_dim, attention_dim=attention_dim,
                                              dropout=dropout, instance_loss=instance_loss, instance_k=instance_k))
     features, labels = require_file(features, "--features"), require_file(labels, "--labels")
@@ -411,12 +444,13 @@ def train(
         result = cross_validate(features, labels, options, _device(device), out, folds, repeats)
         console.print(_cv_table(result.metrics))
         missing, seconds, metrics = result.missing, result.seconds, result.metrics
-        console.print(f"fold models, oof_predictions.csv, splits.csv, metrics.json and roc.png in {escape(str(out))}/")
+        console.print(f"fold models, oof_predictions.csv, splits.csv, metrics.json and {_plot_name(task)} in "
+                      f"{escape(str(out))}/")
     else:
         out = out or Path("model.pt")
         single = train_model(features, labels, options, _device(device))
         save_checkpoint(single.checkpoint, out)
-        console.print(_metrics_table(single.metrics))
+        console.print(_metrics_table(single.metrics, task))
         missing, seconds, metrics = single.missing, single.seconds, single.metrics
     report = StageReport(done=[str(out)], failed={s: f"in {labels} but not in {features}" for s in missing},
                          seconds=seconds)
@@ -427,37 +461,38 @@ def train(
 def predict(
     model: Annotated[Path, typer.Option(help="Model file, or a folder of fold_*/model.pt (averaged).")] = Path("model.pt"),
     features: Annotated[list[Path], typer.Option(help="Feature store (or folder of per-slide .h5 files); repeat for several.")] = [Path("feats.h5")],
-    labels: Annotated[Optional[Path], typer.Option(help="Labels CSV: adds label and correct columns.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Labels CSV: adds the known target's columns (label and correct; label; time and event). Needed for patient-level models: its patient_id column makes the bags.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="CSV to write.", show_default="stdout")] = None,
     device: Device = "auto",
     ray: RayAddress = None,
     workers_per_gpu: WorkersPerGpu = 1,
     quiet: Quiet = False,
 ) -> None:
-    """Per-slide class probabilities as CSV."""
+    """Per-slide (or per-patient) predictions as CSV: class probabilities, the predicted value, or the risk."""
     from mil_cli.inference import load_models, predict_stores, write_predictions
-    from mil_cli.labels import check_label_classes, read_labels
+    from mil_cli.labels import read_labels
     from mil_cli.stores import FeatureSource, require_file
 
     torch_device = _device(device if ray is None else "cpu")
     models = load_models(require_file(model, "--model"), torch_device)
     sources = [FeatureSource(require_file(path, "--features")) for path in features]
-    table = read_labels(labels) if labels else None
+    task = models[0].task
+    table = read_labels(require_file(labels, "--labels"), task, targets_required=False) if labels else None
     if table is not None:
-        check_label_classes(table, labels, models[0].classes, {sid for source in sources for sid in source.slide_ids})
+        task.check_known(table, labels, {sid for source in sources for sid in source.slide_ids})
     if ray is not None:
         from mil_cli.distributed import RayOptions, ray_predict_stores
 
         predictions = ray_predict_stores(model, models, sources, RayOptions(ray, workers_per_gpu=workers_per_gpu))
     else:
-        predictions = predict_stores(models, sources, torch_device)
+        predictions = predict_stores(models, sources, torch_device, table)
     if out is None:
         write_predictions(predictions, models, table, sys.stdout)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", newline="") as stream:
             write_predictions(predictions, models, table, stream)
-    console.print(f"predict: {len(predictions)} slides")
+    console.print(f"predict: {len(predictions)} {models[0].bag_by}s")
 
 
 @command
@@ -476,14 +511,18 @@ def explain(
     smooth: Annotated[float, typer.Option(min=0.0, help="Gaussian smoothing of the maps, sigma in patches (0: none).")] = 0.0,
     width: Annotated[Optional[int], typer.Option(min=64, help="Width of the map PNGs in px.", show_default="thumbnail width")] = None,
     prototypes: Annotated[bool, typer.Option("--prototypes", help="Also prototypes.png/.csv: the closest highly attended patches of each class in the training slides.")] = False,
+    labels: Annotated[Optional[Path], typer.Option(help="Labels CSV whose patient_id column makes the bags of a patient-level model (each slide is then explained within its patient's bag).")] = None,
     device: Device = "auto",
     config: ConfigFile = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Heatmap (+ .npy), per-class evidence maps, attention.csv, top/bottom patches, QuPath regions and boxes per slide."""
+    """Heatmap (+ .npy), per-class evidence maps, attention.csv, top/bottom patches, QuPath regions and boxes per slide.
+
+    For regression and survival models the heatmap paints each patch's contribution to the predicted value or risk, and the regions trace where it is high."""
     from mil_cli.explain import ExplainOptions, explain_slides
     from mil_cli.inference import load_models
+    from mil_cli.labels import read_labels
     from mil_cli.stores import FeatureSource, require_file
 
     if not slide_ids and not all_slides:
@@ -495,7 +534,8 @@ def explain(
     options = ExplainOptions(top_k=k, map=shown_map, probability=probability, threshold=threshold, top_pct=top_pct,
                              scale=scale, smooth=smooth, width=width,
                              prototypes=prototypes)
-    report = explain_slides(models, source, ids, out, options, torch_device)
+    table = read_labels(require_file(labels, "--labels"), models[0].task, targets_required=False) if labels else None
+    report = explain_slides(models, source, ids, out, options, torch_device, table)
     finish("explain", report, as_json, {"out": str(out)})
 
 
@@ -521,6 +561,10 @@ def run(
     batch_size: BatchSize = 64,
     workers: Annotated[Optional[int], typer.Option(min=0, help=WORKERS_HELP, show_default="tile: cores, at most 4; embed: CUDA cores - 1, at most 8, CPU 0")] = None,
     model: ModelName = MODEL_DEFAULTS.architecture,
+    task: TaskName = TRAIN_DEFAULTS.task,
+    survival_loss: SurvivalLoss = TRAIN_DEFAULTS.survival_loss,
+    horizons: Horizons = None,
+    bag_by: BagBy = TRAIN_DEFAULTS.bag_by,
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs per head (see `milcli train --help`).")] = TRAIN_DEFAULTS.epochs,
     ensemble: Ensemble = TRAIN_DEFAULTS.ensemble,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TRAIN_DEFAULTS.lr,
@@ -544,30 +588,30 @@ def run(
     from mil_cli.stores import require_file
     from mil_cli.tiling import TilingOptions
 
-    _check_model(model)
+    _check_model(model, task)
     allow_downloads(download)
     options = RunOptions(
         tiling=TilingOptions(patch_size=patch_size, stride=stride, target_mpp=_target_mpp(target_mpp, magnification),
                              mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen,
                              qc=QCThresholds() if qc else None),
-        training=TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, max_patches=max_patches, seed=seed,
-                              model=ModelConfig(architecture=model)),
+        training=TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, max_patches=max_patches, seed=seed, task=task,
+                              survival_loss=survival_loss, horizons=_horizons(horizons), bag_by=bag_by, model=ModelConfig(architecture=model)),
         backbone=backbone, embedding=EmbedOptions(batch_size=batch_size, workers=workers, weights=weights, stain=stain,
                                                   stain_target=stain_target),
         explain_all=explain_all, previews=previews, folds=folds, repeats=repeats, overwrite=overwrite)
     reports = run_pipeline(inputs, require_file(labels, "--labels"), out, options, _device(device))
     record = json.loads((out / "run.json").read_text())
     metrics = record["metrics"]
-    console.print(_metrics_table(metrics))
+    console.print(_metrics_table(metrics, task))
     if "cross_validation" in record:
         cv = record["cross_validation"]
         console.print(f"cross-validation ({folds} folds x {repeats}), pooled out-of-fold: "
-                      + ", ".join(f"{name} {cv[key]['mean']:.3f} ± {cv[key]['std']:.3f}"
-                                  for name, key in zip(METRIC_COLUMNS, METRIC_KEYS)))
+                      + ", ".join(f"{METRIC_NAMES[key]} {cv[key]['mean']:.3f} ± {cv[key]['std']:.3f}"
+                                  for key in metric_keys(task)))
     failed = {f"{stage}: {source}": reason for stage, report in reports.items()
               for source, reason in report.failed.items()}
     total = StageReport(done=reports["predict"].done, failed=failed, seconds=sum(r.seconds for r in reports.values()))
-    written = ["predictions.csv", "model.pt", "run.json"] + ["explain/"] * explain_all + ["cv/"] * bool(folds)
+    written = ["predictions.csv", "model.pt", "run.json", _plot_name(task)] + ["explain/"] * explain_all + ["cv/"] * bool(folds)
     console.print(f"outputs in {escape(str(out))}/ ({', '.join(written)})")
     finish("run", total, as_json, {"out": str(out), "metrics": metrics,
                                    "stages": {k: v.to_dict() for k, v in reports.items()}})

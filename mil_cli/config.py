@@ -27,6 +27,7 @@ def read_options_file(path: Path) -> dict[str, Any]:
     return {key.replace("_", "-"): value for key, value in table.items()}
 
 
+TASK_NAMES = ("classification", "regression", "survival")  # tasks.TASKS, named here for the CLI without torch
 DEFAULT_INSTANCE_LOSS = 0.5  # abmil heads' patch-classifier share, unless inner cross-validation prefers 0
 
 
@@ -34,7 +35,8 @@ DEFAULT_INSTANCE_LOSS = 0.5  # abmil heads' patch-classifier share, unless inner
 class ModelConfig:
     architecture: str = "abmil"
     in_dim: int = 1280
-    n_classes: int = 2
+    n_classes: int = 2            # outputs: the classes, 1 for regression and Cox survival, hazard bins for nll
+    task: str = "classification"  # what the outputs mean (tasks.py)
     hidden_dim: int = 256
     attention_dim: int = 128
     dropout: float = 0.25
@@ -62,6 +64,10 @@ class TrainOptions:
     batch_size: int = 1           # bags per optimiser step
     max_patches: int | None = 4096  # random patches per training bag and epoch; None: whole bags
     precision: str = "auto"       # training steps: auto = bf16 on GPUs with native bf16, else fp32
+    task: str = "classification"  # classification, regression or survival (tasks.py)
+    survival_loss: str = "cox"    # survival: cox (partial likelihood per batch) or nll (discrete-time hazards)
+    horizons: tuple[float, ...] = ()  # survival: times of the time-dependent AUC (none: the event-time quartiles)
+    bag_by: str = "slide"         # one bag per slide, or per patient (its slides' patches together)
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -71,6 +77,12 @@ class TrainOptions:
             raise MilcliError(f"--precision {self.precision}: expected auto, fp32 or bf16")
         if self.lr_schedule not in ("cosine", "constant"):
             raise MilcliError(f"--lr-schedule {self.lr_schedule}: expected cosine or constant")
+        if self.task not in TASK_NAMES:
+            raise MilcliError(f"--task {self.task}: expected one of {', '.join(TASK_NAMES)}")
+        if self.survival_loss not in ("cox", "nll"):
+            raise MilcliError(f"--survival-loss {self.survival_loss}: expected cox or nll")
+        if self.bag_by not in ("slide", "patient"):
+            raise MilcliError(f"--bag-by {self.bag_by}: expected slide or patient")
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,8 @@ from mil_cli.console import progress_bar
 from mil_cli.embedding import (EmbedOptions, SlideJob, build_embedder, decode_blocks, default_workers, embed_blocks,
                                feature_store_attrs, pending_jobs, record_slide, write_slide)
 from mil_cli.errors import InputError, MilcliError, first_line
-from mil_cli.inference import (LoadedModel, Prediction, check_compatible, check_unique_slides, load_models,
-                               predict_slides)
+from mil_cli.inference import (LoadedModel, Prediction, bag_slides, check_compatible, check_unique_slides,
+                               load_models, predict_slides)
 from mil_cli.reports import StageReport
 
 LOCAL = "local"      # --ray local: start a private Ray instance inside this process
@@ -235,6 +235,7 @@ def ray_predict_stores(model: Path, models: list[LoadedModel], sources: list[sto
     """predict_stores with one Ray task per store (each loads `model` itself); `models`, loaded
     here, vets the model and the stores before any task starts. Predictions in store order."""
     check_unique_slides(sources)
+    bag_slides(models, [], None)  # patient-level models need the labels' patients: refused here, before Ray
     for source in sources:
         check_compatible(models, source)
     ray = connect(cluster.address)
@@ -256,4 +257,4 @@ def _predict_store(model: Path, path: Path) -> list[Prediction]:
     device = assigned_device()
     models = load_models(model, device)
     source = stores.FeatureSource(path)
-    return predict_slides(models, source, source.slide_ids, device)
+    return predict_slides(models, source, bag_slides(models, source.slide_ids, None), device)

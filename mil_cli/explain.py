@@ -24,7 +24,8 @@ from skimage import measure
 
 from mil_cli.console import warn
 from mil_cli.errors import InputError, MilcliError
-from mil_cli.inference import LoadedModel, check_compatible, predict_bag
+from mil_cli.inference import LoadedModel, bag_features, bag_slides, check_compatible, predict_bag
+from mil_cli.labels import LabelTable
 from mil_cli.prototypes import PrototypeBank, build_bank, write_prototypes
 from mil_cli.reports import StageReport
 from mil_cli.slides import open_slide, safe_file_stem
@@ -193,6 +194,8 @@ def draw_top_patches(path: Path, data: SlideData, attention: np.ndarray, ranks: 
     k = min(k, len(attention))
     order = np.argsort(-attention)
     rows = [("highest", order[:k]), ("lowest", order[::-1][:k])]
+    if "source_path" not in data.attrs:  # a store written by another tool, or synthetic features
+        raise InputError(data.slide_id, "the store does not record the slide file the patches come from")
     source = Path(str(data.attrs["source_path"]))
     size = patch_size_level0(data)
     out_size = int(data.attrs.get("patch_size", 224))
@@ -355,32 +358,68 @@ def write_attention_csv(path: Path, data: SlideData, size: int, attention: np.nd
                             + [f"{v:.6g}" for v in patch_scores[i]] + [f"{v:.6g}" for v in instance_scores[i]])
 
 
+@dataclass
+class BagEvidence:
+    """What the models say about one bag (a slide, or a patient's slides one after the other),
+    per patch: attention, contributions (N, outputs) and instance scores (N, outputs)."""
+    bag_id: str
+    predictions: np.ndarray
+    attention: np.ndarray
+    contributions: np.ndarray
+    instance: np.ndarray
+    parts: list[tuple[str, int]]  # (slide id, patches) in the bag's order
+
+    def slide(self, slide_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The slide's rows of attention, contributions and instance scores."""
+        start = 0
+        for sid, count in self.parts:
+            if sid == slide_id:
+                rows = slice(start, start + count)
+                return self.attention[rows], self.contributions[rows], self.instance[rows]
+            start += count
+        raise KeyError(slide_id)
+
+
+def bag_evidence(models: list[LoadedModel], bag_id: str, features: np.ndarray, parts: list[tuple[str, int]],
+                 device: torch.device) -> BagEvidence:
+    """The models' predictions and per-patch evidence, averaged over an ensemble's models."""
+    predictions, attention = predict_bag(models, features, device)
+    task = models[0].task
+    with torch.inference_mode():
+        x = torch.from_numpy(features).to(device)
+        contributions = np.mean([m.module.patch_scores(x).cpu().numpy() for m in models], axis=0)
+        instance = np.mean([m.module.instance_scores(x).cpu().numpy() for m in models], axis=0)
+    if contributions.shape[1] != len(models[0].classes):  # discrete-time hazards: their logits' parts summed
+        contributions = contributions.sum(1, keepdims=True)
+    return BagEvidence(bag_id, predictions, attention, contributions, task.patch_values(instance), parts)
+
+
 def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: str, out: Path,
-                  options: ExplainOptions, device: torch.device, bank: PrototypeBank | None = None) -> Path:
-    """Write every explanation file for one slide into out/<safe slide id>/ and return it."""
+                  options: ExplainOptions, device: torch.device, bank: PrototypeBank | None = None,
+                  evidence: BagEvidence | None = None) -> Path:
+    """Write every explanation file for one slide into out/<safe slide id>/ and return it.
+    `evidence` is its patient's bag, for patient-level models (default: the slide alone)."""
     data = source.load(slide_id)
     assert data.features is not None
     if len(data.features) == 0:
         raise InputError(slide_id, "slide has no patches to explain")
     folder = out / safe_file_stem(slide_id)
     folder.mkdir(parents=True, exist_ok=True)
-    probs, attention = predict_bag(models, data.features, device)
+    if evidence is None:
+        evidence = bag_evidence(models, slide_id, data.features, [(slide_id, len(data.features))], device)
+    attention, contributions, instance = evidence.slide(slide_id)
     ranks = rank_percent(attention)
-    classes = models[0].classes
-    with torch.inference_mode():  # averaged over an ensemble's models, like the probabilities
-        x = torch.from_numpy(data.features).to(device)
-        contributions = np.mean([m.module.patch_scores(x).cpu().numpy() for m in models], axis=0)
-        instance = np.mean([m.module.instance_scores(x).cpu().numpy() for m in models], axis=0)
+    classes, task = models[0].classes, models[0].task
     size = patch_size_level0(data)
     write_attention_csv(folder / "attention.csv", data, size, attention, ranks, contributions, instance, classes,
                         models[0].module.additive)
 
-    predicted = int(np.argmax(probs))
-    title = (f"{slide_id} | model {models[0].config['model']['architecture']}"
-             f"{f' x{len(models)}' if len(models) > 1 else ''} | predicted {classes[predicted]} "
-             f"(p={probs[predicted]:.2f})")
+    of_patient = f" (patient {evidence.bag_id})" if evidence.bag_id != slide_id else ""
+    title = (f"{slide_id}{of_patient} | model {models[0].config['model']['architecture']}"
+             f"{f' x{len(models)}' if len(models) > 1 else ''} | {task.describe(evidence.predictions)}")
     step = patch_step(data)
-    shown = shown_map(options, attention, ranks, instance, probs, classes)
+    shown = shown_map(options, attention, ranks, instance, contributions, evidence.predictions, classes,
+                      task.name == "classification")
     images = source.images(slide_id)
     regions = region_grid(data.coords, step, size, shown.values, options.threshold, options.top_pct, shown.level,
                           images)
@@ -425,7 +464,14 @@ def shown_class(probs: np.ndarray, classes: list[str]) -> int:
 
 
 def shown_map(options: ExplainOptions, attention: np.ndarray, ranks: np.ndarray, instance: np.ndarray,
-              probs: np.ndarray, classes: list[str]) -> ShownMap:
+              contributions: np.ndarray, probs: np.ndarray, classes: list[str], classifier: bool) -> ShownMap:
+    """--map instance: a classifier's patch probability of the shown class; for a value or a
+    risk, each patch's contribution to it (regions where it is high: CAM's relative rule).
+    --map attention: attention, ranked or raw."""
+    if options.map == "instance" and not classifier:
+        values = contributions[:, 0]
+        level = None if options.top_pct else options.threshold * max(float(values.max()), 0.0)
+        return ShownMap(values, None, f"contribution to the {classes[0]}", level, f"High {classes[0]}")
     if options.map == "instance":
         c = shown_class(probs, classes)
         return ShownMap(instance[:, c], (0.0, 1.0), f"P({classes[c]}) of each patch", options.probability,
@@ -444,7 +490,7 @@ def draw_slide_maps(folder: Path, images: SlideImages, data: SlideData, size: in
     sigma = options.smooth * step / images.downsample
     grid = smooth_map(paint(images, data.coords, size, shown.values), sigma)
     np.save(folder / "heatmap.npy", grid.astype(np.float32))
-    limits = shown.limits or (0.0, float(np.nanmax(grid)))
+    limits = shown.limits or (0.0, max(float(np.nanmax(grid)), 1e-12))
     draw_map(folder / "heatmap.png", images, grid, title, options.alpha, options.width, COLOUR_MAP, limits,
              shown.label, regions)
     kind = "contribution to the logit" if additive else "patch score"
@@ -457,7 +503,10 @@ def draw_slide_maps(folder: Path, images: SlideImages, data: SlideData, size: in
 
 
 def explain_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: list[str], out: Path,
-                   options: ExplainOptions, device: torch.device) -> StageReport:
+                   options: ExplainOptions, device: torch.device, labels: LabelTable | None = None) -> StageReport:
+    """Explain each slide into out/<slide id>/. For a model trained on patient bags, each
+    slide's maps come from its patient's whole bag (its slides in the store, as `labels`
+    groups them), computed once per patient."""
     start = time.perf_counter()
     check_compatible(models, source)
     report = StageReport()
@@ -465,14 +514,22 @@ def explain_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: 
     if options.prototypes and bank is None:
         warn("no training slide of the model is in the store (or the model file predates prototypes); "
              "prototypes not drawn")
-    for slide_id in slide_ids:
-        if slide_id not in source:
-            report.failed[slide_id] = f"not in {source.path}"
+    present = [sid for sid in slide_ids if sid in source]
+    report.failed |= {sid: f"not in {source.path}" for sid in slide_ids if sid not in source}
+    wanted = set(present)
+    for bag_id, ids in bag_slides(models, source.slide_ids, labels).items():
+        chosen = [sid for sid in ids if sid in wanted]
+        if not chosen:
             continue
-        try:
-            explain_slide(models, source, slide_id, out, options, device, bank)
-            report.done.append(slide_id)
-        except InputError as exc:
-            report.failed[slide_id] = str(exc)
+        evidence = None
+        if models[0].bag_by == "patient":
+            features, parts = bag_features(source, ids)
+            evidence = bag_evidence(models, bag_id, features, parts, device) if parts else None
+        for slide_id in chosen:
+            try:
+                explain_slide(models, source, slide_id, out, options, device, bank, evidence)
+                report.done.append(slide_id)
+            except InputError as exc:
+                report.failed[slide_id] = str(exc)
     report.seconds = time.perf_counter() - start
     return report

@@ -1,5 +1,5 @@
-"""Load trained models safely and predict slides: one model file, or a folder of fold models
-(`fold_*/model.pt`) whose probabilities are averaged as an ensemble."""
+"""Load trained models safely and predict slides (or patients): one model file, or a folder of
+fold models (`fold_*/model.pt`) whose predictions are averaged as an ensemble."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from mil_cli.labels import LabelTable
 from mil_cli.config import ModelConfig
 from mil_cli.models import SeedEnsemble, build_model
 from mil_cli.stores import FeatureSource
+from mil_cli.tasks import Task, task_from_config
 from mil_cli.training import MODEL_FORMAT, MODEL_FORMAT_VERSION
 
 
@@ -33,7 +34,16 @@ class LoadedModel:
 
     @property
     def classes(self) -> list[str]:
+        """The names of the predicted quantities: classes, or 'prediction' or 'risk'."""
         return list(self.config["classes"])
+
+    @property
+    def task(self) -> Task:
+        return task_from_config(self.config)
+
+    @property
+    def bag_by(self) -> str:
+        return str(self.config.get("bag_by", "slide"))
 
 
 def load_model(path: Path, device: torch.device) -> LoadedModel:
@@ -73,8 +83,9 @@ def load_models(path: Path, device: torch.device) -> list[LoadedModel]:
         if not files:
             raise InputError(path, "folder holds no fold_*/model.pt files")
         models = [load_model(f, device) for f in files]
-        if any(m.classes != models[0].classes for m in models):
-            raise InputError(path, "fold models disagree on the classes")
+        if any((m.classes, m.task.name, m.bag_by) != (models[0].classes, models[0].task.name, models[0].bag_by)
+               for m in models):
+            raise InputError(path, "fold models disagree on the task, the classes or the bagging")
         return models
     return [load_model(path, device)]
 
@@ -93,33 +104,59 @@ def check_compatible(models: list[LoadedModel], source: FeatureSource) -> None:
 
 @torch.inference_mode()
 def predict_bag(models: list[LoadedModel], features: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Mean class probabilities and mean attention over the models."""
+    """Mean predictions (class probabilities, value or risk) and mean attention over the models."""
     x = torch.from_numpy(features).to(device)
-    probs, attention = [], []
+    predictions, attention = [], []
     for model in models:
         logits, weights = model.module.bag(x)
-        probs.append(torch.softmax(logits, -1).cpu().numpy())
+        predictions.append(model.task.predict(logits[None].float()).cpu().numpy()[0])
         attention.append(weights.cpu().numpy())
-    return np.mean(probs, axis=0), np.mean(attention, axis=0)
+    return np.mean(predictions, axis=0), np.mean(attention, axis=0)
 
 
 @dataclass
 class Prediction:
-    slide_id: str
-    probs: np.ndarray
+    bag_id: str              # the slide's id, or the patient's for patient-level models
+    predictions: np.ndarray  # class probabilities, or the value or risk
+    slide_ids: list[str]
 
 
-def predict_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: list[str],
+def bag_slides(models: list[LoadedModel], slide_ids: list[str], labels: LabelTable | None) -> dict[str, list[str]]:
+    """The bags to predict: one per slide, or for a model trained on patient bags one per
+    patient of the labels' patient_id column (a slide it does not list is its own patient)."""
+    if models[0].bag_by != "patient":
+        return {sid: [sid] for sid in slide_ids}
+    if labels is None:
+        raise InputError(models[0].path, "was trained on patient bags (--bag-by patient); give --labels with "
+                                         "slide_id and patient_id columns")
+    bags: dict[str, list[str]] = {}
+    for sid in slide_ids:
+        row = labels.rows.get(sid)
+        bags.setdefault(row.patient_id or sid if row else sid, []).append(sid)
+    return bags
+
+
+def bag_features(source: FeatureSource, slide_ids: list[str]) -> tuple[np.ndarray, list[tuple[str, int]]]:
+    """The slides' patches one after the other, and (slide id, patches) per slide with any."""
+    arrays, parts = [], []
+    for slide_id in slide_ids:
+        features = source.load(slide_id).features
+        assert features is not None
+        if len(features):
+            arrays.append(features)
+            parts.append((slide_id, len(features)))
+    return (np.concatenate(arrays) if arrays else np.zeros((0, 0), np.float32)), parts
+
+
+def predict_slides(models: list[LoadedModel], source: FeatureSource, bags: dict[str, list[str]],
                    device: torch.device) -> list[Prediction]:
+    """Each bag (id -> its slides in the store) with patches."""
     check_compatible(models, source)
     results = []
-    for slide_id in slide_ids:
-        data = source.load(slide_id)
-        assert data.features is not None
-        if len(data.features) == 0:
-            continue
-        probs, _ = predict_bag(models, data.features, device)
-        results.append(Prediction(slide_id, probs))
+    for bag_id, slide_ids in bags.items():
+        features, parts = bag_features(source, slide_ids)
+        if parts:
+            results.append(Prediction(bag_id, predict_bag(models, features, device)[0], [sid for sid, _ in parts]))
     return results
 
 
@@ -133,36 +170,39 @@ def check_unique_slides(sources: list[FeatureSource]) -> None:
             owners[slide_id] = source.path
 
 
-def predict_stores(models: list[LoadedModel], sources: list[FeatureSource], device: torch.device) -> list[Prediction]:
-    """Every slide of every store, in store order."""
+def predict_stores(models: list[LoadedModel], sources: list[FeatureSource], device: torch.device,
+                   labels: LabelTable | None = None) -> list[Prediction]:
+    """Every slide (or patient) of every store, in store order."""
     check_unique_slides(sources)
-    return [p for source in sources for p in predict_slides(models, source, source.slide_ids, device)]
+    return [p for source in sources
+            for p in predict_slides(models, source, bag_slides(models, source.slide_ids, labels), device)]
 
 
-def training_role(models: list[LoadedModel], slide_id: str) -> str:
+def training_role(models: list[LoadedModel], bag_id: str) -> str:
     """'train', 'val' or 'test' when the (single) model's training used or held out this
-    slide; '' when it never saw it or an ensemble is used."""
+    slide (patient); '' when it never saw it or an ensemble is used."""
     if len(models) != 1:
         return ""
     roles = models[0].config.get("slides", {})
-    return next((role for role, ids in roles.items() if slide_id in ids), "")
+    return next((role for role, ids in roles.items() if bag_id in ids), "")
 
 
 def write_predictions(predictions: list[Prediction], models: list[LoadedModel], labels: LabelTable | None,
                       stream: TextIO = sys.stdout) -> None:
-    """The predictions CSV: slide_id, prediction, prob_<class>..., then label and correct when
-    labels are given, and split: the slide's role in the model's training (see training_role)."""
-    classes = models[0].classes
+    """The predictions CSV: slide_id (patient_id, for patient-level models), the task's
+    prediction columns (prediction and prob_<class>...; prediction; risk), then the known
+    target's columns (label and correct; label; time and event) when labels are given, split
+    (the bag's role in the model's training, see training_role), and for patient-level models
+    the slides each patient's bag held."""
+    task, by_patient = models[0].task, models[0].bag_by == "patient"
     writer = csv.writer(stream, lineterminator="\n")
-    header = ["slide_id", "prediction"] + [f"prob_{c}" for c in classes]
+    header = ["patient_id" if by_patient else "slide_id"] + task.prediction_columns()
     if labels is not None:
-        header += ["label", "correct"]
-    header.append("split")
-    writer.writerow(header)
+        header += task.known_columns()
+    writer.writerow(header + ["split"] + ["slides"] * by_patient)
     for p in predictions:
-        predicted = classes[int(np.argmax(p.probs))]
-        row = [p.slide_id, predicted] + [f"{v:.6f}" for v in p.probs]
+        row = [p.bag_id] + task.prediction_values(p.predictions)
         if labels is not None:
-            known = labels.rows.get(p.slide_id)
-            row += [known.label, str(known.label == predicted).lower()] if known else ["", ""]
-        writer.writerow(row + [training_role(models, p.slide_id)])
+            known = labels.rows.get(p.slide_ids[0])
+            row += task.known_values(known.target if known else None, p.predictions)
+        writer.writerow(row + [training_role(models, p.bag_id)] + [";".join(p.slide_ids)] * by_patient)

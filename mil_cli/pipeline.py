@@ -8,19 +8,21 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mil_cli import __version__
 from mil_cli.backbones import Backbone, get_backbone
 from mil_cli.embedding import EmbedOptions, embed_store
 from mil_cli.explain import ExplainOptions, explain_slides
-from mil_cli.inference import load_models, predict_slides, write_predictions
+from mil_cli.inference import bag_slides, load_models, predict_slides, write_predictions
 from mil_cli.crossval import cross_validate
 from mil_cli.errors import InputError
-from mil_cli.labels import check_cohort, read_labels
+from mil_cli.labels import check_cohort, check_patients, read_labels
 from mil_cli.reports import StageReport
 from mil_cli.slides import find_slides, no_slides_found, slide_id_from_path
 from mil_cli.stores import FeatureSource
+from mil_cli.tasks import make_task
 from mil_cli.tiling import TilingOptions, default_tiling_workers, tile_slides
 from mil_cli.config import TrainOptions
 from mil_cli.training import save_checkpoint, train
@@ -42,16 +44,22 @@ class RunOptions:
 
 def check_run(inputs: list[Path], labels_path: Path, options: RunOptions, backbone: Backbone) -> None:
     """Everything that can be checked before hours of tiling and embedding: the slides exist,
-    the labels file reads and names enough of them in two or more classes, and the backbone's
-    weights are at hand."""
+    the labels file reads for the task and names enough of them to train (classes, events, a
+    spread of values), and the backbone's weights are at hand."""
     paths = find_slides(inputs)
     if not paths:
         raise InputError(", ".join(map(str, inputs)), no_slides_found())
-    labels, ids = read_labels(labels_path), {slide_id_from_path(p) for p in paths}
-    check_cohort(labels, labels_path, ids, "the slides given")  # the model: split val and test held out
+    task = make_task(options.training.task, options.training.survival_loss)
+    labels, ids = read_labels(labels_path, task), {slide_id_from_path(p) for p in paths}
+    if options.training.bag_by == "patient":
+        check_patients(labels, labels_path)
+    check_cohort(labels, labels_path, task, ids, "the slides given")  # the model: split val and test held out
     if options.folds:  # cross-validation folds the val slides back in, and needs `folds` of each class
-        check_cohort(labels, labels_path, ids, "the slides given", frozenset({"test"}), options.folds)
+        check_cohort(labels, labels_path, task, ids, "the slides given", frozenset({"test"}), options.folds)
     backbone.check(options.embedding.weights)
+
+
+IN_SAMPLE_TITLE = "the final model on the labelled slides (mostly its own training slides: optimistic; --folds is honest)"
 
 
 def _model_matches(path: Path, options: TrainOptions) -> bool:
@@ -108,20 +116,28 @@ def run_pipeline(inputs: list[Path], labels_path: Path, out: Path, options: RunO
 
     start = time.perf_counter()
     models = load_models(model_path, device)
-    source = FeatureSource(feats)
-    predictions = predict_slides(models, source, source.slide_ids, device)
+    source, task = FeatureSource(feats), models[0].task
+    labels = read_labels(labels_path, task)
+    predictions = predict_slides(models, source, bag_slides(models, source.slide_ids, labels), device)
     with open(out / "predictions.csv", "w", newline="") as stream:
-        write_predictions(predictions, models, read_labels(labels_path), stream)
-    reports["predict"] = StageReport(done=[p.slide_id for p in predictions], seconds=time.perf_counter() - start)
+        write_predictions(predictions, models, labels, stream)
+    rows = [labels.rows.get(p.slide_ids[0]) for p in predictions]
+    known = [(p, row) for p, row in zip(predictions, rows) if row is not None and row.target is not None]
+    if len(known) >= 2:
+        task.plot(out / task.plot_name, [task.target(row) for _, row in known],
+                  np.array([p.predictions for p, _ in known]), IN_SAMPLE_TITLE)
+    reports["predict"] = StageReport(done=[p.bag_id for p in predictions], seconds=time.perf_counter() - start)
 
     if options.explain_all:
-        reports["explain"] = explain_slides(models, source, source.slide_ids, out / "explain", options.explain, device)
+        reports["explain"] = explain_slides(models, source, source.slide_ids, out / "explain", options.explain, device,
+                                            labels)
 
     record = {
         "milcli_version": __version__,
         "inputs": [str(p) for p in inputs],
         "labels": str(labels_path),
         "device": str(device),
+        "task": task.name,
         "options": json.loads(json.dumps(asdict(options), default=str)),
         "stages": {name: report.to_dict() for name, report in reports.items()},
         "metrics": models[0].config["metrics"],

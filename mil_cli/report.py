@@ -1,7 +1,8 @@
 """`milcli report RUN_DIR`: one static HTML page over a `milcli run` folder, viewable offline.
 
 The page links the run's own images by relative path (they sit beside it), so it stays small
-and opens from a copied folder: metrics, the ROC plot when cross-validation made one, the
+and opens from a copied folder: metrics, the task's figure (ROC, predicted-vs-true scatter,
+Kaplan-Meier curves) for the final model and for cross-validation when it ran, the
 predictions table, and per slide its prediction, heatmap, evidence maps and top patches.
 """
 
@@ -15,7 +16,7 @@ from urllib.parse import quote
 
 from mil_cli import __version__
 from mil_cli.errors import InputError
-from mil_cli.metrics import SUMMARY_KEYS, epochs_note
+from mil_cli.metrics import TASK_KEYS, TASK_PLOTS, epochs_note
 from mil_cli.slides import safe_file_stem
 
 STYLE = """
@@ -47,22 +48,48 @@ def _image(path: Path, root: Path, caption: str) -> str:
             f"<figcaption>{escape(caption)}</figcaption></figure>")
 
 
-def _metrics_section(record: dict) -> str:
-    metrics = record.get("metrics", {})
-    rows = [[split, str(m["n"]), *(f"{m.get(k, float('nan')):.3f}" for k in SUMMARY_KEYS)]
+PLOT_CAPTIONS = {"classification": "ROC with bootstrap 95 % band",
+                 "regression": "predicted against true values",
+                 "survival": "Kaplan-Meier curves of the risk groups (median split, tertiles) with log-rank p"}
+
+
+def _metrics_section(record: dict, run_dir: Path) -> str:
+    metrics, task = record.get("metrics", {}), record.get("task", "classification")
+    keys = TASK_KEYS[task]
+    rows = [[split, str(m["n"]), *(f"{m.get(k, float('nan')):.3f}" for k in keys)]
             for split, m in metrics.items() if isinstance(m, dict) and "n" in m]
     note = epochs_note(metrics)
-    return "<h2>Metrics</h2>" + _table(["split", "slides", *SUMMARY_KEYS], rows) + f"<p>{escape(note)}</p>"
+    return ("<h2>Metrics</h2>" + _table(["split", "n", *keys], rows) + f"<p>{escape(note)}</p>"
+            + _image(run_dir / TASK_PLOTS[task], run_dir,
+                     f"final model, labelled slides (mostly its training slides, so optimistic): {PLOT_CAPTIONS[task]}"))
 
 
-def _cv_section(run_dir: Path) -> str:
+def _cv_section(run_dir: Path, task: str) -> str:
     cv = run_dir / "cv"
     if not (cv / "metrics.json").exists():
         return ""
     summary = json.loads((cv / "metrics.json").read_text())
     rows = [[key, f"{v['mean']:.3f} ± {v['std']:.3f}"] for key, v in summary["mean_std"].items()]
     return ("<h2>Cross-validation</h2>" + _table(["metric", "mean ± sd over folds"], rows)
-            + _image(cv / "roc.png", run_dir, "out-of-fold ROC with bootstrap 95 % band"))
+            + _image(cv / TASK_PLOTS[task], run_dir, f"out-of-fold: {PLOT_CAPTIONS[task]}"))
+
+
+def _slide_section(run_dir: Path, slide_id: str, heading: str) -> str:
+    """A slide's maps, montage and files from explain/, or nothing when it was not explained."""
+    folder = run_dir / "explain" / safe_file_stem(slide_id)
+    if not folder.is_dir():
+        return ""
+    maps = [_image(folder / "heatmap.png", run_dir, "heatmap (what it paints: see its colour bar)")]
+    maps += [_image(e, run_dir, f"evidence for '{e.stem.removeprefix('evidence_')}' (red for, blue against)")
+             for e in sorted(folder.glob("evidence_*.png"))]
+    links = " · ".join(f'<a href="{quote((folder / name).relative_to(run_dir).as_posix())}">{name}</a>'
+                       for name in ("attention.csv", "regions.geojson", "boxes.csv") if (folder / name).exists())
+    wide = "".join(f'<img class="wide" src="{quote(image.relative_to(run_dir).as_posix())}" alt="{alt}" '
+                   f'loading="lazy">' for image, alt in ((folder / "top_patches.png", "top and bottom patches"),
+                                                         (folder / "prototypes.png", "prototypes"))
+                   if image.exists())
+    return (f'<section id="{escape(slide_id)}"><h3>{escape(heading)}</h3><div class="maps">{"".join(maps)}</div>'
+            f"{wide}<p>{links}</p></section>")
 
 
 def build_report(run_dir: Path) -> Path:
@@ -72,35 +99,27 @@ def build_report(run_dir: Path) -> Path:
     record = json.loads((run_dir / "run.json").read_text())
     with open(run_dir / "predictions.csv", newline="") as f:
         predictions = list(csv.DictReader(f))
-    prob_columns = [c for c in (predictions[0] if predictions else {}) if c.startswith("prob_")]
-    header = ["slide_id", "prediction", *prob_columns, "label", "split"]
+    header = [c for c in (predictions[0] if predictions else {}) if c not in ("correct", "slides")]
+    id_column = header[0] if header else "slide_id"
     rows = [[p.get(c, "") for c in header] for p in predictions]
     wrong = ["wrong" if p.get("correct") == "false" else "" for p in predictions]
+    task = record.get("task", "classification")
 
     options = record.get("options", {})
     parts = [f"<h1>milcli run: {escape(run_dir.name)}</h1>",
              f"<p>{len(predictions)} slides; backbone {escape(str(options.get('backbone', '?')))}; "
              f"model {escape(str(options.get('training', {}).get('model', {}).get('architecture', '?')))}; "
              f"device {escape(str(record.get('device', '?')))}; milcli {escape(__version__)}</p>",
-             _metrics_section(record), _cv_section(run_dir),
+             _metrics_section(record, run_dir), _cv_section(run_dir, task),
              "<h2>Predictions</h2>", _table(header, rows, wrong)]
     for p in predictions:
-        folder = run_dir / "explain" / safe_file_stem(p["slide_id"])
-        if not folder.is_dir():
-            continue
-        maps = [_image(folder / "heatmap.png", run_dir, "attention heatmap (percentile ranks)")]
-        maps += [_image(e, run_dir, f"evidence for '{e.stem.removeprefix('evidence_')}' (red for, blue against)")
-                 for e in sorted(folder.glob("evidence_*.png"))]
-        links = " · ".join(f'<a href="{quote((folder / name).relative_to(run_dir).as_posix())}">{name}</a>'
-                           for name in ("attention.csv", "regions.geojson", "boxes.csv") if (folder / name).exists())
-        top = folder / "top_patches.png"
-        wide = "".join(f'<img class="wide" src="{quote(image.relative_to(run_dir).as_posix())}" alt="{alt}" '
-                       f'loading="lazy">' for image, alt in ((top, "top and bottom patches"),
-                                                             (folder / "prototypes.png", "prototypes"))
-                       if image.exists())
-        parts.append(f'<section id="{escape(p["slide_id"])}"><h3>{escape(p["slide_id"])}: predicted '
-                     f"{escape(p['prediction'])}" + (f" (label {escape(p['label'])})" if p.get("label") else "")
-                     + f'</h3><div class="maps">{"".join(maps)}</div>{wide}<p>{links}</p></section>')
+        said = f"predicted {p['prediction']}" if "prediction" in p else f"risk {p.get('risk', '?')}"
+        known = (f"label {p['label']}" if p.get("label") else
+                 f"time {p['time']}, event {p['event']}" if p.get("time") else "")
+        of_patient = f" (patient {p[id_column]})" if id_column == "patient_id" else ""
+        for slide_id in (p["slides"].split(";") if p.get("slides") else [p[id_column]]):
+            parts.append(_slide_section(run_dir, slide_id, f"{slide_id}{of_patient}: {said}"
+                                        + (f" ({known})" if known else "")))
     page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f"<title>milcli report: {escape(run_dir.name)}</title><style>{STYLE}</style></head>"
             f"<body>{''.join(parts)}</body></html>")

@@ -87,6 +87,66 @@ def key_instance_bags(n_bags: int, dim: int, witness_rate: float, signal: float,
     return bags
 
 
+def tumour_share_bags(n_bags: int, seed: int, dim: int = 16, mean_size: int = 24,
+                      max_share: float = 0.5, signal: float = 3.0) -> list[tuple[np.ndarray, float, np.ndarray]]:
+    """Bags with a hidden 'tumour' share: each bag draws a share uniformly in [0, max_share]
+    and that share of its instances (rounded) is moved `signal` noise-sds along a hidden
+    direction; the rest are noise around 4 tissue clusters. Returns (features, the bag's
+    actual tumour fraction, which instances are tumour) per bag: the targets of the
+    regression and survival checks are functions of the fraction."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 1, (4, dim))
+    direction = rng.normal(0, 1, dim)
+    direction /= np.linalg.norm(direction)
+    bags = []
+    for _ in range(n_bags):
+        size = max(8, int(rng.poisson(mean_size)))
+        n_key = int(round(rng.uniform(0, max_share) * size))
+        x = centres[rng.integers(0, 4, size)] + rng.normal(0, 1, (size, dim))
+        key = np.arange(size) < n_key
+        x[key] += signal * direction
+        order = rng.permutation(size)
+        bags.append((x[order].astype(np.float32), n_key / size, key[order]))
+    return bags
+
+
+def patient_slides(n_patients: int, signal: float, seed: int = 0) -> tuple[list[np.ndarray], list[tuple[str, str, str]],
+                                                                     list[int]]:
+    """Patients of 1-4 slides of key-instance bags (32-d, 10 % witnesses, ~20 patches); a
+    positive patient's signal is in one of its slides only, the others are negative slides.
+    Returns the slides' features, (slide_id, patient_id, label) rows, and the index of each
+    patient's signal-bearing (or, for a negative patient, first-drawn) slide."""
+    rng = np.random.default_rng(seed)
+    pool = key_instance_bags(n_patients * 5, dim=32, witness_rate=0.1, signal=signal, seed=seed, mean_size=20)
+    positives = [x for x, y, _ in pool if y == 1]
+    negatives = [x for x, y, _ in pool if y == 0]
+    features: list[np.ndarray] = []
+    rows: list[tuple[str, str, str]] = []
+    right = []
+    for p in range(n_patients):
+        label = "positive" if p % 2 == 0 else "negative"
+        slides = [positives.pop() if label == "positive" else negatives.pop()]
+        slides += [negatives.pop() for _ in range(int(rng.integers(0, 4)))]
+        for k in rng.permutation(len(slides)):
+            if k == 0:
+                right.append(len(features))
+            rows.append((f"p{p:03d}_s{len(rows):04d}", f"p{p:03d}", label))
+            features.append(slides[k])
+    return features, rows, right
+
+
+def survival_times(fractions: np.ndarray, seed: int, log_hazard_ratio: float = 12.0,
+                   censored_share: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """(time, event) with exponential event times whose log hazard rises by
+    `log_hazard_ratio` per unit of tumour fraction, censored at uniform random times chosen so
+    that about `censored_share` of the bags are censored."""
+    rng = np.random.default_rng(seed)
+    event_times = rng.exponential(1.0, len(fractions)) / np.exp(log_hazard_ratio * fractions)
+    limit = np.quantile(event_times, 1 - censored_share) * 2
+    censor_times = rng.uniform(0, limit, len(fractions))
+    return np.minimum(event_times, censor_times), (event_times <= censor_times).astype(int)
+
+
 def write_digit_bags(folder: Path, n_train: int, n_test: int = 500, seed: int = 0) -> tuple[Path, Path]:
     """A feature store and labels CSV holding `n_train` training bags and `n_test` test bags
     (marked `test` in the split column)."""

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,11 +26,11 @@ from mil_cli import __version__
 from mil_cli.console import warn
 from mil_cli.devices import keep_freed_memory, seed_everything, training_autocast
 from mil_cli.errors import InputError
-from mil_cli.labels import LabelTable, check_cohort, read_labels
-from mil_cli.metrics import classification_metrics
+from mil_cli.labels import LabelTable, check_cohort, check_patients, read_labels
 from mil_cli.config import DEFAULT_INSTANCE_LOSS, ModelConfig, TrainOptions
 from mil_cli.models import MILHead, SeedEnsemble, build_model
 from mil_cli.stores import FeatureSource
+from mil_cli.tasks import Classification, Task, make_task
 
 MODEL_FORMAT = "milcli-model"
 MODEL_FORMAT_VERSION = 2  # 2: a seed ensemble of heads holding their feature standardisation
@@ -37,10 +38,12 @@ MODEL_FORMAT_VERSION = 2  # 2: a seed ensemble of heads holding their feature st
 
 @dataclass
 class Bag:
-    slide_id: str
+    bag_id: str             # the slide's id, or the patient's with --bag-by patient
     features: torch.Tensor
-    target: int
-    group: str   # patient id, or the slide id when patients are unknown
+    target: Any             # the task's target: a class index, a number, (time, event)
+    group: str              # patient id, or the slide id when patients are unknown: never split across folds
+    split: str | None = None  # the labels' split column
+    parts: list[tuple[str, int]] = field(default_factory=list)  # (slide id, patches) in the order concatenated
 
 
 @dataclass
@@ -52,53 +55,61 @@ class TrainResult:
     seconds: float
 
 
-def load_bags(source: FeatureSource, labels: LabelTable, classes: list[str]) -> list[Bag]:
-    """Bags for every labelled slide in the store."""
+def load_bags(source: FeatureSource, labels: LabelTable, task: Task, bag_by: str = "slide") -> list[Bag]:
+    """Bags for every labelled slide in the store: one per slide, or with `bag_by` 'patient'
+    one per patient holding its slides' patches one after the other (their rows in the labels
+    must agree, labels.check_patients)."""
+    groups = labels.patients() if bag_by == "patient" else {sid: [sid] for sid in labels.rows}
     bags = []
     expected_dim = None
-    for slide_id, row in labels.rows.items():
-        if slide_id not in source:
-            continue
-        data = source.load(slide_id)
-        assert data.features is not None
-        if len(data.features) == 0:
-            warn(f"{slide_id}: bag has no patches; skipped")
-            continue
-        if expected_dim is None:
-            expected_dim = data.features.shape[1]
-        elif data.features.shape[1] != expected_dim:
-            raise InputError(f"{source.path} [{slide_id}]", f"feature dim {data.features.shape[1]}, others have {expected_dim}")
-        bags.append(Bag(slide_id, torch.from_numpy(data.features), classes.index(row.label), row.patient_id or slide_id))
+    for bag_id, slide_ids in groups.items():
+        parts, arrays = [], []
+        for slide_id in slide_ids:
+            if slide_id not in source:
+                continue
+            data = source.load(slide_id)
+            assert data.features is not None
+            if len(data.features) == 0:
+                warn(f"{slide_id}: bag has no patches; skipped")
+                continue
+            if expected_dim is None:
+                expected_dim = data.features.shape[1]
+            elif data.features.shape[1] != expected_dim:
+                raise InputError(f"{source.path} [{slide_id}]", f"feature dim {data.features.shape[1]}, others have "
+                                                                f"{expected_dim}")
+            parts.append((slide_id, len(data.features)))
+            arrays.append(torch.from_numpy(data.features))
+        if parts:
+            row = labels.rows[parts[0][0]]
+            bags.append(Bag(bag_id, arrays[0] if len(arrays) == 1 else torch.cat(arrays), task.target(row),
+                            row.patient_id or bag_id, row.split, parts))
     return bags
 
 
-def split_bags(bags: list[Bag], fixed: dict[str, str | None], val_fraction: float,
-               seed: int) -> tuple[list[Bag], list[Bag], list[Bag]]:
-    """(train, val, test). Fixed roles (the labels' split column, slide id -> role) are
-    honoured; when they name no validation slides and `val_fraction` > 0, a stratified random
-    share of the training patients is held out, so no patient straddles train and validation;
-    with `val_fraction` 0 there is no validation set."""
-    test = [b for b in bags if fixed.get(b.slide_id) == "test"]
-    val = [b for b in bags if fixed.get(b.slide_id) == "val"]
-    pool = [b for b in bags if fixed.get(b.slide_id) in (None, "train")]
+def split_bags(bags: list[Bag], task: Task, val_fraction: float, seed: int,
+               fixed: bool = True) -> tuple[list[Bag], list[Bag], list[Bag]]:
+    """(train, val, test). Fixed roles (the labels' split column) are honoured unless `fixed`
+    is False; when they name no validation bags and `val_fraction` > 0, a share of the
+    training patients, stratified as the task stratifies, is held out, so no patient straddles
+    train and validation; with `val_fraction` 0 there is no validation set."""
+    role = (lambda bag: bag.split) if fixed else (lambda bag: None)
+    test = [b for b in bags if role(b) == "test"]
+    val = [b for b in bags if role(b) == "val"]
+    pool = [b for b in bags if role(b) in (None, "train")]
     if val or val_fraction <= 0:
         return pool, val, test
+    strata = task.strata([b.target for b in pool], 2)
     groups: dict[str, int] = {}
-    for bag in pool:
-        groups.setdefault(bag.group, bag.target)
+    for bag, stratum in zip(pool, strata):
+        groups.setdefault(bag.group, int(stratum))
     rng = np.random.default_rng(seed)
     val_groups: set[str] = set()
-    for target in sorted(set(groups.values())):
-        names = sorted(name for name, t in groups.items() if t == target)
+    for stratum in sorted(set(groups.values())):
+        names = sorted(name for name, s in groups.items() if s == stratum)
         if len(names) >= 2:
             count = max(1, round(val_fraction * len(names)))
             val_groups.update(rng.permutation(names)[:count].tolist())
     return ([b for b in pool if b.group not in val_groups], [b for b in pool if b.group in val_groups], test)
-
-
-def class_weights(bags: list[Bag], n_classes: int) -> torch.Tensor:
-    counts = torch.bincount(torch.tensor([b.target for b in bags]), minlength=n_classes).float()
-    return counts.sum() / (n_classes * counts.clamp(min=1))
 
 
 def collate(bags: list[Bag], device: torch.device, max_patches: int | None = None,
@@ -117,7 +128,7 @@ def collate(bags: list[Bag], device: torch.device, max_patches: int | None = Non
     for i, features in enumerate(chosen):
         x[i, : len(features)] = features
         mask[i, : len(features)] = True
-    targets = torch.tensor([b.target for b in bags])
+    targets = torch.tensor([b.target for b in bags])  # (B,) classes or values, (B, 2) time and event
     return x.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
@@ -136,23 +147,22 @@ def evaluation_batches(bags: list[Bag]) -> list[list[int]]:
     return batches
 
 
-def evaluate(model: MILHead | SeedEnsemble, bags: list[Bag], device: torch.device,
+def evaluate(model: MILHead | SeedEnsemble, bags: list[Bag], device: torch.device, task: Task,
              weight: torch.Tensor | None = None) -> tuple[float, np.ndarray]:
-    """Mean loss and (n_bags, C) probabilities over whole bags, in eval mode and always in
-    fp32, as `predict` runs, so stored metrics are what predict gives on the same slides."""
+    """The task's mean loss and (n_bags, outputs) predictions (class probabilities, values,
+    risks) over whole bags, in eval mode and always in fp32, as `predict` runs, so stored
+    metrics are what predict gives on the same slides."""
     if not bags:
         return float("nan"), np.zeros((0, 0))
     model.eval()
-    probs = np.zeros((len(bags), model.config.n_classes))
-    total_loss = 0.0
+    logits = torch.zeros(len(bags), model.config.n_classes)
     with torch.inference_mode():
         for indices in evaluation_batches(bags):
-            x, mask, targets = collate([bags[i] for i in indices], device)
-            out = model(x, mask)
-            logits = out.logits.float()
-            total_loss += float(nn.functional.cross_entropy(logits, targets, weight=weight, reduction="sum"))
-            probs[indices] = torch.softmax(logits, -1).cpu().numpy()
-    return total_loss / len(bags), probs
+            x, mask, _ = collate([bags[i] for i in indices], device)
+            logits[indices] = model(x, mask).logits.float().cpu()
+        targets = torch.tensor([b.target for b in bags])
+        loss = float(task.eval_loss(logits, targets, None if weight is None else weight.cpu()))
+    return loss, task.predict(logits).numpy()
 
 
 def feature_statistics(bags: list[Bag]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,31 +195,33 @@ class Fitted:
     histories: list[list[dict]]  # per member: epoch, train_loss, val_loss
     best_epochs: list[int]       # per member: the epoch whose weights were kept
     selection: dict              # what inner cross-validation chose, and its scores (empty: nothing chosen)
+    task: Task                   # fitted to the training targets (a regression's scale, survival bins)
 
 
 MEMBER_SEED_STEP = 100_003  # member m trains from seed + m * this (member 0 from the seed itself)
 
 
-def fit(train_bags: list[Bag], val_bags: list[Bag], n_classes: int, options: TrainOptions,
+def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOptions,
         device: torch.device) -> Fitted:
     """Train `options.ensemble` fresh heads from different seeds and join them (after choosing
     the patch-classifier share by inner cross-validation when it is left to milcli)."""
     keep_freed_memory()
+    task = task.fitted([b.target for b in train_bags])
     selection: dict = {}
     if options.model.instance_loss is None:
-        share, selection = choose_instance_loss(train_bags, n_classes, options, device)
+        share, selection = choose_instance_loss(train_bags, task, options, device)
         options = replace(options, model=replace(options.model, instance_loss=share))
     config = ModelConfig(**{**asdict(options.model), "in_dim": int(train_bags[0].features.shape[1]),
-                            "n_classes": n_classes})
+                            "n_classes": task.n_outputs, "task": task.name})
     statistics = feature_statistics(train_bags) if options.standardise else None
     members, histories, best_epochs = [], [], []
     for m in range(options.ensemble):
-        head, history, best_epoch = fit_head(train_bags, val_bags, config, statistics,
+        head, history, best_epoch = fit_head(train_bags, val_bags, config, task, statistics,
                                              replace(options, seed=options.seed + m * MEMBER_SEED_STEP), device)
         members.append(head)
         histories.append(history)
         best_epochs.append(best_epoch)
-    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs, selection)
+    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs, selection, task)
 
 
 INSTANCE_LOSS_CHOICES = (DEFAULT_INSTANCE_LOSS, 0.0)  # the first is kept unless another is clearly better
@@ -218,7 +230,7 @@ SELECTION_MAX_BAGS = 300            # larger cohorts take the first choice witho
 INNER_FOLDS = 3
 
 
-def choose_instance_loss(bags: list[Bag], n_classes: int, options: TrainOptions,
+def choose_instance_loss(bags: list[Bag], task: Task, options: TrainOptions,
                          device: torch.device) -> tuple[float, dict]:
     """The share of the max-pooled patch classifier's loss for abmil heads, by inner
     cross-validation on small cohorts. Why: the patch classifier sharpens the heads and their
@@ -230,34 +242,38 @@ def choose_instance_loss(bags: list[Bag], n_classes: int, options: TrainOptions,
     the first choice stays unless another beats it by SELECTION_MARGIN (an AUC over a few
     dozen bags is noisy). Returns the share and what was measured."""
     default = INSTANCE_LOSS_CHOICES[0]
-    targets = np.array([b.target for b in bags])
+    if not isinstance(task, Classification):  # the patch classifier is a classifier's
+        return default, {}
+    n_classes = task.n_outputs
+    targets = [b.target for b in bags]
     architecture = build_model(replace(options.model, instance_loss=default, in_dim=1, n_classes=n_classes))
     if (not getattr(architecture, "max_instance_loss", False) or len(bags) > SELECTION_MAX_BAGS
             or np.bincount(targets, minlength=n_classes).min() < INNER_FOLDS):
         return default, {}
-    splits = group_folds(bags, INNER_FOLDS, options.seed)
+    splits = group_folds(bags, INNER_FOLDS, options.seed, task)
     single = replace(options, ensemble=1)
     scores = {}
     for share in INSTANCE_LOSS_CHOICES:
         probs = np.zeros((len(bags), n_classes))
         trial = replace(single, model=replace(single.model, instance_loss=share))
         for train_idx, test_idx in splits:
-            fitted = fit([bags[i] for i in train_idx], [], n_classes, trial, device)
-            probs[test_idx] = evaluate(fitted.model, [bags[i] for i in test_idx], device)[1]
-        scores[share] = float(classification_metrics(targets, probs)["auc"])
+            fitted = fit([bags[i] for i in train_idx], [], task, trial, device)
+            probs[test_idx] = evaluate(fitted.model, [bags[i] for i in test_idx], device, task)[1]
+        scores[share] = float(task.metrics(targets, probs)["auc"])
     best = max(scores, key=lambda share: scores[share] - (SELECTION_MARGIN if share != default else 0.0))
     return best, {"instance_loss": best, "inner_cv_auc": {str(k): v for k, v in scores.items()}}
 
 
-def group_folds(bags: list[Bag], folds: int, seed: int) -> list[tuple[list[int], list[int]]]:
-    """(training, test) bag indices per fold: stratified by label, patients kept together."""
-    targets = np.array([b.target for b in bags])
+def group_folds(bags: list[Bag], folds: int, seed: int, task: Task) -> list[tuple[list[int], list[int]]]:
+    """(training, test) bag indices per fold: stratified as the task stratifies (classes,
+    quantile bins of a value, event and time), patients kept together."""
+    strata = task.strata([b.target for b in bags], folds)
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     return [(train.tolist(), test.tolist())
-            for train, test in splitter.split(np.zeros(len(bags)), targets, [b.group for b in bags])]
+            for train, test in splitter.split(np.zeros(len(bags)), strata, [b.group for b in bags])]
 
 
-def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig,
+def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig, task: Task,
              statistics: tuple[torch.Tensor, torch.Tensor] | None, options: TrainOptions,
              device: torch.device) -> tuple[MILHead, list[dict], int]:
     """One head: `options.epochs` epochs, or early stopping on the validation loss (best
@@ -271,7 +287,9 @@ def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig,
     optimiser = torch.optim.Adam(model.parameters(), lr=options.lr, weight_decay=options.weight_decay,
                                  foreach=True)  # one kernel per op over all tensors: tiny heads are overhead-bound
     scheduler = learning_rate_schedule(optimiser, options)
-    weight = class_weights(train_bags, config.n_classes).to(device)
+    targets = [b.target for b in train_bags]
+    weight = task.class_weight(targets)
+    weight = None if weight is None else weight.to(device)
     generator = torch.Generator().manual_seed(options.seed)
 
     best_loss, best_state, best_epoch, stale = float("inf"), None, options.epochs, 0
@@ -279,19 +297,18 @@ def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig,
     for epoch in range(1, options.epochs + 1):
         model.train()
         train_loss = 0.0
-        order = torch.randperm(len(train_bags), generator=generator).tolist()
-        for start in range(0, len(order), options.batch_size):
-            batch = [train_bags[i] for i in order[start:start + options.batch_size]]
-            x, mask, targets = collate(batch, device, options.max_patches, generator)
+        for indices in task.batches(targets, options.batch_size, generator):
+            batch = [train_bags[i] for i in indices]
+            x, mask, batch_targets = collate(batch, device, options.max_patches, generator)
             with training_autocast(device, options.precision):
                 out = model(x, mask)
-                loss = model.loss(out, targets, mask, weight)
+                loss = task.loss(model, out, batch_targets, mask, weight)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             train_loss += float(loss.detach()) * len(batch) / len(train_bags)
         scheduler.step()
-        val_loss, _ = evaluate(model, val_bags, device, weight)
+        val_loss, _ = evaluate(model, val_bags, device, task, weight)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
         if not val_bags:
             continue
@@ -306,13 +323,14 @@ def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig,
     return model.eval(), history, best_epoch
 
 
-def fit_pool(pool: list[Bag], n_classes: int, options: TrainOptions,
+def fit_pool(pool: list[Bag], task: Task, options: TrainOptions,
              device: torch.device) -> tuple[Fitted, list[Bag], list[Bag]]:
-    """The training policy on a pool of training bags: with `val_fraction` > 0 a stratified,
-    patient-grouped share is held out for early stopping; by default (0) every bag trains for
-    exactly `epochs` epochs. Returns the fitted head and the (train, validation) bags."""
-    train_bags, val_bags, _ = split_bags(pool, {}, options.val_fraction, options.seed)
-    return fit(train_bags, val_bags, n_classes, options, device), train_bags, val_bags
+    """The training policy on a pool of training bags (their split column set aside): with
+    `val_fraction` > 0 a stratified, patient-grouped share is held out for early stopping; by
+    default (0) every bag trains for exactly `epochs` epochs. Returns the fitted head and the
+    (train, validation) bags."""
+    train_bags, val_bags, _ = split_bags(pool, task, options.val_fraction, options.seed, fixed=False)
+    return fit(train_bags, val_bags, task, options, device), train_bags, val_bags
 
 
 @dataclass
@@ -320,28 +338,35 @@ class LabelledBags:
     """Labelled bags from a feature store, checked for what training needs."""
 
     bags: list[Bag]
-    classes: list[str]
+    task: Task          # bound to the labels (classification: its classes), not yet fitted
     labels: LabelTable
     backbone: str
     missing: list[str]
 
 
-def load_dataset(features_path: Path, labels_path: Path, held_out: frozenset[str] = frozenset({"val", "test"}),
-                 folds: int | None = None) -> LabelledBags:
-    """The labelled bags in the store, after checking that they can train (labels.check_cohort)."""
-    labels = read_labels(labels_path)
+def load_dataset(features_path: Path, labels_path: Path, options: TrainOptions,
+                 held_out: frozenset[str] = frozenset({"val", "test"}), folds: int | None = None) -> LabelledBags:
+    """The labelled bags in the store for the options' task and bagging, after checking that
+    they can train (labels.check_cohort, labels.check_patients)."""
+    task = make_task(options.task, options.survival_loss, options.horizons)
+    labels = read_labels(labels_path, task)
+    if options.bag_by == "patient":
+        check_patients(labels, labels_path)
     source = FeatureSource(features_path)
-    missing = check_cohort(labels, labels_path, source.slide_ids, str(features_path), held_out, folds)
-    bags = load_bags(source, labels, labels.classes)
+    missing = check_cohort(labels, labels_path, task, source.slide_ids, str(features_path), held_out, folds)
+    task = task.bind(labels)
+    bags = load_bags(source, labels, task, options.bag_by)
     unlabelled = len(set(source.slide_ids) - set(labels.rows))
     if unlabelled:
         warn(f"{unlabelled} slide(s) in {features_path} have no label in {labels_path}; not used for training")
-    return LabelledBags(bags, labels.classes, labels, str(source.attrs.get("backbone", "unknown")), missing)
+    return LabelledBags(bags, task, labels, str(source.attrs.get("backbone", "unknown")), missing)
 
 
 def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, metrics: dict,
-                    roles: dict[str, list[str]], features_path: Path, labels_path: Path) -> dict:
-    """The model file's contents: tensors and plain data only (loads with weights_only=True)."""
+                    roles: dict[str, list[Bag]], features_path: Path, labels_path: Path) -> dict:
+    """The model file's contents: tensors and plain data only (loads with weights_only=True).
+    `roles` are the bags each role held; the file records their ids (patient ids with
+    --bag-by patient) and each training slide's label."""
     return {
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
@@ -350,14 +375,17 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
             "milcli_version": __version__,
             "model": fitted.config.to_dict(),
             "ensemble": len(fitted.best_epochs),
-            "classes": data.classes,
+            "classes": fitted.task.outputs(),
+            "task": fitted.task.to_config(),
+            "bag_by": options.bag_by,
             "backbone": data.backbone,
             "feature_dim": fitted.config.in_dim,
             "training": {k: v for k, v in asdict(options).items() if k != "model"},
             "metrics": metrics,
             "history": fitted.histories,
-            "slides": roles,
-            "slide_labels": {sid: data.labels.rows[sid].label for sid in roles.get("train", [])},
+            "slides": {role: [b.bag_id for b in bags] for role, bags in roles.items()},
+            "slide_labels": {sid: str(data.labels.rows[sid].target) for b in roles.get("train", [])
+                             for sid, _ in b.parts},
             "features": str(features_path),
             "labels": str(labels_path),
         },
@@ -370,27 +398,26 @@ def epochs_summary(fitted: Fitted) -> dict:
             "epochs_run": [len(h) for h in fitted.histories]} | ({"selection": fitted.selection} if fitted.selection else {})
 
 
-def subset_metrics(model: SeedEnsemble, subsets: dict[str, list[Bag]], device: torch.device) -> dict:
+def subset_metrics(model: SeedEnsemble, subsets: dict[str, list[Bag]], device: torch.device, task: Task) -> dict:
     metrics = {}
     for name, subset in subsets.items():
         if subset:
-            _, probs = evaluate(model, subset, device)
-            metrics[name] = classification_metrics(np.array([b.target for b in subset]), probs)
+            _, predictions = evaluate(model, subset, device, task)
+            metrics[name] = task.metrics([b.target for b in subset], predictions)
     return metrics
 
 
 def train(features_path: Path, labels_path: Path, options: TrainOptions, device: torch.device) -> TrainResult:
     start = time.perf_counter()
-    data = load_dataset(features_path, labels_path)
-    fixed = {slide_id: row.split for slide_id, row in data.labels.rows.items()}
-    train_bags, val_bags, test_bags = split_bags(data.bags, fixed, options.val_fraction, options.seed)
+    data = load_dataset(features_path, labels_path, options)
+    train_bags, val_bags, test_bags = split_bags(data.bags, data.task, options.val_fraction, options.seed)
     if not val_bags and options.val_fraction > 0:
         warn(f"too few slides for a validation split; training {options.epochs} epochs without early stopping")
-    fitted = fit(train_bags, val_bags, len(data.classes), options, device)
+    fitted = fit(train_bags, val_bags, data.task, options, device)
     metrics: dict = epochs_summary(fitted)
-    metrics |= subset_metrics(fitted.model, {"train": train_bags, "val": val_bags, "test": test_bags}, device)
-    roles = {"train": [b.slide_id for b in train_bags], "val": [b.slide_id for b in val_bags],
-             "test": [b.slide_id for b in test_bags]}
+    metrics |= subset_metrics(fitted.model, {"train": train_bags, "val": val_bags, "test": test_bags}, device,
+                              fitted.task)
+    roles = {"train": train_bags, "val": val_bags, "test": test_bags}
     checkpoint = make_checkpoint(fitted, data, options, metrics, roles, features_path, labels_path)
     return TrainResult(model=fitted.model, checkpoint=checkpoint, metrics=metrics, missing=data.missing,
                        seconds=time.perf_counter() - start)

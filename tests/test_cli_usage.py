@@ -198,7 +198,8 @@ def test_run_without_explain_does_not_promise_explain(sample_subset: Path) -> No
                     "--device", "cpu", "--workers", "0", cwd=sample_subset)
     assert result.exit_code == 0, result.stderr
     assert "explain/" not in result.stderr and not (sample_subset / "r" / "explain").exists()
-    assert "(predictions.csv, model.pt, run.json)" in result.stderr
+    assert "(predictions.csv, model.pt, run.json, roc.png)" in result.stderr
+    assert (sample_subset / "r" / "roc.png").is_file()
 
 
 def test_offline_backbone_is_one_line_in_under_a_second(sample_run: Path, tmp_path: Path, monkeypatch) -> None:

@@ -18,6 +18,7 @@ from conftest import invoke
 from mil_cli import stores
 from mil_cli.errors import InputError
 from mil_cli.labels import read_labels
+from mil_cli.tasks import Classification
 from mil_cli.config import ModelConfig, TrainOptions
 from mil_cli.models import MODELS, build_model, whole_bag
 from mil_cli.metrics import classification_metrics
@@ -93,15 +94,15 @@ def test_nan_features_are_named(tmp_path: Path) -> None:
 def test_labels_csv_quirks(tmp_path: Path) -> None:
     path = tmp_path / "labels.csv"
     path.write_bytes("\ufeffslide_id , label\r\n\r\na,1\r\nb,10\r\nb,10\r\nc,2\r\n".encode("utf-8"))
-    table = read_labels(path)
+    table = read_labels(path, Classification())
     assert sorted(table.rows) == ["a", "b", "c"]
     assert table.classes == ["1", "2", "10"]  # numeric order for integer labels
     path.write_text("slide_id,label\na,x\na,y\n")
     with pytest.raises(InputError, match="slide 'a' appears twice"):
-        read_labels(path)
+        read_labels(path, Classification())
     path.write_text("slide_id,label,split\na,x,holdout\n")
     with pytest.raises(InputError, match="split 'holdout'"):
-        read_labels(path)
+        read_labels(path, Classification())
 
 
 def test_reads_a_clam_style_feature_folder(tmp_path: Path) -> None:
