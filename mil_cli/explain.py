@@ -391,7 +391,8 @@ def bag_evidence(models: list[LoadedModel], bag_id: str, features: np.ndarray, p
         instance = np.mean([m.module.instance_scores(x).cpu().numpy() for m in models], axis=0)
     if contributions.shape[1] != len(models[0].classes):  # discrete-time hazards: their logits' parts summed
         contributions = contributions.sum(1, keepdims=True)
-    return BagEvidence(bag_id, predictions, attention, contributions, task.patch_values(instance), parts)
+    return BagEvidence(bag_id, predictions, attention, contributions * task.contribution_scale,
+                       task.patch_values(instance), parts)
 
 
 def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: str, out: Path,

@@ -108,6 +108,8 @@ class Task:
         """A head's instance scores (N, outputs) -> the predicted quantity per patch alone."""
         return self.predict(torch.from_numpy(scores)).numpy()
 
+    contribution_scale = 1.0  # patch contributions (logit units) times this are in the predicted quantity's units
+
     def describe(self, predictions: np.ndarray) -> str:
         """One bag's prediction in words, for titles."""
         return f"{self.outputs()[0]} {predictions[0]:.3g}"
@@ -271,6 +273,7 @@ class Regression(Task):
 
     def __init__(self, mean: float = 0.0, std: float = 1.0) -> None:
         self.mean, self.std = float(mean), float(std)
+        self.contribution_scale = self.std  # the head predicts z-scores: contributions in the label's unit
 
     def parse(self, values: dict[str, str]) -> Target:
         try:
