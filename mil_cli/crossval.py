@@ -94,7 +94,7 @@ def cross_validate(features_path: Path, labels_path: Path, options: TrainOptions
     targets, predictions = pooled[0][0], np.concatenate(pooled[0][1])
     summary["plot"] = task.plot(out / task.plot_name, targets, predictions,
                                 f"out-of-fold, {folds}-fold CV ({len(targets)} {options.bag_by}s)")
-    id_column = f"{'patient' if options.bag_by == 'patient' else 'slide'}_id"
+    id_column = f"{options.bag_by}_id"  # slide_id, or patient_id
     _write_oof(out / "oof_predictions.csv", oof_rows, task, repeats > 1, id_column)
     with open(out / "splits.csv", "w", newline="") as f:
         csv.writer(f).writerows([("repeat", "fold", id_column, "role"), *split_rows])
@@ -112,4 +112,3 @@ def _write_oof(path: Path, rows: list[tuple[Bag, np.ndarray, int, int]], task: T
             known = task.known_values(task.as_label(bag.target), predictions)
             writer.writerow([bag.bag_id, *task.prediction_values(predictions), *known, fold]
                             + ([repeat] if with_repeat else []))
-

@@ -83,8 +83,8 @@ def read_labels(path: Path, task: TargetReader, targets_required: bool = True) -
     with_targets = not missing & set(task.columns)
     hint = next((f"; its columns suit {flag}" for columns, flag in OTHER_TASK_HINT.items()
                  if set(columns) <= set(header)), "")
-    if "slide_id" in missing or (missing and (targets_required or hint)):  # predict may go without targets,
-        # not with another task's
+    # predict may go without the target columns, not with another task's in their place
+    if "slide_id" in missing or (missing and (targets_required or hint)):
         raise InputError(path, f"missing column(s) {', '.join(sorted(missing))} that {task.name} labels need "
                                f"(header is {header}){hint}")
     rows: dict[str, LabelRow] = {}

@@ -43,6 +43,7 @@ class Task:
     columns: ClassVar[tuple[str, ...]]       # the labels CSV's columns holding the target
     summary_keys: ClassVar[tuple[str, ...]]  # the metrics tables and summaries show
     plot_name: ClassVar[str]                 # the figure cross-validation draws
+    contribution_scale = 1.0  # patch contributions (logit units) times this are in the predicted quantity's units
 
     # -- labels ------------------------------------------------------------------------------
     def parse(self, values: dict[str, str]) -> Target:
@@ -108,8 +109,6 @@ class Task:
         """A head's instance scores (N, outputs) -> the predicted quantity per patch alone."""
         return self.predict(torch.from_numpy(scores)).numpy()
 
-    contribution_scale = 1.0  # patch contributions (logit units) times this are in the predicted quantity's units
-
     def describe(self, predictions: np.ndarray) -> str:
         """One bag's prediction in words, for titles."""
         return f"{self.outputs()[0]} {predictions[0]:.3g}"
@@ -123,10 +122,11 @@ class Task:
         raise NotImplementedError
 
     def prediction_columns(self) -> list[str]:
-        raise NotImplementedError
+        """The predictions CSV's columns after the id: by default the one predicted quantity."""
+        return self.outputs()
 
     def prediction_values(self, predictions: np.ndarray) -> list[str]:
-        raise NotImplementedError
+        return [f"{predictions[0]:.6g}"]
 
     def known_columns(self) -> list[str]:
         """Columns the predictions CSV adds when the slide's target is known."""
@@ -314,12 +314,6 @@ class Regression(Task):
     def plot(self, path: Path, targets: list[Target], predictions: np.ndarray, title: str) -> dict:
         return metrics.plot_scatter(path, np.asarray(targets, dtype=float), predictions[:, 0], title)
 
-    def prediction_columns(self) -> list[str]:
-        return ["prediction"]
-
-    def prediction_values(self, predictions: np.ndarray) -> list[str]:
-        return [f"{predictions[0]:.6g}"]
-
     def known_columns(self) -> list[str]:
         return ["label"]
 
@@ -424,12 +418,6 @@ class Survival(Task):
 
     def plot(self, path: Path, targets: list[Target], predictions: np.ndarray, title: str) -> dict:
         return metrics.plot_km(path, *self._split(targets), predictions[:, 0], title)
-
-    def prediction_columns(self) -> list[str]:
-        return ["risk"]
-
-    def prediction_values(self, predictions: np.ndarray) -> list[str]:
-        return [f"{predictions[0]:.6g}"]
 
     def known_columns(self) -> list[str]:
         return ["time", "event"]

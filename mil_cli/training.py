@@ -30,7 +30,7 @@ from mil_cli.labels import LabelTable, check_cohort, check_patients, read_labels
 from mil_cli.config import DEFAULT_INSTANCE_LOSS, ModelConfig, TrainOptions
 from mil_cli.models import MILHead, SeedEnsemble, build_model
 from mil_cli.stores import FeatureSource
-from mil_cli.tasks import Classification, Task, make_task
+from mil_cli.tasks import Task, make_task
 
 MODEL_FORMAT = "milcli-model"
 MODEL_FORMAT_VERSION = 2  # 2: a seed ensemble of heads holding their feature standardisation
@@ -242,11 +242,10 @@ def choose_instance_loss(bags: list[Bag], task: Task, options: TrainOptions,
     the first choice stays unless another beats it by SELECTION_MARGIN (an AUC over a few
     dozen bags is noisy). Returns the share and what was measured."""
     default = INSTANCE_LOSS_CHOICES[0]
-    if not isinstance(task, Classification):  # the patch classifier is a classifier's
-        return default, {}
     n_classes = task.n_outputs
     targets = [b.target for b in bags]
-    architecture = build_model(replace(options.model, instance_loss=default, in_dim=1, n_classes=n_classes))
+    architecture = build_model(replace(options.model, instance_loss=default, in_dim=1, n_classes=n_classes,
+                                       task=task.name))  # other tasks build no patch classifier
     if (not getattr(architecture, "max_instance_loss", False) or len(bags) > SELECTION_MAX_BAGS
             or np.bincount(targets, minlength=n_classes).min() < INNER_FOLDS):
         return default, {}
