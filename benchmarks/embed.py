@@ -30,7 +30,8 @@ import torch
 from mil_cli import stores
 from mil_cli.backbones import get_backbone
 from mil_cli.devices import resolve_device
-from mil_cli.embedding import EmbedOptions, Embedder, PatchBlocks, pending_jobs, default_workers, embed_store
+from mil_cli.embedding import (BlockReader, EmbedOptions, Embedder, block_specs, default_workers, embed_store,
+                               pending_jobs)
 from mil_cli.reports import StageReport
 from mil_cli.slides import find_slides
 from mil_cli.tiling import TilingOptions, tile_slides
@@ -50,12 +51,20 @@ def make_tiles(slides: Path, copies: int, folder: Path, options: TilingOptions =
     return tiles
 
 
-def decoded_batches(tiles: Path, batch_size: int, input_size: int) -> list[torch.Tensor]:
-    """Every patch of the tile store, decoded once and kept in memory as uint8 batches."""
+def decoded_batches(tiles: Path, batch_size: int, input_size: int, limit: int | None = None,
+                    resize: bool = True) -> list[torch.Tensor]:
+    """The tile store's patches (the first `limit`, or all), decoded once and kept in memory as
+    uint8 channels-last batches: resized as the CPU path's reader does, or (not `resize`) at
+    their read size, as the GPU path receives them."""
     source = stores.FeatureSource(tiles, kind=stores.TILES_FORMAT)
-    blocks = PatchBlocks(pending_jobs(source, set(), StageReport()), input_size)
-    patches = torch.cat([blocks[i][0] for i in range(len(blocks))])
-    return list(patches.split(batch_size))
+    reader = BlockReader(input_size, resize)
+    blocks, count = [], 0
+    for spec in block_specs(pending_jobs(source, set(), StageReport())):
+        if limit is not None and count >= limit:
+            break
+        blocks.append(reader[spec][0])
+        count += len(blocks[-1])
+    return list(torch.cat(blocks)[:limit].split(batch_size))
 
 
 def model_only(embedder: Embedder, batches: list[torch.Tensor]) -> float:
@@ -107,10 +116,10 @@ def print_stain_cost(batches: list, device: torch.device) -> None:
     from mil_cli.stain import METHODS, normalise
 
     for method in METHODS:
-        normalise(batches[0].to(device).float(), method)  # warm-up
+        normalise(batches[0].to(device).permute(0, 3, 1, 2).float(), method)  # warm-up
         start, count = time.perf_counter(), 0
         for images in batches:
-            out = normalise(images.to(device).float(), method)
+            out = normalise(images.to(device).permute(0, 3, 1, 2).float(), method)
             count += len(images)
         float(out.sum())  # wait for the device
         print(f"--stain {method}: {count / (time.perf_counter() - start):,.0f} patches/s (normalisation alone)")
@@ -143,7 +152,7 @@ def main() -> None:
         source = stores.FeatureSource(tiles, kind=stores.TILES_FORMAT)
         total = sum(len(source.load(s, with_features=False).coords) for s in source.slide_ids)
         embedder = Embedder(backbone, device)
-        batches = decoded_batches(tiles, args.batch_size, backbone.input_size)
+        batches = decoded_batches(tiles, args.batch_size, backbone.input_size, resize=device.type != "cuda")
         for _ in range(args.rounds):  # alternate, so both figures see the same machine state
             report = embed_store(tiles, Path(tmp) / "feats.h5", backbone, device, options, overwrite=True)
             model = model_only(embedder, batches)

@@ -30,29 +30,51 @@ def resolve_device(spec: str) -> torch.device:
     raise MilcliError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
 
 
-def autocast(device: torch.device, precision: str = "bf16") -> contextlib.AbstractContextManager:
-    """CUDA autocast in `precision` ("bf16", falling back to fp16 on GPUs without it; "fp16";
-    "fp32" for none); the CPU always runs fp32."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
-    use_bf16 = precision == "bf16" and torch.cuda.is_bf16_supported()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if use_bf16 else torch.float16)
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA generation with bf16 tensor cores
+
+
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA device of this compute capability runs bf16 natively. Not
+    torch.cuda.is_bf16_supported(): it says True on Turing and Volta too (where bf16 is
+    emulated, several times slower than fp16) and asks the current device, not the one used."""
+    return tuple(capability) >= NATIVE_BF16_CAPABILITY
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix work is native here: recent GPUs, or CPUs with AVX512-BF16 / AMX."""
+    """Whether bf16 matrix work is native on `device`: NVIDIA GPUs from Ampere on, or CPUs
+    with AVX512-BF16 / AMX."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return native_bf16(torch.cuda.get_device_capability(device))
     return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def inference_dtype(precision: str, bf16_native: bool) -> torch.dtype | None:
+    """The autocast type for a frozen encoder on a GPU: `precision` "bf16" falls back to fp16
+    where bf16 is not native; "fp16" as asked; "fp32" none."""
+    if precision == "fp32":
+        return None
+    return torch.bfloat16 if precision == "bf16" and bf16_native else torch.float16
+
+
+def training_dtype(precision: str, device_type: str, bf16_native: bool) -> torch.dtype | None:
+    """The autocast type for training steps: bf16 when asked for, or with "auto" on a GPU with
+    native bf16; else none (fp32). "auto" keeps CPUs in fp32 even where they have bf16 units,
+    so the same seed gives the same model on every CPU model."""
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda" and bf16_native):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, precision: str = "bf16") -> contextlib.AbstractContextManager:
+    """CUDA autocast for inference in `precision` (inference_dtype); the CPU always runs fp32."""
+    dtype = inference_dtype(precision, fast_bf16(device)) if device.type == "cuda" else None
+    return torch.autocast("cuda", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def training_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast for training steps when asked for, or with "auto" on a GPU with native
-    bf16; else fp32. "auto" keeps CPUs in fp32 even where they have bf16 units, so the same
-    seed gives the same model on every CPU model."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda" and fast_bf16(device)):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Autocast for training steps in training_dtype's type, or none."""
+    dtype = training_dtype(precision, device.type, device.type == "cuda" and fast_bf16(device))
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3

@@ -14,15 +14,19 @@ the slide retried (actor restarts and task retries).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import secrets
 import socket
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,8 +34,8 @@ import torch
 from mil_cli import stores
 from mil_cli.backbones import get_backbone
 from mil_cli.console import progress_bar
-from mil_cli.embedding import (EmbedOptions, SlideJob, build_embedder, decode_blocks, default_workers, embed_blocks,
-                               feature_store_attrs, pending_jobs, record_slide, write_slide)
+from mil_cli.embedding import (EmbedOptions, SlideJob, build_embedder, decoder_for, embed_blocks, feature_store_attrs,
+                               pending_jobs, record_slide, write_slide)
 from mil_cli.errors import InputError, MilcliError, first_line
 from mil_cli.inference import (LoadedModel, Prediction, bag_slides, check_compatible, check_unique_slides,
                                load_models, predict_slides)
@@ -67,12 +71,31 @@ def connect(address: str) -> Any:
     if not ray.is_initialized():
         check_reachable(address)
         try:
+            # log_to_driver off: Ray would print its workers' and raylet's lines (task retries...)
+            # on this process's stdout, into `--json` output; failures come back as exceptions
             ray.init(address=None if address == LOCAL else address, include_dashboard=False,
-                     logging_level=logging.WARNING, configure_logging=False)
+                     logging_level=logging.WARNING, configure_logging=False, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise MilcliError(f"--ray {address}: cannot join the Ray cluster ({first_line(exc)}); a cluster with "
                               "token authentication also needs its token in RAY_AUTH_TOKEN or ~/.ray/auth_token") from None
     return ray
+
+
+@contextlib.contextmanager
+def joined(address: str) -> Iterator[Any]:
+    """Ray for the length of one command: joined (or started) here, and left at the end unless
+    it already ran in this process. Ray prints its own messages (a task retried, a worker died)
+    on stdout from a thread of this process: meanwhile they go to stderr, so that they never mix
+    into `--json` output."""
+    ray = import_ray()
+    started_here = not ray.is_initialized()
+    with contextlib.redirect_stdout(sys.stderr):
+        connect(address)
+        try:
+            yield ray
+        finally:
+            if started_here:
+                ray.shutdown()
 
 
 def check_reachable(address: str) -> None:
@@ -99,9 +122,9 @@ def worker_resources(ray: Any, options: RayOptions) -> tuple[int, dict]:
         raise MilcliError("--ray-workers and --workers-per-gpu must be at least 1")
     cluster = ray.cluster_resources()
     gpus, cpus = int(cluster.get("GPU", 0)), max(1, int(cluster.get("CPU", 1)))
-    if gpus:
+    if gpus:  # a GPU worker's CPUs are its decode processes (and itself): they are what feeds the GPU
         count = options.workers or gpus * options.workers_per_gpu
-        return count, {"num_gpus": 1.0 / options.workers_per_gpu, "num_cpus": 1}
+        return count, {"num_gpus": 1.0 / options.workers_per_gpu, "num_cpus": max(1, cpus // count)}
     count = options.workers or max(1, cpus // 4)
     return count, {"num_cpus": max(1, cpus // count)}
 
@@ -132,7 +155,9 @@ class StoreTarget:
 
 
 class SlideWorker:
-    """A Ray actor: one backbone on the device Ray assigned, embedding whole slides."""
+    """A Ray actor: one backbone on the device Ray assigned, embedding whole slides. Its decode
+    processes (on a GPU: one per CPU Ray gave it, but its own) are forked once, before CUDA is
+    initialised in it, and serve every slide it is given."""
 
     def __init__(self, backbone_name: str, options: EmbedOptions, cpus: int, target: StoreTarget) -> None:
         self.device = assigned_device()
@@ -140,8 +165,9 @@ class SlideWorker:
             torch.set_num_threads(cpus)
         self.backbone = get_backbone(backbone_name)
         self.options = options
+        self.decoder = decoder_for(self.device, self.backbone.input_size, options.workers, persistent=True, cores=cpus)
+        self.decoder.start()
         self.embedder = build_embedder(self.backbone, self.device, options)
-        self.decoders = default_workers(self.device) if options.workers is None else options.workers
         self.write = None
         if target.shared():
             self.tiles = stores.FeatureSource(target.tiles, kind=stores.TILES_FORMAT)
@@ -150,9 +176,10 @@ class SlideWorker:
     def embed(self, job: SlideJob) -> tuple[np.ndarray | None, np.ndarray, str | None]:
         """(features in coords order, which patches decoded, None) for the driver to store; or,
         writing to a shared store, (None, which patches decoded, why it failed or None)."""
+        stores.fault_point(f"ray-embed-{job.slide_id}")
         result: list[tuple[np.ndarray, np.ndarray]] = []
-        blocks = decode_blocks([job], self.backbone.input_size, self.decoders)
-        embed_blocks(self.embedder, blocks, [job], self.options, lambda _, features, ok: result.append((features, ok)))
+        embed_blocks(self.embedder, self.decoder.blocks([job]), [job], self.options,
+                     lambda _, features, ok: result.append((features, ok)))
         features, ok = result[0]
         if self.write is None:
             return features, ok, None
@@ -171,39 +198,73 @@ def ray_embed_store(tiles_path: Path, out: Path, backbone_name: str, options: Em
     with stores.StoreWriter(out, stores.FEATURES_FORMAT, feature_store_attrs(backbone, options), overwrite) as writer:
         jobs = pending_jobs(tiles, writer.completed(), report)
         if jobs:
-            ray = connect(cluster.address)
-            count, resources = worker_resources(ray, cluster)
-            actor = ray.remote(SlideWorker).options(**resources, max_restarts=RETRIES, max_task_retries=RETRIES)
-            # workers do not share this process's working folder
-            options = replace(options, weights=options.weights and options.weights.resolve(),
-                              stain_target=options.stain_target and options.stain_target.resolve())
-            token = secrets.token_hex(8)
-            target = StoreTarget(writer.folder.resolve(), writer.root_attrs, tiles_path.resolve(),
-                                 writer.folder.resolve() / f".probe-{token}", token)
-            target.probe.write_text(token)
-            workers = []
-            try:
-                workers = [actor.remote(backbone_name, options, int(resources["num_cpus"]), target)
-                           for _ in range(min(count, len(jobs)))]
-                _dispatch(ray, workers, jobs, tiles, writer, report, f"embedding ({backbone_name}, Ray x{len(workers)})")
-            finally:
-                target.probe.unlink(missing_ok=True)
-                for worker in workers:
-                    ray.kill(worker)
+            with joined(cluster.address) as ray:
+                _embed_on_workers(ray, jobs, tiles, tiles_path, writer, backbone_name, options, cluster, report)
     report.seconds = time.perf_counter() - start
     return report
 
 
+def _embed_on_workers(ray: Any, jobs: list[SlideJob], tiles: stores.FeatureSource, tiles_path: Path,
+                      writer: stores.StoreWriter, backbone_name: str, options: EmbedOptions, cluster: RayOptions,
+                      report: StageReport) -> None:
+    """Start the workers, hand them the slides, and kill them whatever happens."""
+    count, resources = worker_resources(ray, cluster)
+    actor = ray.remote(SlideWorker).options(**resources, max_restarts=RETRIES, max_task_retries=RETRIES)
+    # workers do not share this process's working folder
+    options = replace(options, weights=options.weights and options.weights.resolve(),
+                      stain_target=options.stain_target and options.stain_target.resolve())
+    token = secrets.token_hex(8)
+    target = StoreTarget(writer.folder.resolve(), writer.root_attrs, tiles_path.resolve(),
+                         writer.folder.resolve() / f".probe-{token}", token)
+    target.probe.write_text(token)
+    workers = []
+    try:
+        workers = [actor.remote(backbone_name, options, int(resources["num_cpus"]), target)
+                   for _ in range(min(count, len(jobs)))]
+        _dispatch(ray, workers, jobs, tiles, writer, report, f"embedding ({backbone_name}, Ray x{len(workers)})")
+    finally:
+        target.probe.unlink(missing_ok=True)
+        for worker in workers:
+            ray.kill(worker)
+
+
+class Call(NamedTuple):
+    order: int      # when it was handed out
+    job: SlideJob
+    worker: Any
+
+
 def _dispatch(ray: Any, workers: list, jobs: list[SlideJob], tiles: stores.FeatureSource, writer: stores.StoreWriter,
               report: StageReport, label: str) -> None:
-    """Keep every worker QUEUED_PER_WORKER slides ahead; store or record each slide as it comes back."""
+    """Keep every live worker QUEUED_PER_WORKER slides ahead; store or record each slide as it
+    comes back. A worker that died more often than Ray restarts it is dropped: the slide it was
+    on (its oldest: an actor runs its calls in order) fails, and the slides queued behind it go
+    to the workers still alive."""
     queue = list(reversed(jobs))
-    running: dict[Any, tuple[SlideJob, Any]] = {}
+    running: dict[Any, Call] = {}  # Ray's reference to each call -> the call
+    alive = list(workers)
+    order = itertools.count()
 
     def hand_out(worker: Any) -> None:
-        if queue:
+        if queue and worker in alive:
             job = queue.pop()
-            running[worker.embed.remote(job)] = (job, worker)
+            running[worker.embed.remote(job)] = Call(next(order), job, worker)
+
+    def drop(worker: Any, why: str) -> None:
+        """The worker is gone: fail its oldest slide, requeue the rest, keep the others busy."""
+        alive.remove(worker)
+        lost = sorted((call for call in running.values() if call.worker is worker), key=lambda call: call.order)
+        for ref in [ref for ref, call in running.items() if call.worker is worker]:
+            del running[ref]
+        report.failed[lost[0].job.slide_id] = why
+        queue.extend(call.job for call in reversed(lost[1:]))
+        if not alive:
+            for job in reversed(queue):
+                report.failed[job.slide_id] = f"every Ray worker was lost ({why})"
+            queue.clear()
+        for other in alive:
+            while queue and sum(call.worker is other for call in running.values()) < QUEUED_PER_WORKER:
+                hand_out(other)
 
     for worker in workers:
         for _ in range(QUEUED_PER_WORKER):
@@ -212,13 +273,17 @@ def _dispatch(ray: Any, workers: list, jobs: list[SlideJob], tiles: stores.Featu
         task = bar.add_task(label, total=len(jobs))
         while running:
             [done], _ = ray.wait(list(running), num_returns=1)
-            job, worker = running.pop(done)
+            job, worker = running[done].job, running[done].worker
             try:
                 features, ok, failure = ray.get(done)
+            except ray.exceptions.RayActorError as exc:  # the worker died more often than it may restart
+                drop(worker, f"Ray worker lost after {RETRIES} restarts ({first_line(exc)})")
+                bar.update(task, completed=len(report.done) + len(report.failed))
+                continue  # its calls are out of `running` already
             except ray.exceptions.RayTaskError as exc:  # the slide itself failed inside the worker
                 report.failed[job.slide_id] = first_line(exc.cause or exc)
-            except ray.exceptions.RayActorError as exc:  # the worker died more often than it may restart
-                report.failed[job.slide_id] = f"Ray worker lost after {RETRIES} restarts ({first_line(exc)})"
+            except ray.exceptions.RayError as exc:  # anything else Ray could not deliver (a lost object, say)
+                report.failed[job.slide_id] = f"Ray: {first_line(exc)}"
             else:
                 if features is not None:
                     failure = write_slide(tiles, writer.write_slide, job, features, ok)
@@ -226,8 +291,9 @@ def _dispatch(ray: Any, workers: list, jobs: list[SlideJob], tiles: stores.Featu
                     writer.recorded()
                     report.counts["written_by_workers"] = report.counts.get("written_by_workers", 0) + 1
                 record_slide(report, job, ok, failure)
+            del running[done]
             hand_out(worker)
-            bar.advance(task)
+            bar.update(task, completed=len(report.done) + len(report.failed))
 
 
 def ray_predict_stores(model: Path, models: list[LoadedModel], sources: list[stores.FeatureSource],
@@ -238,18 +304,20 @@ def ray_predict_stores(model: Path, models: list[LoadedModel], sources: list[sto
     bag_slides(models, [], None)  # patient-level models need the labels' patients: refused here, before Ray
     for source in sources:
         check_compatible(models, source)
-    ray = connect(cluster.address)
-    _, resources = worker_resources(ray, cluster)
-    task = ray.remote(_predict_store).options(**resources, max_retries=RETRIES)
-    refs = [task.remote(model.resolve(), source.path.resolve()) for source in sources]
     results = []
-    for source, ref in zip(sources, refs):
-        try:
-            results.extend(ray.get(ref))
-        except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, MilcliError):
-                raise exc.cause from None
-            raise InputError(source.path, first_line(exc.cause or exc)) from None
+    with joined(cluster.address) as ray:
+        _, resources = worker_resources(ray, cluster)
+        task = ray.remote(_predict_store).options(**resources, max_retries=RETRIES)
+        refs = [task.remote(model.resolve(), source.path.resolve()) for source in sources]
+        for source, ref in zip(sources, refs):
+            try:
+                results.extend(ray.get(ref))
+            except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, MilcliError):
+                    raise exc.cause from None
+                raise InputError(source.path, first_line(exc.cause or exc)) from None
+            except ray.exceptions.RayError as exc:  # a worker or node lost for good
+                raise InputError(source.path, f"Ray: {first_line(exc)}") from None
     return results
 
 

@@ -60,7 +60,7 @@ def fault_point(point: str) -> None:
     it reaches `point`, so that tests kill a writer at a known moment (mid-write, between
     slides) instead of by timing luck. Points: slide-writing (a slide's temporary file half
     written), slide-written (just renamed into place), index-writing (the temporary index half
-    written)."""
+    written), ray-embed-<slide id> (a Ray worker starting on that slide: it dies on it each time)."""
     name, _, count = os.environ.get(KILL_AT, "").partition(":")
     if name == point:
         _reached[point] += 1

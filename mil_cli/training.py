@@ -114,22 +114,47 @@ def split_bags(bags: list[Bag], task: Task, val_fraction: float, seed: int,
 
 def collate(bags: list[Bag], device: torch.device, max_patches: int | None = None,
             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B, N, D) features padded with zeros to the largest bag, (B, N) mask, (B,) targets. With
-    `max_patches`, a bag larger than that contributes a random subset of its patches."""
+    """(B, N, D) fp32 features padded with zeros to the largest bag, (B, N) mask, (B,) targets,
+    all on `device`. With `max_patches`, a bag larger than that contributes a random subset of
+    its patches. Bags already on the device (on_device) are padded there: no host copy, no
+    host-side padding of a large tensor."""
     chosen = []
     for bag in bags:
         features = bag.features
         if max_patches is not None and len(features) > max_patches:
-            features = features[torch.randperm(len(features), generator=generator)[:max_patches]]
-        chosen.append(features)
-    longest = max(len(f) for f in chosen)
-    x = torch.zeros(len(chosen), longest, chosen[0].shape[1])
-    mask = torch.zeros(len(chosen), longest, dtype=torch.bool)
-    for i, features in enumerate(chosen):
-        x[i, : len(features)] = features
-        mask[i, : len(features)] = True
+            features = features[torch.randperm(len(features), generator=generator)[:max_patches].to(features.device)]
+        chosen.append(features.to(device, non_blocking=True))
+    x = nn.utils.rnn.pad_sequence(chosen, batch_first=True).float()
+    lengths = torch.tensor([len(f) for f in chosen]).to(device, non_blocking=True)
+    mask = torch.arange(x.shape[1], device=device)[None] < lengths[:, None]
     targets = torch.tensor([b.target for b in bags])  # (B,) classes or values, (B, 2) time and event
-    return x.to(device, non_blocking=True), mask.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    return x, mask, targets.to(device, non_blocking=True)
+
+
+DEVICE_SHARE = 0.5  # of a GPU's free memory that the training bags may take
+FLOAT16_MAX = 65504.0
+
+
+def device_dtype(elements: int, largest: float, free_bytes: int) -> torch.dtype | None:
+    """The type training bags are kept in on a GPU with `free_bytes` free: fp16 (as the feature
+    store holds them, half of fp32) when their values fit it, else fp32; None when they do not
+    fit in DEVICE_SHARE of the free memory, and stay on the host."""
+    dtype = torch.float16 if largest < FLOAT16_MAX else torch.float32
+    size = 2 if dtype == torch.float16 else 4
+    return dtype if elements * size <= DEVICE_SHARE * free_bytes else None
+
+
+def on_device(bags: list[Bag], device: torch.device) -> list[Bag]:
+    """The bags with their features moved to a GPU once, when they fit (device_dtype): training
+    steps are then padded on the device with no copy from the host, which otherwise bounds a
+    GPU's training speed. Steps and evaluation still compute in fp32. On the CPU, as they are."""
+    if device.type != "cuda" or not bags or all(b.features.device == device for b in bags):
+        return bags
+    largest = max(float(b.features.abs().max()) for b in bags)
+    dtype = device_dtype(sum(b.features.numel() for b in bags), largest, torch.cuda.mem_get_info(device)[0])
+    if dtype is None:
+        return bags
+    return [replace(b, features=b.features.to(device, dtype)) for b in bags]
 
 
 EVAL_PATCH_BUDGET = 1 << 18  # padded patches per evaluation batch
@@ -168,7 +193,7 @@ def evaluate(model: MILHead | SeedEnsemble, bags: list[Bag], device: torch.devic
 def feature_statistics(bags: list[Bag]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and standard deviation over every patch of `bags` (float64 sums,
     one bag at a time); constant dimensions get std 1 so they stay finite."""
-    total = torch.zeros(bags[0].features.shape[1], dtype=torch.float64)
+    total = torch.zeros(bags[0].features.shape[1], dtype=torch.float64, device=bags[0].features.device)
     squares, count = torch.zeros_like(total), 0
     for bag in bags:
         features = bag.features.double()
@@ -178,7 +203,7 @@ def feature_statistics(bags: list[Bag]) -> tuple[torch.Tensor, torch.Tensor]:
     mean = total / count
     std = (squares / count - mean.square()).clamp(min=0).sqrt()
     std[std <= 1e-6 * mean.abs().clamp(min=1)] = 1.0
-    return mean.float(), std.float()
+    return mean.float().cpu(), std.float().cpu()
 
 
 def learning_rate_schedule(optimiser: torch.optim.Optimizer, options: TrainOptions) -> torch.optim.lr_scheduler.LRScheduler:
@@ -206,6 +231,7 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
     """Train `options.ensemble` fresh heads from different seeds and join them (after choosing
     the patch-classifier share by inner cross-validation when it is left to milcli)."""
     keep_freed_memory()
+    train_bags = on_device(train_bags, device)
     task = task.fitted([b.target for b in train_bags])
     selection: dict = {}
     if options.model.instance_loss is None:
@@ -295,7 +321,7 @@ def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig, ta
     history = []
     for epoch in range(1, options.epochs + 1):
         model.train()
-        train_loss = 0.0
+        train_loss = torch.zeros((), device=device)  # summed on the device: reading it each step would wait for the GPU
         for indices in task.batches(targets, options.batch_size, generator):
             batch = [train_bags[i] for i in indices]
             x, mask, batch_targets = collate(batch, device, options.max_patches, generator)
@@ -305,10 +331,10 @@ def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig, ta
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            train_loss += float(loss.detach()) * len(batch) / len(train_bags)
+            train_loss += loss.detach().float() * (len(batch) / len(train_bags))
         scheduler.step()
         val_loss, _ = evaluate(model, val_bags, device, task, weight)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
+        history.append({"epoch": epoch, "train_loss": float(train_loss), "val_loss": val_loss})
         if not val_bags:
             continue
         if val_loss < best_loss - 1e-6:

@@ -21,7 +21,10 @@ import h5py
 import numpy as np
 import pytest
 
+from conftest import SAMPLE
 from mil_cli.stores import FeatureSource
+
+SAMPLE_SLIDES = SAMPLE / "slides"
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'milcli[ray]')")
 
@@ -44,10 +47,10 @@ def finish(process: subprocess.Popen) -> str:
     return out
 
 
-def assert_same_features(store: Path, reference: Path) -> None:
+def assert_same_features(store: Path, reference: Path, only: list[str] | None = None) -> None:
     ours, theirs = FeatureSource(store), FeatureSource(reference)
-    assert ours.slide_ids == theirs.slide_ids
-    for slide_id in theirs.slide_ids:
+    assert sorted(ours.slide_ids) == sorted(only or theirs.slide_ids)
+    for slide_id in ours.slide_ids:
         a, b = ours.load(slide_id), theirs.load(slide_id)
         assert np.array_equal(a.coords, b.coords) and np.array_equal(a.features, b.features), slide_id
 
@@ -170,3 +173,23 @@ def test_a_worker_killed_mid_slide_is_replaced_and_the_run_completes(sample_run:
     assert killed is not None, "no worker was caught embedding a slide"
     finish(process)
     assert_same_features(out, sample_run / "feats.h5")
+
+
+def test_a_worker_dead_for_good_fails_only_its_slide_and_the_others_take_the_rest(sample_run: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Every worker that starts slide_00 dies on it (a fault point, not timing), so the worker
+    that got it uses up its restarts and is dead for good. Only slide_00 may fail: the slide
+    queued behind it on that worker (slide_01; slide_02 and 03 go to the other) and the slide
+    handed out after (slide_04) must go to the worker still alive."""
+    from mil_cli.stores import KILL_AT
+    from mil_cli.tiling import TilingOptions, tile_slides
+
+    tiles = tmp_path / "tiles.h5"
+    assert tile_slides([SAMPLE_SLIDES / f"slide_0{i}.tif" for i in range(5)], tiles, TilingOptions()).ok
+    process = subprocess.run([sys.executable, "-m", "mil_cli", "embed", str(tiles), "--out", str(tmp_path / "f.h5"),
+                              "--ray", "local", "--ray-workers", "2", "--json", "-q"],
+                             env=ENV | {KILL_AT: "ray-embed-slide_00:1"}, capture_output=True, text=True, timeout=600)
+    report = json.loads(process.stdout)
+    assert list(report["failed"]) == ["slide_00"] and "Ray worker lost" in report["failed"]["slide_00"]
+    assert sorted(report["done"]) == [f"slide_0{i}" for i in range(1, 5)]
+    assert_same_features(tmp_path / "f.h5", sample_run / "feats.h5", only=report["done"])
