@@ -3,7 +3,8 @@
 Pyramidal and tiled TIFF (Aperio .svs, generic .tif) go through tiffslide, which decodes only
 the tiles a region touches; Hamamatsu, MIRAX and other vendor formats through OpenSlide.
 Plain PNG/JPEG/BMP images go through Pillow; a JPEG thumbnail is decoded at reduced scale
-(DCT scaling) instead of in full.
+(DCT scaling) instead of in full. A DICOM whole-slide image, a folder of `.dcm` instances, goes
+through wsidicom (the `dicom` extra); its path and id are the folder's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TIFF_SUFFIXES = {".svs", ".tif", ".tiff"}
 PLAIN_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 OPENSLIDE_SUFFIXES = {".ndpi", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide"}
 SLIDE_SUFFIXES = TIFF_SUFFIXES | PLAIN_SUFFIXES | OPENSLIDE_SUFFIXES
+DICOM_SUFFIX = ".dcm"  # a folder holding files of this suffix is one DICOM slide
 
 # Plain images are decoded whole, so their size is capped by memory (3 GB as RGB).
 MAX_PLAIN_PIXELS = 1_000_000_000
@@ -45,8 +47,14 @@ def plausible_mpp(value: float | None) -> float | None:
 
 
 def slide_id_from_path(path: Path) -> str:
-    """The slide id: the file name without its extension (DESIGN.md)."""
+    """The slide id: the file name without its extension (DESIGN.md); a DICOM slide's folder name."""
+    if path.is_dir():
+        return path.name
     return path.name[: -len(path.suffix)] if path.suffix else path.name
+
+
+def is_dicom_folder(path: Path) -> bool:
+    return path.is_dir() and any(p.suffix.lower() == DICOM_SUFFIX and p.is_file() for p in path.iterdir())
 
 
 def safe_file_stem(slide_id: str) -> str:
@@ -326,6 +334,83 @@ class WholeSlideReader(Slide):
             self._tiles.close()
 
 
+class DicomSlide(Slide):
+    """A DICOM whole-slide image (VL Whole Slide Microscopy, a folder of .dcm instances) through
+    wsidicom, the `dicom` extra. wsidicom addresses a pyramid level by its power of two and a
+    region in that level's pixels; regions reaching past the image read as white glass."""
+
+    reader = "wsidicom"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        try:
+            from wsidicom import WsiDicom
+        except ImportError:
+            raise InputError(path, "reading DICOM slides needs wsidicom: pip install 'milcli[dicom]'") from None
+        try:
+            self._slide = WsiDicom.open(path)
+            self._levels = sorted(self._slide.levels, key=lambda level: level.level)
+            width, height = self._slide.size.width, self._slide.size.height
+        except Exception as exc:  # wsidicom raises its own and pydicom's types for broken folders
+            raise InputError(path, f"not a readable DICOM whole-slide image (wsidicom: {first_line(exc)})") from None
+        if width * height > MAX_TILED_PIXELS:
+            raise InputError(path, f"claims {width} x {height} px, beyond any real slide; refusing it")
+        try:
+            self._mpp = plausible_mpp(float(self._slide.mpp.width))  # wsidicom's mpp is in µm/px
+        except Exception:  # no pixel spacing in the file
+            self._mpp = None
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def level_dimensions(self) -> list[tuple[int, int]]:
+        return [(level.size.width, level.size.height) for level in self._levels]
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        return [float(2 ** level.level) for level in self._levels]
+
+    @property
+    def mpp(self) -> float | None:
+        return self._mpp
+
+    @property
+    def vendor(self) -> str | None:
+        equipment = getattr(self._slide.metadata, "equipment", None)
+        return getattr(equipment, "manufacturer", None) or None
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        x, y = int(location[0] / ds), int(location[1] / ds)
+        level_width, level_height = self.level_dimensions[level]
+        w, h = size
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, level_width), min(y + h, level_height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        try:
+            region = self._slide.read_region((x0, y0), self._levels[level].level, (x1 - x0, y1 - y0), as_array=True)
+        except Exception as exc:
+            raise InputError(self.path, f"cannot decode region at {location}: {first_line(exc)}") from None
+        out[y0 - y: y1 - y, x0 - x: x1 - x] = _rgb_on_white(np.asarray(region))
+        return out
+
+    def thumbnail(self, max_size: int) -> np.ndarray:
+        target = _thumbnail_size(*self.dimensions, max_size)
+        try:
+            image = _rgb_on_white(np.asarray(self._slide.read_thumbnail(target, as_array=True)))
+        except Exception as exc:
+            raise InputError(self.path, f"cannot decode thumbnail: {first_line(exc)}") from None
+        if image.shape[1::-1] != target:
+            image = np.array(Image.fromarray(image).resize(target, Image.BILINEAR))
+        return image
+
+    def close(self) -> None:
+        self._slide.close()
+
+
 def _rgb_on_white(pixels: np.ndarray) -> np.ndarray:
     """RGB from an RGB, RGBA or grey array; transparent pixels (outside the scanned area)
     become white glass."""
@@ -340,6 +425,10 @@ def _rgb_on_white(pixels: np.ndarray) -> np.ndarray:
 def open_slide(path: str | Path) -> Slide:
     """Open a slide with the reader its file type needs; InputError when it cannot be read."""
     path = Path(path)
+    if is_dicom_folder(path):
+        return DicomSlide(path)
+    if path.is_dir():
+        raise InputError(path, f"a folder, not a slide (a DICOM slide is a folder of {DICOM_SUFFIX} files)")
     if not path.is_file():
         raise InputError(path, "no such file")
     suffix = path.suffix.lower()
@@ -360,21 +449,23 @@ def open_slide(path: str | Path) -> Slide:
 
 
 def no_slides_found() -> str:
-    return f"no slide files found (looked for {' '.join(sorted(SLIDE_SUFFIXES))})"
+    return f"no slide files found (looked for {' '.join(sorted(SLIDE_SUFFIXES))} and folders of {DICOM_SUFFIX} files)"
 
 
 def find_slides(inputs: list[Path]) -> list[Path]:
-    """Expand files and folders into slide files. Folders contribute files with slide
-    suffixes (recursively, hidden files skipped); files named directly are always kept,
-    so that a wrong one gets a clear error instead of being ignored."""
+    """Expand files and folders into slides. Folders contribute files with slide suffixes and
+    DICOM slides, folders of .dcm files (recursively, hidden entries skipped); a DICOM folder
+    named directly is that slide, and files named directly are always kept, so that a wrong one
+    gets a clear error instead of being ignored."""
     found: list[Path] = []
     for item in inputs:
-        if item.is_dir():
-            found.extend(
-                p for p in sorted(item.rglob("*"))
-                if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES
-                and not any(part.startswith(".") for part in p.relative_to(item).parts)
-            )
+        if is_dicom_folder(item):
+            found.append(item)
+        elif item.is_dir():
+            entries = [p for p in sorted(item.rglob("*"))
+                       if not any(part.startswith(".") for part in p.relative_to(item).parts)]
+            dicom = {p for p in entries if is_dicom_folder(p)}
+            found.extend(p for p in entries if p in dicom or (p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES))
         elif item.exists():
             found.append(item)
         else:

@@ -185,3 +185,47 @@ def test_direct_tile_reads_match_tiffslide_pixel_for_pixel(path: Path) -> None:
                 theirs = np.asarray(reference.read_region(location, level, (w, h), as_array=True))[..., :3]
                 inside = (slice(0, min(h, height - int(location[1] / ds))), slice(0, min(w, width - int(location[0] / ds))))
                 assert np.array_equal(ours[inside], theirs[inside])
+
+
+DICOM = TEST_DATA / "CMU-1-Small-Region-dicom"  # the CMU slide's own JPEG tiles, as DICOM (tests/data/README.md)
+
+
+def test_a_dicom_slide_reads_the_same_pixels_as_the_svs_it_came_from() -> None:
+    pytest.importorskip("wsidicom", reason="the dicom extra is not installed (pip install 'milcli[dicom]')")
+    with open_slide(DICOM) as dicom, open_slide(TEST_DATA / "CMU-1-Small-Region.svs") as svs:
+        assert dicom.reader == "wsidicom" and dicom.dimensions == svs.dimensions == (2220, 2967)
+        assert dicom.mpp == pytest.approx(0.499) and dicom.level_downsamples == [1.0]
+        assert np.array_equal(dicom.read_region((700, 900), 0, (300, 200)), svs.read_region((700, 900), 0, (300, 200)))
+        edge = dicom.read_region((2100, 2900), 0, (200, 100))  # past the right and bottom edges: white glass
+        assert np.array_equal(edge[:67, :120], svs.read_region((2100, 2900), 0, (120, 67))) and (edge[:, 120:] == 255).all()
+        a, b = dicom.thumbnail(256).astype(float), svs.thumbnail(256).astype(float)
+        assert a.shape == b.shape and np.abs(a - b).mean() < 8  # its own stored thumbnail, resampled otherwise
+    assert slide_id_from_path(DICOM) == "CMU-1-Small-Region-dicom"
+
+
+def test_dicom_folders_are_found_as_slides_and_a_plain_folder_is_not_one(tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(DICOM, tmp_path / "cohort" / "site_a" / "case_1")
+    (tmp_path / "cohort" / "case_2.svs").symlink_to(TEST_DATA / "CMU-1-Small-Region.svs")
+    assert [p.name for p in find_slides([tmp_path / "cohort"])] == ["case_2.svs", "case_1"]
+    assert find_slides([tmp_path / "cohort" / "site_a" / "case_1"]) == [tmp_path / "cohort" / "site_a" / "case_1"]
+    with pytest.raises(InputError, match="a folder, not a slide"):
+        open_slide(tmp_path / "cohort")
+
+
+def test_a_dicom_slide_tiles_and_embeds_end_to_end_as_its_svs_does(tmp_path: Path) -> None:
+    pytest.importorskip("wsidicom", reason="the dicom extra is not installed (pip install 'milcli[dicom]')")
+    from conftest import invoke
+    from mil_cli.stores import FeatureSource
+
+    info = invoke("info", DICOM, "--json")
+    assert info.exit_code == 0 and '"reader": "wsidicom"' in info.stdout
+    for name, slide in (("dicom", DICOM), ("svs", TEST_DATA / "CMU-1-Small-Region.svs")):
+        assert invoke("tile", slide, "--out", tmp_path / f"{name}_tiles.h5", "-q").exit_code == 0
+        assert invoke("embed", tmp_path / f"{name}_tiles.h5", "--out", tmp_path / f"{name}.h5", "--device", "cpu",
+                      "-q").exit_code == 0
+    dicom = FeatureSource(tmp_path / "dicom.h5").load("CMU-1-Small-Region-dicom")
+    svs = FeatureSource(tmp_path / "svs.h5").load("CMU-1-Small-Region")
+    assert len(dicom.coords) > 20 and np.array_equal(dicom.coords, svs.coords)
+    assert np.array_equal(dicom.features, svs.features)  # the same pixels give the same features
