@@ -30,6 +30,7 @@ def resolve_device(spec: str) -> torch.device:
     raise MilcliError(f"--device {spec}: expected auto, cpu, cuda or cuda:N")
 
 
+FLOAT16_MAX = 65504.0  # the largest finite float16: stored features and fp16 bags must stay below it
 NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA generation with bf16 tensor cores
 
 

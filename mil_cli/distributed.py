@@ -71,8 +71,8 @@ def connect(address: str) -> Any:
     if not ray.is_initialized():
         check_reachable(address)
         try:
-            # log_to_driver off: Ray would print its workers' and raylet's lines (task retries...)
-            # on this process's stdout, into `--json` output; failures come back as exceptions
+            # log_to_driver off: Ray would echo every worker's output on this process's stdout;
+            # failures come back as exceptions (Ray's own messages: see joined)
             ray.init(address=None if address == LOCAL else address, include_dashboard=False,
                      logging_level=logging.WARNING, configure_logging=False, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:

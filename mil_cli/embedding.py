@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mil_cli import stores
 from mil_cli.backbones import Backbone
 from mil_cli.console import progress_bar, warn
-from mil_cli.devices import autocast, keep_freed_memory
+from mil_cli.devices import FLOAT16_MAX, autocast, keep_freed_memory
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.reports import StageReport
 from mil_cli.slides import Slide, group_into_blocks, open_slide
@@ -38,7 +38,6 @@ from mil_cli.stain import BUNDLED_TARGET, METHODS, StainTarget, load_target
 from mil_cli.stain import normalise as stain_normalise
 
 FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 BLOCK_SPAN = 4  # patches per side of a block read at once
 
 
@@ -193,7 +192,6 @@ class BlockDecoder:
     def __init__(self, input_size: int, resize: bool, workers: int, persistent: bool = False) -> None:
         patch_bytes = input_size * input_size * 3 * (1 if resize else 2)  # unresized reads: up to ~1.4x a side
         workers, prefetch = loader_plan(workers, BLOCK_SPAN * BLOCK_SPAN * patch_bytes, shm_free_bytes())
-        self.workers = workers
         self.sampler = SpecSampler()
         self.loader = DataLoader(BlockReader(input_size, resize), sampler=self.sampler, batch_size=None,
                                  num_workers=workers, prefetch_factor=prefetch if workers else None,

@@ -13,6 +13,7 @@ import logging
 import re
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -212,14 +213,8 @@ class PillowSlide(Slide):
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         pixels = self._load()
-        x, y = location
-        w, h = size
-        out = np.full((h, w, 3), 255, dtype=np.uint8)  # outside the image reads as white
-        x0, y0 = max(x, 0), max(y, 0)
-        x1, y1 = min(x + w, pixels.shape[1]), min(y + h, pixels.shape[0])
-        if x1 > x0 and y1 > y0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = pixels[y0:y1, x0:x1]
-        return out
+        return _read_within(location, size, (pixels.shape[1], pixels.shape[0]),
+                            lambda x, y, w, h: pixels[y:y + h, x:x + w])
 
     def thumbnail(self, max_size: int) -> np.ndarray:
         target = _thumbnail_size(*self._size, max_size)
@@ -383,19 +378,15 @@ class DicomSlide(Slide):
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         ds = self.level_downsamples[level]
-        x, y = int(location[0] / ds), int(location[1] / ds)
-        level_width, level_height = self.level_dimensions[level]
-        w, h = size
-        out = np.full((h, w, 3), 255, dtype=np.uint8)
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, level_width), min(y + h, level_height)
-        if x1 <= x0 or y1 <= y0:
-            return out
-        try:
-            region = self._slide.read_region((x0, y0), self._levels[level].level, (x1 - x0, y1 - y0), as_array=True)
-        except Exception as exc:
-            raise InputError(self.path, f"cannot decode region at {location}: {first_line(exc)}") from None
-        out[y0 - y: y1 - y, x0 - x: x1 - x] = _rgb_on_white(np.asarray(region))
-        return out
+
+        def read(x: int, y: int, w: int, h: int) -> np.ndarray:
+            try:
+                region = self._slide.read_region((x, y), self._levels[level].level, (w, h), as_array=True)
+            except Exception as exc:
+                raise InputError(self.path, f"cannot decode region at {location}: {first_line(exc)}") from None
+            return _rgb_on_white(np.asarray(region))
+
+        return _read_within((int(location[0] / ds), int(location[1] / ds)), size, self.level_dimensions[level], read)
 
     def thumbnail(self, max_size: int) -> np.ndarray:
         target = _thumbnail_size(*self.dimensions, max_size)
@@ -409,6 +400,19 @@ class DicomSlide(Slide):
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _read_within(location: tuple[int, int], size: tuple[int, int], bounds: tuple[int, int],
+                 read: Callable[[int, int, int, int], np.ndarray]) -> np.ndarray:
+    """A (h, w, 3) region at `location` of an image `bounds` (width, height) px large: the part
+    inside it from read(x, y, w, h), the rest white glass."""
+    x, y = location
+    w, h = size
+    out = np.full((h, w, 3), 255, dtype=np.uint8)
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, bounds[0]), min(y + h, bounds[1])
+    if x1 > x0 and y1 > y0:
+        out[y0 - y: y1 - y, x0 - x: x1 - x] = read(x0, y0, x1 - x0, y1 - y0)
+    return out
 
 
 def _rgb_on_white(pixels: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from torch import nn
 
 from mil_cli import __version__
 from mil_cli.console import warn
-from mil_cli.devices import keep_freed_memory, seed_everything, training_autocast
+from mil_cli.devices import FLOAT16_MAX, keep_freed_memory, seed_everything, training_autocast
 from mil_cli.errors import InputError
 from mil_cli.labels import LabelTable, check_cohort, check_patients, read_labels
 from mil_cli.config import DEFAULT_INSTANCE_LOSS, ModelConfig, TrainOptions
@@ -132,7 +132,6 @@ def collate(bags: list[Bag], device: torch.device, max_patches: int | None = Non
 
 
 DEVICE_SHARE = 0.5  # of a GPU's free memory that the training bags may take
-FLOAT16_MAX = 65504.0
 
 
 def device_dtype(elements: int, largest: float, free_bytes: int) -> torch.dtype | None:
