@@ -9,6 +9,8 @@ Entries:
 - `resnet50-trunc`: torchvision's ImageNet ResNet50 cut after layer3 and average-pooled
   (1024-d), the CLAM convention; weights from the torch hub cache or `--weights`.
 - `uni`: the UNI ViT-L/16 pathology model; weights from the Hugging Face cache or `--weights`.
+- `PRESETS`: pathology foundation models timm builds from their cards' facts (UNI2-h, Virchow,
+  H-optimus, GigaPath, Phikon, Hibou, Midnight, kaiko, CTransPath...).
 - `timm:<name>` and `hf-hub:<org/repo>`: any timm model, weights from the Hugging Face cache
   (downloaded when online) or a local state_dict given with `--weights`.
 """
@@ -26,10 +28,12 @@ import torch
 from torch import nn
 
 from mil_cli.errors import InputError, MilcliError, first_line
+from mil_cli.vit_weights import from_transformers, is_transformers_layout
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRECISIONS = ("bf16", "fp16", "fp32")
+MPP_TOLERANCE = 1.5  # patches this many times finer or coarser than the encoder's training data get a warning
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,15 @@ class Backbone:
     hub_files: tuple[str, tuple[str, ...]] | None = None  # (repo, candidate files) when weights come from the HF hub
     mpp: float | None = None      # µm/px of the patches it was trained on (None: natural images)
     gated: bool = False           # the hub asks each user to accept its terms before downloading
+
+    def fits_resolution(self, mpp: float) -> bool:
+        """Whether patches at `mpp` µm/px are within MPP_TOLERANCE of the scale the encoder was
+        trained at (always, for encoders of natural images; never, for an unknown mpp)."""
+        return self.mpp is None or self.mpp / MPP_TOLERANCE <= mpp <= self.mpp * MPP_TOLERANCE
+
+    def resolution_advice(self, found: str) -> str:
+        return (f"{self.name} was trained on patches at {self.mpp:g} µm/px; {found}; its features there may be "
+                f"worse: tile with --target-mpp {self.mpp:g}")
 
     def weights_present(self) -> bool:
         """Whether the default weights are on this machine (looked up, never downloaded)."""
@@ -288,18 +301,46 @@ def _timm_backbone(name: str) -> Backbone:
 
 
 class TokenPooling(nn.Module):
-    """A timm ViT's patch feature: its class token, or (where the model card says so) the
-    class token and the mean of the patch tokens side by side (register tokens left out)."""
+    """A timm encoder's patch feature: a ViT's class token, or (where the model card says so)
+    the class token and the mean of the patch tokens side by side (register tokens left out),
+    or ("pool") the network's own pooled output (a Swin's average pool)."""
 
-    def __init__(self, vit: nn.Module, pooling: str) -> None:
+    def __init__(self, encoder: nn.Module, pooling: str) -> None:
         super().__init__()
-        self.vit, self.pooling = vit, pooling
+        self.encoder, self.pooling = encoder, pooling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.forward_features(x)
+        if self.pooling == "pool":
+            return self.encoder(x)
+        tokens = self.encoder.forward_features(x)
         if self.pooling == "cls":
             return tokens[:, 0]
-        return torch.cat([tokens[:, 0], tokens[:, self.vit.num_prefix_tokens:].mean(dim=1)], dim=-1)
+        return torch.cat([tokens[:, 0], tokens[:, self.encoder.num_prefix_tokens:].mean(dim=1)], dim=-1)
+
+
+class ConvStem(nn.Module):
+    """CTransPath's patch embedding (Wang et al. 2022): two stride-2 3x3 convolutions with batch
+    norm and ReLU (3 -> dim/8 -> dim/4 channels), a 1x1 convolution to `embed_dim`, then the
+    norm; channels-last output as timm's Swin expects. Replaces Swin's 4x4 patchify."""
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 4,
+                 in_chans: int = 3, embed_dim: int = 96, norm_layer: Callable[[int], nn.Module] | None = None, **_: object) -> None:
+        super().__init__()
+        if patch_size not in (4, (4, 4)):
+            raise ValueError("ConvStem downsamples by 4")
+        height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+        self.grid_size = (height // 4, width // 4)
+        channels = embed_dim // 8
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels * 2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(channels * 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channels * 2, embed_dim, 1))
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
 @dataclass(frozen=True)
@@ -312,7 +353,7 @@ class Preset:
     arch: str
     kwargs: dict
     dim: int
-    pooling: str                  # "cls" or "cls+mean"
+    pooling: str                  # "cls", "cls+mean" or "pool" (see TokenPooling)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     mpp: float | None
@@ -323,6 +364,7 @@ class Preset:
     precision: str = "bf16"
     input_size: int = 224
     files: tuple[str, ...] = ("pytorch_model.bin", "model.safetensors")
+    layout: str = "timm"          # the hub file's key layout: "timm", or "transformers" (see vit_weights)
 
     def backbone(self) -> Backbone:
         return Backbone(name=self.name, dim=self.dim, input_size=self.input_size, mean=self.mean, std=self.std,
@@ -338,18 +380,34 @@ class Preset:
 
         from timm.layers import SwiGLUPacked
 
-        layers = {"SwiGLUPacked": SwiGLUPacked, "SiLU": nn.SiLU}  # kwargs name them, so presets stay plain data
+        layers = {"SwiGLUPacked": SwiGLUPacked, "SiLU": nn.SiLU, "ConvStem": ConvStem,  # kwargs name them, so
+                  "LayerNorm(eps=1e-12)": partial(nn.LayerNorm, eps=1e-12)}          # presets stay plain data
         kwargs = {k: layers.get(v, v) if isinstance(v, str) else v for k, v in self.kwargs.items()}
         return TokenPooling(timm.create_model(self.arch, pretrained=False, num_classes=0, **kwargs), self.pooling)
 
 
 def _build_preset(preset: Preset, weights: Path) -> nn.Module:
+    """The preset with the weights in `weights`: a transformers-layout file is renamed first, then
+    timm's own checkpoint filter for the architecture adapts it (the DINOv2 layout, register
+    tokens, a position-embedding grid trained at another size) as `pretrained=True` would."""
+    import importlib
+
     model = preset.architecture()
-    load_into(model.vit, load_weight_file(weights), weights, ignored_prefixes=("head.", "fc."))
+    state = load_weight_file(weights)
+    if preset.layout == "transformers" and is_transformers_layout(state):
+        state = from_transformers(state)
+    timm_filter = getattr(importlib.import_module(type(model.encoder).__module__), "checkpoint_filter_fn", None)
+    if timm_filter is not None:
+        try:
+            state = timm_filter(state, model.encoder)
+        except (KeyError, RuntimeError, ValueError) as exc:  # a file for another architecture
+            raise InputError(weights, f"does not fit --backbone {preset.name} ({first_line(exc)})") from None
+    load_into(model.encoder, state, weights, ignored_prefixes=("head.", "fc."))
     return model
 
 
 SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
+HIBOU_MEAN, HIBOU_STD = (0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816)
 HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
 PRESETS = [
     Preset("uni2-h", "MahmoodLab/UNI2-h", "vit_giant_patch14_224",
@@ -398,6 +456,45 @@ PRESETS = [
            dim=1024, pooling="cls", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=None, licence="Apache-2.0",
            gated=False, card="https://huggingface.co/timm/vit_large_patch14_dinov2.lvd142m",
            description="DINOv2 ViT-L/14 (natural images, LVD-142M)", files=("model.safetensors",)),
+    Preset("phikon", "owkin/phikon", "vit_base_patch16_224",
+           {"img_size": 224, "norm_layer": "LayerNorm(eps=1e-12)"},  # transformers ViTModel's epsilon
+           dim=768, pooling="cls", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.5,
+           licence="Owkin non-commercial (see its card)", gated=False, card="https://huggingface.co/owkin/phikon",
+           description="Phikon ViT-B/16 (iBOT), 40M TCGA tiles at 20x", precision="fp16", layout="transformers"),
+    Preset("phikon-v2", "owkin/phikon-v2", "vit_large_patch16_224", {"img_size": 224, "init_values": 1e-5},
+           dim=1024, pooling="cls", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.5,
+           licence="Owkin non-commercial (see its card)", gated=False, card="https://huggingface.co/owkin/phikon-v2",
+           description="Phikon-v2 ViT-L/16 (DINOv2), 460M tiles at 20x", files=("model.safetensors",),
+           layout="transformers"),
+    Preset("hibou-b", "histai/hibou-b", "vit_base_patch14_reg4_dinov2",
+           {"img_size": 224, "mlp_ratio": 4096 / 768, **SWIGLU},  # DINOv2's SwiGLU: 2 x 2048 hidden
+           dim=768, pooling="cls", mean=HIBOU_MEAN, std=HIBOU_STD, mpp=0.5, licence="Apache-2.0", gated=False,
+           card="https://huggingface.co/histai/hibou-b", files=("model.safetensors",), layout="transformers",
+           description="Hibou-B ViT-B/14, 4 registers (DINOv2), 1.1M slides, H&E and other stains"),
+    Preset("hibou-l", "histai/hibou-L", "vit_large_patch14_reg4_dinov2",
+           {"img_size": 224, "mlp_ratio": 5472 / 1024, **SWIGLU},  # DINOv2's SwiGLU: 2 x 2736 hidden
+           dim=1024, pooling="cls", mean=HIBOU_MEAN, std=HIBOU_STD, mpp=0.5, licence="Apache-2.0", gated=False,
+           card="https://huggingface.co/histai/hibou-L", files=("model.safetensors",), layout="transformers",
+           description="Hibou-L ViT-L/14, 4 registers (DINOv2), 1.1M slides, H&E and other stains"),
+    Preset("midnight", "kaiko-ai/midnight", "vit_giant_patch14_dinov2", {"img_size": 224},
+           dim=3072, pooling="cls+mean", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), mpp=None, licence="MIT",
+           gated=False, card="https://huggingface.co/kaiko-ai/midnight", files=("model.safetensors",),
+           layout="transformers", description="Midnight-12k ViT-g/14 (kaiko.ai), 12k TCGA slides at 0.25-2 µm/px; "
+                                              "class token + mean patch token, as its card embeds for classification"),
+    *[Preset(f"kaiko-{short}", f"1aurent/{arch}.kaiko_ai_towards_large_pathology_fms", arch, {"img_size": 224},
+             dim=dim, pooling="cls", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), mpp=None, licence="see its card",
+             gated=False, card=f"https://huggingface.co/1aurent/{arch}.kaiko_ai_towards_large_pathology_fms",
+             description=f"kaiko.ai {short.upper()} (Aben et al. 2024), TCGA at 5-40x", files=("model.safetensors",),
+             precision="fp16")
+      for short, arch, dim in (("vits16", "vit_small_patch16_224", 384), ("vits8", "vit_small_patch8_224", 384),
+                               ("vitb16", "vit_base_patch16_224", 768), ("vitb8", "vit_base_patch8_224", 768),
+                               ("vitl14", "vit_large_patch14_reg4_dinov2", 1024))],  # L14: 518-px grid resampled
+    Preset("ctranspath", "1aurent/swin_tiny_patch4_window7_224.CTransPath", "swin_tiny_patch4_window7_224",
+           {"embed_layer": "ConvStem"}, dim=768, pooling="pool", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=1.0,
+           licence="GPL-3.0 (TransPath)", gated=False,
+           card="https://huggingface.co/1aurent/swin_tiny_patch4_window7_224.CTransPath", files=("model.safetensors",),
+           description="CTransPath Swin-T with a convolutional stem (Wang et al. 2022), TCGA and PAIP; "
+                       "also reads the original ctranspath.pth", precision="fp16"),
 ]
 
 UNI_FILES = ("MahmoodLab/UNI", ("pytorch_model.bin",))

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mil_cli import __version__
-from mil_cli.console import console, error, set_quiet
+from mil_cli.console import console, error, set_quiet, warn
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.config import ModelConfig, QCThresholds, TrainOptions, read_options_file
 from mil_cli.reports import StageReport
@@ -246,17 +246,22 @@ def tile(
     thumbnail_size: Annotated[int, typer.Option(help="Longer side of the stored thumbnail / mask in px.")] = 1024,
     workers: TileWorkers = None,
     previews: Annotated[bool, typer.Option("--previews", help="Write <out>_previews/<slide>.png: thumbnail, tissue outline, patch grid, pen ink left out.")] = False,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", help="The encoder these tiles are for: a warning now when --target-mpp is far from the scale it was trained at (embed checks again).")] = None,
     overwrite: Overwrite = False,
     config: ConfigFile = None,
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
     """Find tissue and lay a patch grid on each slide; write the tile store."""
+    from mil_cli.backbones import get_backbone
     from mil_cli.tiling import TilingOptions, default_tiling_workers, tile_slides
 
     options = TilingOptions(patch_size=patch_size, stride=stride, target_mpp=_target_mpp(target_mpp, magnification),
                             mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen, thumbnail_size=thumbnail_size,
                             qc=QCThresholds(min_sharpness, max_background, max_dark) if qc else None)
+    encoder = get_backbone(backbone) if backbone else None
+    if encoder and not encoder.fits_resolution(options.target_mpp):
+        warn(encoder.resolution_advice(f"--target-mpp is {options.target_mpp:g}"))
     preview_dir = out.with_name(f"{out.stem}_previews") if previews else None
     report = tile_slides(inputs, out, options, overwrite=overwrite, workers=default_tiling_workers() if workers is None else workers,
                          previews=preview_dir)

@@ -382,20 +382,13 @@ def pending_jobs(tiles: stores.FeatureSource, finished: set[str], report: StageR
     return jobs
 
 
-MPP_TOLERANCE = 1.5  # patches this many times finer or coarser than the encoder's training data get a warning
-
-
 def warn_on_resolution(backbone: Backbone, jobs: list[SlideJob]) -> None:
     """Pathology encoders see tissue at one scale; patches at another give silently worse features."""
-    if backbone.mpp is None:
-        return
-    off = [job for job in jobs if not (backbone.mpp / MPP_TOLERANCE <= float(job.attrs.get("target_mpp", float("nan")))
-                                       <= backbone.mpp * MPP_TOLERANCE)]
+    off = [job for job in jobs if not backbone.fits_resolution(float(job.attrs.get("target_mpp", float("nan"))))]
     if off:
         found = sorted({f"{float(job.attrs.get('target_mpp', float('nan'))):g}" for job in off})
-        warn(f"{backbone.name} was trained on patches at {backbone.mpp:g} µm/px; {len(off)} slide(s) were tiled at "
-             f"{', '.join(found)} µm/px (nan: no mpp in the file); its features there may be worse: tile again with "
-             f"--target-mpp {backbone.mpp:g}")
+        warn(backbone.resolution_advice(f"{len(off)} slide(s) were tiled at {', '.join(found)} µm/px "
+                                        f"(nan: no mpp in the file)"))
 
 
 def feature_store_attrs(backbone: Backbone, options: EmbedOptions) -> dict:

@@ -25,6 +25,7 @@ from mil_cli.stores import FeatureSource
 from mil_cli.tasks import make_task
 from mil_cli.tiling import TilingOptions, default_tiling_workers, tile_slides
 from mil_cli.config import TrainOptions
+from mil_cli.console import warn
 from mil_cli.training import save_checkpoint, train
 
 
@@ -45,7 +46,7 @@ class RunOptions:
 def check_run(inputs: list[Path], labels_path: Path, options: RunOptions, backbone: Backbone) -> None:
     """Everything that can be checked before hours of tiling and embedding: the slides exist,
     the labels file reads for the task and names enough of them to train (classes, events, a
-    spread of values), and the backbone's weights are at hand."""
+    spread of values), and the backbone's weights are at hand (and its scale, warned about)."""
     paths = find_slides(inputs)
     if not paths:
         raise InputError(", ".join(map(str, inputs)), no_slides_found())
@@ -57,6 +58,8 @@ def check_run(inputs: list[Path], labels_path: Path, options: RunOptions, backbo
     if options.folds:  # cross-validation folds the val slides back in, and needs `folds` of each class
         check_cohort(labels, labels_path, task, ids, "the slides given", frozenset({"test"}), options.folds)
     backbone.check(options.embedding.weights)
+    if not backbone.fits_resolution(options.tiling.target_mpp):
+        warn(backbone.resolution_advice(f"--target-mpp is {options.tiling.target_mpp:g}"))
 
 
 IN_SAMPLE_TITLE = "the final model on the labelled slides (mostly its own training slides: optimistic; --folds is honest)"

@@ -164,7 +164,7 @@ def lunit_weights(tmp_path_factory: pytest.TempPathFactory):
     path = tmp_path_factory.mktemp("weights") / "lunit.safetensors"
     from safetensors.torch import save_file
 
-    save_file(preset.architecture().vit.state_dict(), str(path))
+    save_file(preset.architecture().encoder.state_dict(), str(path))
     return path
 
 
@@ -202,3 +202,107 @@ def test_a_gated_preset_without_weights_says_what_to_do_and_downloads_nothing(em
     assert result.exit_code == 2 and "paige-ai/Virchow2" in message
     assert "request access at https://huggingface.co/paige-ai/Virchow2" in message and "--download" in message
     assert not (tmp_path / "hub").exists() and not (tmp_path / "f.h5").exists()
+
+
+def transformers_4_layout(state: dict[str, torch.Tensor], vit: bool) -> dict[str, torch.Tensor]:
+    """A transformers-5 state_dict in the layout transformers 4 saved on the hub (the files users
+    have): split q/k/v under attention.attention, ViT's intermediate/output dense layers, DINOv2's
+    packed SwiGLU weights_in (gate first) and weights_out."""
+    import re
+
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"^layers\.", "encoder.layer.", key)
+        key = re.sub(r"attention\.([qkv])_proj", lambda m: "attention.attention." + dict(q="query", k="key", v="value")[m[1]],
+                     key).replace("attention.o_proj", "attention.output.dense").replace("mlp.down_proj", "mlp.weights_out")
+        if "mlp.up_proj" in key:
+            continue
+        if "mlp.gate_proj" in key:
+            key, value = key.replace("gate_proj", "weights_in"), torch.cat([value, state[key.replace("gate", "up")]])
+        if vit:
+            key = key.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
+        out[key] = value
+    return out
+
+
+def small_transformers_models():
+    """Small random models of each transformers family a preset reads, with the timm
+    architecture and kwargs that mirror them (as the presets' do at full size)."""
+    transformers = pytest.importorskip("transformers")
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                       intermediate_size=256, image_size=32, patch_size=16),
+                                add_pooling_layer=False)
+    swiglu = transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                                image_size=28, patch_size=14, use_swiglu_ffn=True))
+    registers = transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14, num_register_tokens=4,
+        use_swiglu_ffn=True))
+    dinov2 = transformers.Dinov2Model(transformers.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                                image_size=32, patch_size=16))
+    small = {"embed_dim": 64, "depth": 2, "num_heads": 4}
+    swiglu_mlp = {"mlp_ratio": 2 * 176 / 64, "mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}  # (int(256*2/3)+7)//8*8
+    return [  # (name, model, timm arch, kwargs, pooling, input size): phikon, midnight, hibou, phikon-v2 in small
+        ("vit", vit, "vit_base_patch16_224", {**small, "norm_layer": "LayerNorm(eps=1e-12)"}, "cls", 32),
+        ("dinov2-swiglu", swiglu, "vit_giant_patch14_dinov2", {**small, **swiglu_mlp}, "cls+mean", 28),
+        ("dinov2-registers", registers, "vit_base_patch14_reg4_dinov2", {**small, **swiglu_mlp}, "cls", 28),
+        ("dinov2", dinov2, "vit_large_patch16_224", {**small, "init_values": 1e-5}, "cls", 32),
+    ]
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2-swiglu", "dinov2-registers", "dinov2"])
+@pytest.mark.parametrize("version", [4, 5])
+def test_transformers_layout_weights_give_transformers_features(family: str, version: int, tmp_path) -> None:
+    """Phikon, Phikon-v2, Hibou and Midnight publish transformers-layout weights; renamed into
+    timm's, the preset's feature must equal what transformers itself computes from the same file
+    (class token of the last hidden state, or with the mean patch token beside it)."""
+    from safetensors.torch import save_file
+
+    from mil_cli.backbones import IMAGENET_MEAN, IMAGENET_STD, Preset
+
+    name, model, arch, kwargs, pooling, size = next(m for m in small_transformers_models() if m[0] == family)
+    torch.manual_seed(0)
+    for parameter in model.parameters():
+        parameter.data.normal_(0, 0.2)
+    model.eval()
+    state = model.state_dict()
+    if version == 4:  # the layout really on the hub: transformers must read it back to the same model
+        state = transformers_4_layout(state, vit=family == "vit")
+        model.config.save_pretrained(tmp_path)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+        model = type(model).from_pretrained(tmp_path).eval()
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        tokens = model(pixel_values=x).last_hidden_state
+    patches = tokens[:, 1 + getattr(model.config, "num_register_tokens", 0):]
+    expected = tokens[:, 0] if pooling == "cls" else torch.cat([tokens[:, 0], patches.mean(dim=1)], dim=-1)
+    preset = Preset("small", "org/small", arch, {"img_size": size, **kwargs}, dim=expected.shape[1], pooling=pooling,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=None, licence="", gated=False, card="", description="",
+                    layout="transformers")
+    encoder = preset.backbone().create(path)
+    with torch.no_grad():
+        features = encoder(x)
+    assert expected.std() > 0.05
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ctranspath_loads_the_original_checkpoint_layout(tmp_path) -> None:
+    """CTransPath's original ctranspath.pth (a "model" wrapper, each stage's downsampling at the
+    end of the stage before timm's) gives the network whose timm-layout weights it holds (the
+    hub port's layout)."""
+    import re
+
+    from mil_cli.backbones import PRESETS
+
+    preset = next(p for p in PRESETS if p.name == "ctranspath")
+    torch.manual_seed(0)
+    reference = preset.architecture().eval()
+    original = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m[1]) - 1}.downsample", k): v
+                for k, v in reference.encoder.state_dict().items()}
+    torch.save({"model": original}, tmp_path / "ctranspath.pth")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        features = get_backbone("ctranspath").create(tmp_path / "ctranspath.pth")(x)
+        assert features.shape == (1, 768)
+        torch.testing.assert_close(features, reference(x))

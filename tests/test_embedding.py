@@ -144,6 +144,18 @@ def test_patches_at_another_resolution_than_the_encoders_get_a_warning(capsys, m
     assert capsys.readouterr().err == ""
 
 
+def test_tile_warns_before_tiling_when_the_encoder_was_trained_at_another_scale(tmp_path) -> None:
+    from conftest import SAMPLE, invoke
+
+    slide = SAMPLE / "slides" / "slide_00.tif"
+    result = invoke("tile", slide, "--backbone", "uni", "--target-mpp", "1.0", "--out", tmp_path / "t.h5")
+    assert result.exit_code == 0, result.stderr
+    message = " ".join(result.stderr.split())
+    assert "uni was trained on patches at 0.5 µm/px; --target-mpp is 1" in message and "--target-mpp 0.5" in message
+    result = invoke("tile", slide, "--backbone", "uni", "--target-mpp", "0.5", "--out", tmp_path / "u.h5")
+    assert result.exit_code == 0 and "trained on patches" not in result.stderr
+
+
 def test_a_slide_that_breaks_under_decode_workers_is_named_and_the_rest_embedded(sample_subset: Path) -> None:
     """The slide file is truncated after tiling; with --workers 2 its failure happens inside a
     DataLoader worker, where an exception used to end the run as a RuntimeError traceback."""
