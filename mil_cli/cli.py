@@ -21,7 +21,7 @@ from rich.table import Table
 from mil_cli import __version__
 from mil_cli.console import console, error, set_quiet, warn
 from mil_cli.errors import InputError, MilcliError
-from mil_cli.config import ModelConfig, QCThresholds, TrainOptions, read_options_file
+from mil_cli.config import VIEWER_BUDGET_MB, ModelConfig, QCThresholds, TrainOptions, read_options_file
 from mil_cli.reports import StageReport
 
 EXIT_PARTIAL = 1
@@ -516,6 +516,8 @@ def explain(
     smooth: Annotated[float, typer.Option(min=0.0, help="Gaussian smoothing of the maps, sigma in patches (0: none).")] = 0.0,
     width: Annotated[Optional[int], typer.Option(min=64, help="Width of the map PNGs in px.", show_default="thumbnail width")] = None,
     prototypes: Annotated[bool, typer.Option("--prototypes", help="Also prototypes.png/.csv: the closest highly attended patches of each class in the training slides.")] = False,
+    viewer: Annotated[bool, typer.Option("--viewer/--no-viewer", help="Also viewer.html: the slide zoomable (offline, OpenSeadragon) down to the tiling resolution with the heatmap and evidence maps as overlays, the regions outlined, and a patch's values on click. Reads the slide file again.")] = True,
+    viewer_mb: Annotated[float, typer.Option(min=1.0, help="The viewer's size budget per slide, in MB: 256-px JPEG tiles (about 20 kB each) only where there is tissue. 100 MB hold about 60 mm² of tissue at 0.5 µm/px (240 mm² at 1 µm/px); a slide with more tissue is shown down to half (a quarter...) of the tiling resolution instead.")] = VIEWER_BUDGET_MB,
     labels: Annotated[Optional[Path], typer.Option(help="Labels CSV whose patient_id column makes the bags of a patient-level model (each slide is then explained within its patient's bag).")] = None,
     device: Device = "auto",
     config: ConfigFile = None,
@@ -537,8 +539,8 @@ def explain(
     source = FeatureSource(require_file(features, "--features"))
     ids = source.slide_ids if all_slides else list(slide_ids or [])
     options = ExplainOptions(top_k=k, map=shown_map, probability=probability, threshold=threshold, top_pct=top_pct,
-                             scale=scale, smooth=smooth, width=width,
-                             prototypes=prototypes)
+                             scale=scale, smooth=smooth, width=width, prototypes=prototypes, viewer=viewer,
+                             viewer_mb=viewer_mb)
     table = read_labels(require_file(labels, "--labels"), models[0].task, targets_required=False) if labels else None
     report = explain_slides(models, source, ids, out, options, torch_device, table)
     finish("explain", report, as_json, {"out": str(out)})

@@ -28,6 +28,7 @@ def read_options_file(path: Path) -> dict[str, Any]:
 
 
 TASK_NAMES = ("classification", "regression", "survival")  # tasks.TASKS, named here for the CLI without torch
+VIEWER_BUDGET_MB = 100.0    # explain's viewer tiles per slide (viewer.py; the CLI shows it without importing it)
 DEFAULT_INSTANCE_LOSS = 0.5  # abmil heads' patch-classifier share, unless inner cross-validation prefers 0
 
 

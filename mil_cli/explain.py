@@ -22,6 +22,7 @@ from shapely.geometry.polygon import orient
 from shapely.validation import make_valid
 from skimage import measure
 
+from mil_cli.config import VIEWER_BUDGET_MB
 from mil_cli.console import warn
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.inference import LoadedModel, bag_features, bag_slides, check_compatible, predict_bag
@@ -30,6 +31,7 @@ from mil_cli.prototypes import PrototypeBank, build_bank, write_prototypes
 from mil_cli.reports import StageReport
 from mil_cli.slides import open_slide, safe_file_stem
 from mil_cli.stores import FeatureSource, SlideData, SlideImages
+from mil_cli.viewer import Overlay, PatchTable, write_viewer
 
 COLOUR_MAP = "inferno"          # perceptually uniform, dark = low, bright = high
 REGION_COLOUR = [230, 60, 30]   # QuPath's colour for the regions
@@ -55,6 +57,8 @@ class ExplainOptions:
     scale: str = "rank"       # heatmap values: percentile ranks, or raw attention weights
     smooth: float = 0.0       # Gaussian smoothing of the maps, sigma in patches (0: none)
     width: int | None = None  # heatmap / evidence PNG width in px (None: the thumbnail's)
+    viewer: bool = True       # viewer.html: the slide zoomable with the maps over it (viewer.py)
+    viewer_mb: float = VIEWER_BUDGET_MB  # its tiles' size budget per slide
 
     def __post_init__(self) -> None:
         if self.scale not in ("rank", "raw"):
@@ -63,6 +67,8 @@ class ExplainOptions:
             raise MilcliError(f"--map {self.map}: expected instance or attention")
         if not 0 < self.probability < 1:
             raise MilcliError("--probability must be between 0 and 1")
+        if self.viewer_mb <= 0:
+            raise MilcliError("--viewer-mb must be positive")
         if self.smooth < 0 or (self.width is not None and self.width < 64):
             raise MilcliError("--smooth must be >= 0 and --width at least 64 px")
         if not 0 < self.threshold < 1 or (self.top_pct is not None and not 0 < self.top_pct <= 100):
@@ -433,10 +439,19 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
     write_boxes_csv(folder / "boxes.csv", polygons, data.coords, step, size, attention)
 
     if images is not None:
-        draw_slide_maps(folder, images, data, size, step, shown, contributions, classes,
-                        models[0].module.additive, title, options, polygons)
+        overlays = draw_slide_maps(folder, images, data, size, step, shown, contributions, classes,
+                                   models[0].module.additive, title, options, polygons)
+        if options.viewer:
+            prefix = "contribution" if models[0].module.additive else "score"
+            columns = {f"{prefix} to '{c}'": contributions[:, i] for i, c in enumerate(classes)}
+            columns |= {f"P({c}) of the patch": instance[:, i] for i, c in enumerate(classes)}
+            try:
+                write_slide_viewer(folder, data, images, overlays, polygons,
+                                   PatchTable(data.coords, size, attention, ranks, columns), title, options)
+            except InputError as exc:
+                warn(f"{slide_id}: viewer.html not written ({exc})")
     else:
-        warn(f"{slide_id}: the store has no thumbnail; heatmap.png and evidence maps not drawn")
+        warn(f"{slide_id}: the store has no thumbnail; heatmap.png, evidence maps and viewer.html not drawn")
 
     try:
         draw_top_patches(folder / "top_patches.png", data, attention, ranks, options.top_k)
@@ -445,6 +460,17 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
     if bank is not None:
         write_prototypes(folder, data, attention, bank)
     return folder
+
+
+def write_slide_viewer(folder: Path, data: SlideData, images: SlideImages, overlays: list[Overlay], regions: list,
+                       patches: PatchTable, title: str, options: ExplainOptions) -> None:
+    """viewer.html over the slide file the tile store names (it must still be there)."""
+    if "source_path" not in data.attrs:
+        raise InputError(data.slide_id, "the store does not name the slide file")
+    tiling_scale = float(data.attrs.get("patch_size", 224)) / patch_size_level0(data)
+    with open_slide(Path(str(data.attrs["source_path"]))) as slide:
+        write_viewer(folder, slide, slide.dimensions, tiling_scale, images, overlays, regions, patches, title,
+                     options.viewer_mb)
 
 
 @dataclass(frozen=True)
@@ -484,23 +510,28 @@ def shown_map(options: ExplainOptions, attention: np.ndarray, ranks: np.ndarray,
 
 def draw_slide_maps(folder: Path, images: SlideImages, data: SlideData, size: int, step: int, shown: ShownMap,
                     patch_scores: np.ndarray, classes: list[str], additive: bool, title: str,
-                    options: ExplainOptions, regions: list) -> None:
+                    options: ExplainOptions, regions: list) -> list[Overlay]:
     """heatmap.png (with the regions outlined) and heatmap.npy (the float map drawn, NaN off
     tissue), then one evidence_<class>.png per class: signed per-patch evidence on a diverging
-    colour map."""
+    colour map. Returns the maps drawn, for the viewer."""
     sigma = options.smooth * step / images.downsample
     grid = smooth_map(paint(images, data.coords, size, shown.values), sigma)
     np.save(folder / "heatmap.npy", grid.astype(np.float32))
     limits = shown.limits or (0.0, max(float(np.nanmax(grid)), 1e-12))
     draw_map(folder / "heatmap.png", images, grid, title, options.alpha, options.width, COLOUR_MAP, limits,
              shown.label, regions)
+    overlays = [Overlay("heatmap", f"heatmap: {shown.label}", grid, COLOUR_MAP, limits, True)]
     kind = "contribution to the logit" if additive else "patch score"
     for c, name in enumerate(classes):
         evidence = smooth_map(paint(images, data.coords, size, patch_scores[:, c]), sigma)
         bound = float(np.nanmax(np.abs(evidence))) or 1.0
-        draw_map(folder / f"evidence_{safe_file_stem(name)}.png", images, evidence,
+        stem = safe_file_stem(name)
+        draw_map(folder / f"evidence_{stem}.png", images, evidence,
                  f"{data.slide_id} | evidence for '{name}' (red for, blue against)", options.alpha, options.width,
                  EVIDENCE_COLOUR_MAP, (-bound, bound), kind)
+        overlays.append(Overlay(f"evidence_{stem}", f"evidence for '{name}' ({kind}; red for, blue against)",
+                                evidence, EVIDENCE_COLOUR_MAP, (-bound, bound), False))
+    return overlays
 
 
 def explain_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: list[str], out: Path,

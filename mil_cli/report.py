@@ -3,7 +3,8 @@
 The page links the run's own images by relative path (they sit beside it), so it stays small
 and opens from a copied folder: metrics, the task's figure (ROC, predicted-vs-true scatter,
 Kaplan-Meier curves) for the final model and for cross-validation when it ran, the
-predictions table, and per slide its prediction, heatmap, evidence maps and top patches.
+predictions table, and per slide its prediction, its zoomable viewer (explain's viewer.html, in
+a frame), heatmap, evidence maps and top patches.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ section { border-top: 2px solid #ddd; margin-top: 2em; padding-top: 1em; }
 .maps figure { margin: 0; max-width: 48%; }
 .maps img, img.wide { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.8em; color: #555; }
+iframe.viewer { width: 100%; height: 560px; border: 1px solid #ccc; }
 """
 
 
@@ -88,7 +90,13 @@ def _slide_section(run_dir: Path, slide_id: str, heading: str) -> str:
                    f'loading="lazy">' for image, alt in ((folder / "top_patches.png", "top and bottom patches"),
                                                          (folder / "prototypes.png", "prototypes"))
                    if image.exists())
-    return (f'<section id="{escape(slide_id)}"><h3>{escape(heading)}</h3><div class="maps">{"".join(maps)}</div>'
+    viewer = ""
+    if (folder / "viewer.html").exists():
+        src = quote((folder / "viewer.html").relative_to(run_dir).as_posix())
+        viewer = (f'<p><a href="{src}">open the zoomable viewer</a> (slide, maps as overlays, regions, '
+                  f'a click on a patch shows its values)</p><iframe class="viewer" src="{src}" loading="lazy" '
+                  f'title="{escape(slide_id)} viewer"></iframe>')
+    return (f'<section id="{escape(slide_id)}"><h3>{escape(heading)}</h3>{viewer}<div class="maps">{"".join(maps)}</div>'
             f"{wide}<p>{links}</p></section>")
 
 

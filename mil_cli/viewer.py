@@ -1,0 +1,216 @@
+"""A zoomable viewer per explained slide (explain/<slide>/viewer.html), fully offline.
+
+The slide's own pixels as a Deep Zoom pyramid (JPEG tiles, only where the thumbnail's tissue
+mask has tissue, down from the tiling resolution or as much of it as the size budget allows),
+the heatmap and evidence maps as RGBA overlays, the regions' outlines, and the per-patch values
+a click shows. OpenSeadragon (vendored from npm, BSD-3-Clause: viewer_assets/) draws it.
+Everything the page reads is inline or an <img>, so it opens from file:// in a copied folder
+(browsers refuse fetch/XHR there)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image
+
+from mil_cli.config import VIEWER_BUDGET_MB
+from mil_cli.slides import Slide
+from mil_cli.stores import SlideImages
+
+ASSETS = Path(__file__).parent / "viewer_assets"
+ASSETS_DIR = "_viewer"            # beside the slides' folders in explain's output
+TILE = 256                        # Deep Zoom tile side (no overlap)
+JPEG_QUALITY = 80
+TILE_BYTES = 20_000               # a JPEG tile of H&E at quality 80, for the budget (sample_data: 12-20 kB)
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """A map drawn over the slide: `grid` (thumbnail cells, NaN transparent) in `colour_map`."""
+    name: str
+    label: str
+    grid: np.ndarray
+    colour_map: str
+    limits: tuple[float, float]
+    visible: bool
+
+
+@dataclass(frozen=True)
+class Pyramid:
+    """The Deep Zoom pyramid: its full-resolution size, `scale` pyramid px per level-0 px."""
+    width: int
+    height: int
+    scale: float
+
+    @property
+    def max_level(self) -> int:
+        return max(0, math.ceil(math.log2(max(self.width, self.height))))
+
+    def level_size(self, level: int) -> tuple[int, int]:
+        factor = 2 ** (self.max_level - level)
+        return math.ceil(self.width / factor), math.ceil(self.height / factor)
+
+
+def plan_pyramid(width0: int, height0: int, tiling_scale: float, images: SlideImages, budget_mb: float) -> Pyramid:
+    """The finest pyramid, at most the tiling resolution (`tiling_scale` px per level-0 px),
+    whose tissue tiles fit `budget_mb` by TILE_BYTES each; each halving of the resolution
+    quarters the tiles."""
+    scale = tiling_scale
+    tissue_share = max(float(images.tissue_mask.mean()), 1e-3)
+    while True:
+        pyramid = Pyramid(max(1, round(width0 * scale)), max(1, round(height0 * scale)), scale)
+        tiles = math.ceil(pyramid.width / TILE) * math.ceil(pyramid.height / TILE) * tissue_share * 4 / 3
+        if tiles * TILE_BYTES <= budget_mb * 1e6 or max(pyramid.width, pyramid.height) <= TILE:
+            return pyramid
+        scale /= 2
+
+
+def write_tiles(slide: Slide, pyramid: Pyramid, images: SlideImages, folder: Path) -> list[str]:
+    """Every level's JPEG tiles that touch tissue into folder/<level>/<col>_<row>.jpg; returns
+    their "level/col_row" names."""
+    written = []
+    mask = images.tissue_mask
+    for level in range(pyramid.max_level, -1, -1):
+        width, height = pyramid.level_size(level)
+        to_level0 = 2 ** (pyramid.max_level - level) / pyramid.scale  # level-0 px per px of this level
+        (folder / str(level)).mkdir(parents=True, exist_ok=True)
+        for row in range(math.ceil(height / TILE)):
+            for col in range(math.ceil(width / TILE)):
+                w, h = min(TILE, width - col * TILE), min(TILE, height - row * TILE)
+                x0, y0 = col * TILE * to_level0, row * TILE * to_level0
+                r0, c0 = int(y0 / images.downsample), int(x0 / images.downsample)
+                r1 = max(r0 + 1, math.ceil((y0 + h * to_level0) / images.downsample))
+                c1 = max(c0 + 1, math.ceil((x0 + w * to_level0) / images.downsample))
+                if not mask[r0:r1, c0:c1].any():
+                    continue
+                pixels = read_area(slide, x0, y0, w * to_level0, h * to_level0, (w, h))
+                Image.fromarray(pixels).save(folder / str(level) / f"{col}_{row}.jpg", quality=JPEG_QUALITY)
+                written.append(f"{level}/{col}_{row}")
+    return written
+
+
+def read_area(slide: Slide, x0: float, y0: float, width0: float, height0: float, size: tuple[int, int]) -> np.ndarray:
+    """The level-0 rectangle resized to `size`, read from the pyramid level nearest above it."""
+    level = slide.best_level(width0 / size[0])
+    ds = slide.level_downsamples[level]
+    region = slide.read_region((int(x0), int(y0)), level, (max(1, math.ceil(width0 / ds)),
+                                                           max(1, math.ceil(height0 / ds))))
+    if region.shape[1::-1] != size:
+        region = np.asarray(Image.fromarray(region).resize(size, Image.BILINEAR))
+    return region
+
+
+def overlay_png(overlay: Overlay, path: Path) -> None:
+    """The map in its colours, transparent where NaN, one pixel per thumbnail cell."""
+    low, high = overlay.limits
+    values = np.clip((overlay.grid - low) / ((high - low) or 1.0), 0, 1)
+    rgba = colormaps[overlay.colour_map](np.nan_to_num(values))
+    rgba[..., 3] = np.isfinite(overlay.grid)
+    Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(path, compress_level=1)
+
+
+def legend_gradient(overlay: Overlay) -> str:
+    colour_map = colormaps[overlay.colour_map]
+    stops = ", ".join("#%02x%02x%02x" % tuple(int(255 * c) for c in colour_map(v)[:3]) for v in np.linspace(0, 1, 9))
+    return f"linear-gradient(to right, {stops})"
+
+
+def copy_assets(out: Path) -> Path:
+    """OpenSeadragon, its licence, button images and viewer.js into out/_viewer (once)."""
+    target = out / ASSETS_DIR
+    if not (target / "viewer.js").exists() or (target / "viewer.js").read_bytes() != (ASSETS / "viewer.js").read_bytes():
+        shutil.copytree(ASSETS, target, dirs_exist_ok=True)
+    return target
+
+
+@dataclass(frozen=True)
+class PatchTable:
+    """What a click on a patch shows: level-0 top-left corners, their side, attention, its
+    percentile rank and further named columns (contributions, class probabilities)."""
+    coords: np.ndarray
+    size: int
+    attention: np.ndarray
+    rank: np.ndarray
+    columns: dict[str, np.ndarray]
+
+    def to_json(self) -> dict:
+        return {"x": self.coords[:, 0].tolist(), "y": self.coords[:, 1].tolist(), "size": self.size,
+                "attention": _floats(self.attention), "rank": _floats(self.rank),
+                "columns": {name: _floats(values) for name, values in self.columns.items()}}
+
+
+def _floats(values: np.ndarray) -> list[float]:
+    return [float(f"{v:.5g}") for v in np.asarray(values, dtype=float)]
+
+
+def write_viewer(folder: Path, slide: Slide, dimensions: tuple[int, int], tiling_scale: float, images: SlideImages,
+                 overlays: list[Overlay], regions: list, patches: PatchTable, title: str,
+                 budget_mb: float = VIEWER_BUDGET_MB) -> Pyramid:
+    """folder/viewer.html with its tiles and overlay images under folder/viewer/; the shared
+    assets in folder/../_viewer. Returns the pyramid written."""
+    copy_assets(folder.parent)
+    files = folder / "viewer"
+    if files.exists():
+        shutil.rmtree(files)  # a rerun's pyramid may have other levels
+    width0, height0 = dimensions
+    pyramid = plan_pyramid(width0, height0, tiling_scale, images, budget_mb)
+    tiles = write_tiles(slide, pyramid, images, files / "tiles")
+    thumb_width = images.tissue_mask.shape[1] * images.downsample
+    for overlay in overlays:
+        overlay_png(overlay, files / f"{overlay.name}.png")
+    data = {
+        "title": title, "folder": "viewer/", "assets": f"../{ASSETS_DIR}/", "width0": width0, "height0": height0,
+        "pyramid": {"width": pyramid.width, "height": pyramid.height, "tileSize": TILE, "maxLevel": pyramid.max_level,
+                    "mppScale": pyramid.scale},
+        "tiles": tiles, "regions": regions, "patches": patches.to_json(),
+        "overlays": [{"name": o.name, "file": f"{o.name}.png", "width0": thumb_width, "visible": o.visible}
+                     for o in overlays],
+    }
+    (folder / "viewer.html").write_text(_page(data, overlays, pyramid, tiling_scale), encoding="utf-8")
+    return pyramid
+
+
+STYLE = """
+body { margin: 0; font-family: system-ui, sans-serif; font-size: 13px; display: flex; height: 100vh; }
+#osd { flex: 1; background: #fff; }
+#side { width: 300px; padding: 8px 12px; overflow-y: auto; border-left: 1px solid #ddd; }
+.legend { height: 10px; margin: 2px 0 0 22px; }
+.limits { display: flex; justify-content: space-between; margin-left: 22px; color: #555; font-size: 11px; }
+.region { fill: none; stroke: #00e5ff; stroke-width: 2px; vector-effect: non-scaling-stroke; }
+#selected-patch { outline: 2px solid #39ff14; }
+#patch-info div { margin: 2px 0; }
+h1 { font-size: 14px; margin: 4px 0 8px; }
+"""
+
+
+def _page(data: dict, overlays: list[Overlay], pyramid: Pyramid, tiling_scale: float) -> str:
+    controls = "".join(
+        f'<div><label><input type="checkbox" id="overlay-{o.name}"{" checked" if o.visible else ""}> '
+        f'{escape(o.label)}</label><div class="legend" style="background: {legend_gradient(o)}"></div>'
+        f'<div class="limits"><span>{o.limits[0]:.3g}</span><span>{o.limits[1]:.3g}</span></div></div>'
+        for o in overlays)
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # no "</script>" inside
+    resolution = ("the tiling resolution" if pyramid.scale >= tiling_scale * 0.999 else
+                  f"1/{round(tiling_scale / pyramid.scale)} of the tiling resolution (the size budget)")
+    return f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(data["title"])}</title>
+<style>{STYLE}</style></head><body><div id="osd"></div><div id="side">
+<h1>{escape(data["title"])}</h1>
+<p>Zoom in down to {resolution}. Click a patch for its values.</p>
+<div><label>overlay opacity <input type="range" id="opacity" min="0" max="100" value="55"></label></div>
+{controls}
+<div><label><input type="checkbox" id="show-regions" checked> regions (regions.geojson)</label></div>
+<h2 style="font-size: 13px">Patch</h2><div id="patch-info">none selected</div>
+<p style="color: #777; font-size: 11px">Drawn with OpenSeadragon (BSD-3-Clause, {ASSETS_DIR}/openseadragon-LICENSE.txt).</p>
+</div>
+<script>window.MILCLI = {payload};</script>
+<script src="../{ASSETS_DIR}/openseadragon.min.js"></script>
+<script src="../{ASSETS_DIR}/viewer.js"></script>
+</body></html>
+"""
