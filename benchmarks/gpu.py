@@ -51,7 +51,8 @@ from mil_cli import stores  # noqa: E402
 from mil_cli.backbones import get_backbone  # noqa: E402
 from mil_cli.console import set_quiet  # noqa: E402
 from mil_cli.devices import fast_bf16, resolve_device  # noqa: E402
-from mil_cli.embedding import EmbedOptions, Embedder, available_cores, embed_store  # noqa: E402
+from mil_cli.devices import available_cores  # noqa: E402
+from mil_cli.embedding import EmbedOptions, Embedder, embed_store  # noqa: E402
 from mil_cli.tiling import TilingOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from mil_cli import stores
 from mil_cli.backbones import Backbone
 from mil_cli.console import progress_bar, warn
-from mil_cli.devices import FLOAT16_MAX, autocast, keep_freed_memory
+from mil_cli.devices import FLOAT16_MAX, autocast, available_cores, keep_freed_memory
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.reports import StageReport
 from mil_cli.slides import Slide, group_into_blocks, open_slide
@@ -162,15 +162,6 @@ def loader_plan(workers: int, block_bytes: int, shm_free: int | None) -> tuple[i
     blocks = max(1, int(shm_free * SHM_SHARE) // max(1, block_bytes))
     workers = min(workers, blocks)
     return workers, max(1, min(MAX_PREFETCH, blocks // workers))
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask: a container's or taskset's cpuset),
-    not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def default_workers(device: torch.device, cores: int | None = None) -> int:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import csv
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from scipy import ndimage
 from scipy.stats import rankdata
 import shapely
@@ -24,14 +24,16 @@ from skimage import measure
 
 from mil_cli.config import VIEWER_BUDGET_MB
 from mil_cli.console import warn
+from mil_cli.devices import available_cores
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.inference import LoadedModel, bag_features, bag_slides, check_compatible, predict_bag
 from mil_cli.labels import LabelTable
 from mil_cli.prototypes import PrototypeBank, build_bank, write_prototypes
+from mil_cli.render import PNG, map_image, montage
 from mil_cli.reports import StageReport
-from mil_cli.slides import open_slide, safe_file_stem
+from mil_cli.slides import Slide, open_slide, safe_file_stem
 from mil_cli.stores import FeatureSource, SlideData, SlideImages
-from mil_cli.viewer import Overlay, PatchTable, write_viewer
+from mil_cli.viewer import Overlay, PatchTable, copy_assets, write_viewer
 
 COLOUR_MAP = "inferno"          # perceptually uniform, dark = low, bright = high
 REGION_COLOUR = [230, 60, 30]   # QuPath's colour for the regions
@@ -41,7 +43,7 @@ MAX_REGION_PIXELS = 4_000_000   # ... but no more pixels than this
 
 
 EVIDENCE_COLOUR_MAP = "RdBu_r"  # diverging: red argues for the class, blue against
-FAST_PNG = {"pil_kwargs": {"compress_level": 1}}  # zlib's fastest: a quarter off explain's time, PNGs ~20 % larger
+EXPLAIN_THREADS = 4             # slides explained at once (at most the cores this process may use)
 BOX_MASS = 0.95                 # boxes.csv: the box holding this share of the attention
 
 
@@ -125,21 +127,8 @@ def draw_map(path: Path, images: SlideImages, grid: np.ndarray, title: str, alph
              colour_map: str, limits: tuple[float, float], label: str, outlines: list | None = None) -> None:
     """`grid` painted over the thumbnail (NaN cells transparent) with a colour bar, as a PNG
     whose image part is `width` px wide; `outlines` (polygons in level-0 px) drawn on top."""
-    height, thumb_width = grid.shape
-    scale = (width or thumb_width) / thumb_width
-    fig = Figure(figsize=(max(4.0, thumb_width * scale / 100 + 1.5), max(3.0, height * scale / 100 + 0.8)), dpi=100)
-    ax = fig.subplots()
-    ax.imshow(images.thumbnail)
-    shown = ax.imshow(np.ma.masked_invalid(grid), cmap=colour_map, vmin=limits[0], vmax=limits[1], alpha=alpha,
-                      interpolation="nearest")
-    for rings in outlines or []:
-        for ring in rings:
-            xy = np.array(ring) / images.downsample - 0.5  # imshow puts pixel centres on integers
-            ax.plot(xy[:, 0], xy[:, 1], color=REGION_OUTLINE, linewidth=1.2)
-    fig.colorbar(shown, ax=ax, fraction=0.035, pad=0.02, label=label)
-    ax.set_title(title, fontsize=9)
-    ax.set_axis_off()
-    fig.savefig(path, bbox_inches="tight", **FAST_PNG)
+    map_image(images.thumbnail, grid, colour_map, limits, alpha, width, title, label, outlines,
+              images.downsample, REGION_OUTLINE).save(path, **PNG)
 
 
 def attention_box(coords: np.ndarray, step: int, size: int, attention: np.ndarray, mass: float) -> list[int]:
@@ -195,28 +184,25 @@ def write_boxes_csv(path: Path, polygons: list, coords: np.ndarray, step: int, s
             writer.writerow([name, x0, y0, x1, y1, f"{attention[inside].sum():.4f}"])
 
 
-def draw_top_patches(path: Path, data: SlideData, attention: np.ndarray, ranks: np.ndarray, k: int) -> None:
+def slide_file(data: SlideData) -> Path:
+    if "source_path" not in data.attrs:  # a store written by another tool, or synthetic features
+        raise InputError(data.slide_id, "the store does not record the slide file the patches come from")
+    return Path(str(data.attrs["source_path"]))
+
+
+def draw_top_patches(path: Path, slide: Slide, data: SlideData, attention: np.ndarray, ranks: np.ndarray,
+                     k: int) -> None:
     """Montage: the k highest-attention patches on top, the k lowest below, scores under each."""
     k = min(k, len(attention))
     order = np.argsort(-attention)
     rows = [("highest", order[:k]), ("lowest", order[::-1][:k])]
-    if "source_path" not in data.attrs:  # a store written by another tool, or synthetic features
-        raise InputError(data.slide_id, "the store does not record the slide file the patches come from")
-    source = Path(str(data.attrs["source_path"]))
     size = patch_size_level0(data)
     out_size = int(data.attrs.get("patch_size", 224))
-    fig = Figure(figsize=(1.9 * k, 4.4))
-    axes = fig.subplots(2, k, squeeze=False)
-    with open_slide(source) as slide:
-        for row, (name, indices) in enumerate(rows):
-            for col, index in enumerate(indices):
-                x, y = (int(v) for v in data.coords[index])
-                ax = axes[row, col]
-                ax.imshow(slide.read_patch((x, y), size, out_size))
-                ax.set_title(f"{name} #{col + 1}\na={attention[index]:.4f} ({ranks[index]:.0f}%)", fontsize=7)
-                ax.set_axis_off()
-    fig.suptitle(f"{data.slide_id}: top and bottom attention patches", fontsize=9)
-    fig.savefig(path, bbox_inches="tight", dpi=100, **FAST_PNG)
+    cells = [[(slide.read_patch((int(data.coords[i][0]), int(data.coords[i][1])), size, out_size),
+               f"{name} #{col + 1}\na={attention[i]:.3g} ({ranks[i]:.0f}%)") for col, i in enumerate(indices)]
+             for name, indices in rows]
+    montage(cells, f"{data.slide_id}: top and bottom attention patches (a: attention weight, its percentile "
+                   f"rank)").save(path, **PNG)
 
 
 @dataclass(frozen=True)
@@ -438,39 +424,28 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
                                                                        shown.region_class)))
     write_boxes_csv(folder / "boxes.csv", polygons, data.coords, step, size, attention)
 
+    overlays = None
     if images is not None:
         overlays = draw_slide_maps(folder, images, data, size, step, shown, contributions, classes,
                                    models[0].module.additive, title, options, polygons)
-        if options.viewer:
-            prefix = "contribution" if models[0].module.additive else "score"
-            columns = {f"{prefix} to '{c}'": contributions[:, i] for i, c in enumerate(classes)}
-            columns |= {f"P({c}) of the patch": instance[:, i] for i, c in enumerate(classes)}
-            try:
-                write_slide_viewer(folder, data, images, overlays, polygons,
-                                   PatchTable(data.coords, size, attention, ranks, columns), title, options)
-            except InputError as exc:
-                warn(f"{slide_id}: viewer.html not written ({exc})")
     else:
         warn(f"{slide_id}: the store has no thumbnail; heatmap.png, evidence maps and viewer.html not drawn")
-
-    try:
-        draw_top_patches(folder / "top_patches.png", data, attention, ranks, options.top_k)
+    viewer = overlays is not None and options.viewer
+    try:  # what reads pixels: the slide file the tile store names
+        with open_slide(slide_file(data)) as slide:
+            draw_top_patches(folder / "top_patches.png", slide, data, attention, ranks, options.top_k)
+            if viewer and images is not None and overlays is not None:
+                prefix = "contribution" if models[0].module.additive else "score"
+                columns = {f"{prefix} to '{c}'": contributions[:, i] for i, c in enumerate(classes)}
+                columns |= {f"P({c}) of the patch": instance[:, i] for i, c in enumerate(classes)}
+                tiling_scale = float(data.attrs.get("patch_size", 224)) / size
+                write_viewer(folder, slide, slide.dimensions, tiling_scale, images, overlays, polygons,
+                             PatchTable(data.coords, size, attention, ranks, columns), title, options.viewer_mb)
     except InputError as exc:
-        warn(f"{slide_id}: top_patches.png not drawn ({exc})")
+        warn(f"{slide_id}: top_patches.png{' and viewer.html' if viewer else ''} not drawn ({exc})")
     if bank is not None:
         write_prototypes(folder, data, attention, bank)
     return folder
-
-
-def write_slide_viewer(folder: Path, data: SlideData, images: SlideImages, overlays: list[Overlay], regions: list,
-                       patches: PatchTable, title: str, options: ExplainOptions) -> None:
-    """viewer.html over the slide file the tile store names (it must still be there)."""
-    if "source_path" not in data.attrs:
-        raise InputError(data.slide_id, "the store does not name the slide file")
-    tiling_scale = float(data.attrs.get("patch_size", 224)) / patch_size_level0(data)
-    with open_slide(Path(str(data.attrs["source_path"]))) as slide:
-        write_viewer(folder, slide, slide.dimensions, tiling_scale, images, overlays, regions, patches, title,
-                     options.viewer_mb)
 
 
 @dataclass(frozen=True)
@@ -548,7 +523,9 @@ def explain_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: 
              "prototypes not drawn")
     present = [sid for sid in slide_ids if sid in source]
     report.failed |= {sid: f"not in {source.path}" for sid in slide_ids if sid not in source}
-    wanted = set(present)
+    if options.viewer:
+        copy_assets(out)
+    wanted, jobs = set(present), []
     for bag_id, ids in bag_slides(models, source.slide_ids, labels).items():
         chosen = [sid for sid in ids if sid in wanted]
         if not chosen:
@@ -557,9 +534,14 @@ def explain_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: 
         if models[0].bag_by == "patient":
             features, parts = bag_features(source, ids)
             evidence = bag_evidence(models, bag_id, features, parts, device) if parts else None
-        for slide_id in chosen:
+        jobs += [(slide_id, evidence) for slide_id in chosen]
+    # slides in parallel: encoding images and decoding slide tiles release the GIL
+    with ThreadPoolExecutor(max_workers=min(EXPLAIN_THREADS, available_cores())) as pool:
+        futures = [pool.submit(explain_slide, models, source, slide_id, out, options, device, bank, evidence)
+                   for slide_id, evidence in jobs]
+        for (slide_id, _), future in zip(jobs, futures):
             try:
-                explain_slide(models, source, slide_id, out, options, device, bank, evidence)
+                future.result()
                 report.done.append(slide_id)
             except InputError as exc:
                 report.failed[slide_id] = str(exc)

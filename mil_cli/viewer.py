@@ -17,10 +17,10 @@ from html import escape
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
 from PIL import Image
 
 from mil_cli.config import VIEWER_BUDGET_MB
+from mil_cli.render import PNG, colour_steps, colour_table
 from mil_cli.slides import Slide
 from mil_cli.stores import SlideImages
 
@@ -72,28 +72,49 @@ def plan_pyramid(width0: int, height0: int, tiling_scale: float, images: SlideIm
         scale /= 2
 
 
+IN_MEMORY_PIXELS = 64_000_000  # a pyramid this small is read once and halved in memory (3 bytes a pixel)
+
+
 def write_tiles(slide: Slide, pyramid: Pyramid, images: SlideImages, folder: Path) -> list[str]:
     """Every level's JPEG tiles that touch tissue into folder/<level>/<col>_<row>.jpg; returns
-    their "level/col_row" names."""
+    their "level/col_row" names. A small pyramid is read from the slide once and each level
+    made by halving the one above (a slide without pyramid levels would otherwise be decoded
+    whole once per level); a large one is read level by level, one strip per row of tiles
+    (each read pays the reader's fixed cost and decodes whole slide tiles)."""
+    whole = None
+    if pyramid.width * pyramid.height <= IN_MEMORY_PIXELS:
+        whole = Image.fromarray(read_area(slide, 0, 0, pyramid.width / pyramid.scale, pyramid.height / pyramid.scale,
+                                          (pyramid.width, pyramid.height)))
     written = []
-    mask = images.tissue_mask
     for level in range(pyramid.max_level, -1, -1):
         width, height = pyramid.level_size(level)
+        if whole is not None and whole.size != (width, height):
+            whole = whole.resize((width, height), Image.BILINEAR, reducing_gap=2.0)
         to_level0 = 2 ** (pyramid.max_level - level) / pyramid.scale  # level-0 px per px of this level
         (folder / str(level)).mkdir(parents=True, exist_ok=True)
         for row in range(math.ceil(height / TILE)):
-            for col in range(math.ceil(width / TILE)):
-                w, h = min(TILE, width - col * TILE), min(TILE, height - row * TILE)
-                x0, y0 = col * TILE * to_level0, row * TILE * to_level0
-                r0, c0 = int(y0 / images.downsample), int(x0 / images.downsample)
-                r1 = max(r0 + 1, math.ceil((y0 + h * to_level0) / images.downsample))
-                c1 = max(c0 + 1, math.ceil((x0 + w * to_level0) / images.downsample))
-                if not mask[r0:r1, c0:c1].any():
-                    continue
-                pixels = read_area(slide, x0, y0, w * to_level0, h * to_level0, (w, h))
-                Image.fromarray(pixels).save(folder / str(level) / f"{col}_{row}.jpg", quality=JPEG_QUALITY)
+            h = min(TILE, height - row * TILE)
+            y0 = row * TILE * to_level0
+            rows = mask_span(y0, y0 + h * to_level0, images.downsample)
+            columns = [col for col in range(math.ceil(width / TILE))
+                       if images.tissue_mask[rows, mask_span(col * TILE * to_level0, min((col + 1) * TILE, width)
+                                                             * to_level0, images.downsample)].any()]
+            if not columns:
+                continue
+            left, right = columns[0] * TILE, min((columns[-1] + 1) * TILE, width)
+            strip = (whole.crop((left, row * TILE, right, row * TILE + h)) if whole is not None else Image.fromarray(
+                read_area(slide, left * to_level0, y0, (right - left) * to_level0, h * to_level0, (right - left, h))))
+            for col in columns:
+                tile = strip.crop((col * TILE - left, 0, min((col + 1) * TILE, width) - left, h))
+                tile.save(folder / str(level) / f"{col}_{row}.jpg", quality=JPEG_QUALITY)
                 written.append(f"{level}/{col}_{row}")
     return written
+
+
+def mask_span(start: float, end: float, downsample: float) -> slice:
+    """The thumbnail cells under level-0 px [start, end), at least one."""
+    first = int(start / downsample)
+    return slice(first, max(first + 1, math.ceil(end / downsample)))
 
 
 def read_area(slide: Slide, x0: float, y0: float, width0: float, height0: float, size: tuple[int, int]) -> np.ndarray:
@@ -108,17 +129,18 @@ def read_area(slide: Slide, x0: float, y0: float, width0: float, height0: float,
 
 
 def overlay_png(overlay: Overlay, path: Path) -> None:
-    """The map in its colours, transparent where NaN, one pixel per thumbnail cell."""
-    low, high = overlay.limits
-    values = np.clip((overlay.grid - low) / ((high - low) or 1.0), 0, 1)
-    rgba = colormaps[overlay.colour_map](np.nan_to_num(values))
-    rgba[..., 3] = np.isfinite(overlay.grid)
-    Image.fromarray((rgba * 255).round().astype(np.uint8), "RGBA").save(path, compress_level=1)
+    """The map in its colours, one pixel per thumbnail cell, as a palette PNG (index 0
+    transparent where NaN, 1-255 the colour map): a quarter of the bytes of RGBA to encode."""
+    steps = colour_steps(overlay.grid, overlay.limits, 255)
+    indices = np.where(np.isfinite(overlay.grid), 1 + steps, 0).astype(np.uint8)
+    palette = colour_table(overlay.colour_map, 255)[:, :3]
+    image = Image.fromarray(indices, "P")
+    image.putpalette(np.concatenate([[[0, 0, 0]], palette]).astype(np.uint8).ravel().tolist())
+    image.save(path, transparency=0, **PNG)
 
 
 def legend_gradient(overlay: Overlay) -> str:
-    colour_map = colormaps[overlay.colour_map]
-    stops = ", ".join("#%02x%02x%02x" % tuple(int(255 * c) for c in colour_map(v)[:3]) for v in np.linspace(0, 1, 9))
+    stops = ", ".join("#%02x%02x%02x" % tuple(rgba[:3]) for rgba in colour_table(overlay.colour_map, 9))
     return f"linear-gradient(to right, {stops})"
 
 
@@ -153,9 +175,8 @@ def _floats(values: np.ndarray) -> list[float]:
 def write_viewer(folder: Path, slide: Slide, dimensions: tuple[int, int], tiling_scale: float, images: SlideImages,
                  overlays: list[Overlay], regions: list, patches: PatchTable, title: str,
                  budget_mb: float = VIEWER_BUDGET_MB) -> Pyramid:
-    """folder/viewer.html with its tiles and overlay images under folder/viewer/; the shared
-    assets in folder/../_viewer. Returns the pyramid written."""
-    copy_assets(folder.parent)
+    """folder/viewer.html with its tiles and overlay images under folder/viewer/ (the shared
+    assets go to folder/../_viewer: copy_assets, once). Returns the pyramid written."""
     files = folder / "viewer"
     if files.exists():
         shutil.rmtree(files)  # a rerun's pyramid may have other levels

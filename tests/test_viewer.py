@@ -150,4 +150,4 @@ def test_viewer_data_names_every_patch_and_the_regions(sample_run: Path) -> None
     assert len(data["regions"]) == len(regions)
     assert (sample_run / "explain" / "_viewer" / "openseadragon-LICENSE.txt").exists()
     for overlay in data["overlays"]:
-        assert Image.open(folder / "viewer" / overlay["file"]).mode == "RGBA"
+        assert Image.open(folder / "viewer" / overlay["file"]).mode == "P"  # palette + transparent index
