@@ -512,12 +512,13 @@ def explain(
     probability: Annotated[float, typer.Option(min=0.01, max=0.99, help="--map instance: regions where the patch probability, interpolated between patch centres, exceeds this.")] = 0.5,
     threshold: Annotated[float, typer.Option(min=0.01, max=0.99, help="--map attention: regions where attention, interpolated between patch centres, exceeds this fraction of the slide's highest (CAM's rule).")] = 0.2,
     top_pct: Annotated[Optional[float], typer.Option(min=0.1, max=100.0, help="--map attention: regions instead at the level of this top attention percentile of the patches.", show_default="off")] = None,
-    scale: Annotated[str, typer.Option(help="--map attention: rank (percentile ranks) or raw (attention weights).")] = "rank",
+    scale: Annotated[str, typer.Option(help="--map attention: rank (percentile ranks among the fewest patches holding 99 % of the attention; the rest 0) or raw (attention weights).")] = "rank",
     smooth: Annotated[float, typer.Option(min=0.0, help="Gaussian smoothing of the maps, sigma in patches (0: none).")] = 0.0,
     width: Annotated[Optional[int], typer.Option(min=64, help="Width of the map PNGs in px.", show_default="thumbnail width")] = None,
     prototypes: Annotated[bool, typer.Option("--prototypes", help="Also prototypes.png/.csv: the closest highly attended patches of each class in the training slides.")] = False,
     viewer: Annotated[bool, typer.Option("--viewer/--no-viewer", help="Also viewer.html: the slide zoomable (offline, OpenSeadragon) down to the tiling resolution with the heatmap and evidence maps as overlays, the regions outlined, and a patch's values on click. Reads the slide file again.")] = True,
     viewer_mb: Annotated[float, typer.Option(min=1.0, help="The viewer's size budget per slide, in MB: 256-px JPEG tiles (about 20 kB each) only where there is tissue. 100 MB hold about 60 mm² of tissue at 0.5 µm/px (240 mm² at 1 µm/px); a slide with more tissue is shown down to half (a quarter...) of the tiling resolution instead.")] = VIEWER_BUDGET_MB,
+    refine: Annotated[bool, typer.Option("--refine", help="Also refined_<k>.png and refined.csv: the largest 3 regions (or the most convincing patch's neighbourhood) tiled again with patches every quarter patch, embedded with the feature store's backbone and scored by the patch classifier, so the map is 4x finer than the patch grid. Cost: 16 patches per patch of refined area, at most 2,048 per slide (sample_data: about 135 patches, 3 s a slide on 2 CPU cores with efficientnet-lite0; 2,048 patches take about 40 s there). Classification models, --map instance.")] = False,
     labels: Annotated[Optional[Path], typer.Option(help="Labels CSV whose patient_id column makes the bags of a patient-level model (each slide is then explained within its patient's bag).")] = None,
     device: Device = "auto",
     config: ConfigFile = None,
@@ -540,7 +541,7 @@ def explain(
     ids = source.slide_ids if all_slides else list(slide_ids or [])
     options = ExplainOptions(top_k=k, map=shown_map, probability=probability, threshold=threshold, top_pct=top_pct,
                              scale=scale, smooth=smooth, width=width, prototypes=prototypes, viewer=viewer,
-                             viewer_mb=viewer_mb)
+                             viewer_mb=viewer_mb, refine=refine)
     table = read_labels(require_file(labels, "--labels"), models[0].task, targets_required=False) if labels else None
     report = explain_slides(models, source, ids, out, options, torch_device, table)
     finish("explain", report, as_json, {"out": str(out)})

@@ -1,6 +1,7 @@
-"""Show where the model looked: attention heatmap, per-patch table, top/bottom patches and
-high-attention regions as QuPath-ready GeoJSON, all from the stored features (pixels are read
-only for the patch montage)."""
+"""Show where the model looked: patch-probability or attention heatmap, evidence maps, the
+per-patch table, top/bottom patches, regions as QuPath-ready GeoJSON and boxes, from the stored
+features; pixels are read for the patch montage, the zoomable viewer (viewer.py) and, with
+--refine, the re-tiled areas (refine.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 import torch
 from scipy import ndimage
 from scipy.stats import rankdata
@@ -29,6 +32,8 @@ from mil_cli.errors import InputError, MilcliError
 from mil_cli.inference import LoadedModel, bag_features, bag_slides, check_compatible, predict_bag
 from mil_cli.labels import LabelTable
 from mil_cli.prototypes import PrototypeBank, build_bank, write_prototypes
+from mil_cli.raster import cell_means
+from mil_cli.refine import PatchScorer, RefinedArea, area_picture, refine
 from mil_cli.render import PNG, map_image, montage
 from mil_cli.reports import StageReport
 from mil_cli.slides import Slide, open_slide, safe_file_stem
@@ -43,6 +48,7 @@ MAX_REGION_PIXELS = 4_000_000   # ... but no more pixels than this
 
 
 EVIDENCE_COLOUR_MAP = "RdBu_r"  # diverging: red argues for the class, blue against
+MIN_REGION_SHARE = 0.25         # regions smaller than this share of a patch are interpolation slivers: left out
 EXPLAIN_THREADS = 4             # slides explained at once (at most the cores this process may use)
 BOX_MASS = 0.95                 # boxes.csv: the box holding this share of the attention
 
@@ -61,6 +67,7 @@ class ExplainOptions:
     width: int | None = None  # heatmap / evidence PNG width in px (None: the thumbnail's)
     viewer: bool = True       # viewer.html: the slide zoomable with the maps over it (viewer.py)
     viewer_mb: float = VIEWER_BUDGET_MB  # its tiles' size budget per slide
+    refine: bool = False      # refined_<k>.png / refined.csv: the patch map at a quarter-patch step (refine.py)
 
     def __post_init__(self) -> None:
         if self.scale not in ("rank", "raw"):
@@ -69,12 +76,28 @@ class ExplainOptions:
             raise MilcliError(f"--map {self.map}: expected instance or attention")
         if not 0 < self.probability < 1:
             raise MilcliError("--probability must be between 0 and 1")
+        if self.refine and self.map != "instance":
+            raise MilcliError("--refine refines the patch-probability map: use it with --map instance")
         if self.viewer_mb <= 0:
             raise MilcliError("--viewer-mb must be positive")
         if self.smooth < 0 or (self.width is not None and self.width < 64):
             raise MilcliError("--smooth must be >= 0 and --width at least 64 px")
         if not 0 < self.threshold < 1 or (self.top_pct is not None and not 0 < self.top_pct <= 100):
             raise MilcliError("--threshold must be between 0 and 1, --top-pct between 0 and 100")
+
+
+ATTENTION_MASS = 0.99  # --map attention --scale rank: ranks among the patches holding this share of the attention
+
+
+def mass_ranks(attention: np.ndarray, mass: float = ATTENTION_MASS) -> np.ndarray:
+    """Percentile ranks among the fewest patches that hold `mass` of the attention; 0 for the
+    rest. Plain ranks paint a patch of attention 0.0000 orange when two patches hold it all."""
+    order = np.argsort(-attention, kind="stable")
+    cumulative = np.cumsum(attention[order]) / max(float(attention.sum()), 1e-30)
+    carrying = order[:int(np.searchsorted(cumulative, mass)) + 1]
+    ranks = np.zeros(len(attention))
+    ranks[carrying] = rank_percent(attention[carrying])
+    return ranks
 
 
 def rank_percent(values: np.ndarray) -> np.ndarray:
@@ -124,10 +147,15 @@ def smooth_map(grid: np.ndarray, sigma_px: float) -> np.ndarray:
 
 
 def draw_map(path: Path, images: SlideImages, grid: np.ndarray, title: str, alpha: float, width: int | None,
-             colour_map: str, limits: tuple[float, float], label: str, outlines: list | None = None) -> None:
-    """`grid` painted over the thumbnail (NaN cells transparent) with a colour bar, as a PNG
-    whose image part is `width` px wide; `outlines` (polygons in level-0 px) drawn on top."""
-    map_image(images.thumbnail, grid, colour_map, limits, alpha, width, title, label, outlines,
+             colour_map: str, limits: tuple[float, float], label: str, outlines: list | None = None,
+             grey: bool = False) -> None:
+    """`grid` painted over the thumbnail (in grey with `grey`; NaN cells transparent) with a
+    colour bar, as a PNG whose image part is `width` px wide; `outlines` (polygons in level-0
+    px) drawn on top."""
+    base = images.thumbnail[..., :3]
+    if grey:
+        base = np.repeat(np.asarray(Image.fromarray(base).convert("L"))[..., None], 3, axis=2)
+    map_image(base, grid, colour_map, limits, alpha, width, title, label, outlines,
               images.downsample, REGION_OUTLINE).save(path, **PNG)
 
 
@@ -224,23 +252,6 @@ def percentile_level(values: np.ndarray, top_pct: float) -> float:
     ordered = np.sort(values)[::-1]
     k = min(len(ordered), max(1, int(round(len(ordered) * top_pct / 100))))
     return float(ordered[k - 1] + (ordered[k] if k < len(ordered) else 0.0)) / 2
-
-
-def cell_means(coords: np.ndarray, step: int, size: int, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The patch values on the grid of `step`-px cells, each cell the mean of the patches
-    covering it (as the heatmap paints overlapping patches; NaN where none does), and the
-    cells' level-0 origin."""
-    origin = coords.min(axis=0).astype(float)
-    cells = np.round((coords - origin) / step).astype(int)
-    span = max(1, int(round(size / step)))  # cells a patch covers per side
-    shape = (cells[:, 1].max() + span, cells[:, 0].max() + span)
-    total, count = np.zeros(shape), np.zeros(shape)
-    for dy in range(span):
-        for dx in range(span):
-            np.add.at(total, (cells[:, 1] + dy, cells[:, 0] + dx), values)
-            np.add.at(count, (cells[:, 1] + dy, cells[:, 0] + dx), 1)
-    with np.errstate(invalid="ignore"):
-        return total / count, origin
 
 
 def region_grid(coords: np.ndarray, step: int, size: int, values: np.ndarray, threshold: float,
@@ -389,9 +400,12 @@ def bag_evidence(models: list[LoadedModel], bag_id: str, features: np.ndarray, p
 
 def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: str, out: Path,
                   options: ExplainOptions, device: torch.device, bank: PrototypeBank | None = None,
-                  evidence: BagEvidence | None = None) -> Path:
+                  evidence: BagEvidence | None = None, evidence_scale: EvidenceScale | None = None,
+                  scorer: PatchScorer | None = None) -> Path:
     """Write every explanation file for one slide into out/<safe slide id>/ and return it.
-    `evidence` is its patient's bag, for patient-level models (default: the slide alone)."""
+    `evidence` is its patient's bag, for patient-level models (default: the slide alone);
+    `evidence_scale` the evidence maps' colour limit shared with other slides (default: this
+    slide's own); `scorer` embeds and scores new patches for --refine."""
     data = source.load(slide_id)
     assert data.features is not None
     if len(data.features) == 0:
@@ -418,7 +432,9 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
                           images)
     polygons = region_polygons(regions)
     scores = region_scores(regions, data.coords, size, attention)
-    kept = [i for i, score in enumerate(scores) if score > 0]  # a region no patch's attention falls in says nothing
+    # a region no patch's attention falls in, or an interpolation sliver, says nothing
+    kept = [i for i, (rings, score) in enumerate(zip(polygons, scores))
+            if score > 0 and Polygon(rings[0], rings[1:]).area >= MIN_REGION_SHARE * size ** 2]
     polygons, scores = [polygons[i] for i in kept], [scores[i] for i in kept]
     (folder / "regions.geojson").write_text(json.dumps(regions_geojson(polygons, scores, slide_id,
                                                                        shown.region_class)))
@@ -427,7 +443,7 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
     overlays = None
     if images is not None:
         overlays = draw_slide_maps(folder, images, data, size, step, shown, contributions, classes,
-                                   models[0].module.additive, title, options, polygons)
+                                   models[0].module.additive, title, options, polygons, evidence_scale)
     else:
         warn(f"{slide_id}: the store has no thumbnail; heatmap.png, evidence maps and viewer.html not drawn")
     viewer = overlays is not None and options.viewer
@@ -441,11 +457,76 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
                 tiling_scale = float(data.attrs.get("patch_size", 224)) / size
                 write_viewer(folder, slide, slide.dimensions, tiling_scale, images, overlays, polygons,
                              PatchTable(data.coords, size, attention, ranks, columns), title, options.viewer_mb)
+            if scorer is not None and images is not None:
+                c = shown_class(evidence.predictions, classes)
+                areas = refine(slide, scorer, lambda features: patch_probability(models, features, c, device),
+                               polygons, data.coords, size, int(data.attrs.get("patch_size", 224)), shown.values,
+                               images)
+                write_refined(folder, slide, areas, images, polygons, f"{title} | refined", shown.label, options)
     except InputError as exc:
-        warn(f"{slide_id}: top_patches.png{' and viewer.html' if viewer else ''} not drawn ({exc})")
+        warn(f"{slide_id}: top_patches.png{' and viewer.html' if viewer else ''}"
+             f"{' and the refined maps' if scorer else ''} not drawn ({exc})")
     if bank is not None:
         write_prototypes(folder, data, attention, bank)
     return folder
+
+
+def patch_probability(models: list[LoadedModel], features: np.ndarray, c: int, device: torch.device) -> np.ndarray:
+    """(n,) the models' mean probability of class `c` for each patch judged alone."""
+    with torch.inference_mode():
+        x = torch.from_numpy(features).to(device)
+        return np.mean([m.module.instance_scores(x)[:, c].cpu().numpy() for m in models], axis=0)
+
+
+def write_refined(folder: Path, slide: Slide, areas: list[RefinedArea], images: SlideImages, regions: list,
+                  title: str, label: str, options: ExplainOptions) -> None:
+    """refined.csv (every refined patch) and refined_<k>.png (area k: the slide's pixels with
+    the refined map over them and the regions outlined)."""
+    with open(folder / "refined.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["area", "x", "y", "size", "stride", "probability"])
+        for k, area in enumerate(areas, start=1):
+            for (x, y), value in zip(area.coords, area.values):
+                writer.writerow([k, int(x), int(y), area.size, area.stride, f"{value:.6g}"])
+    for k, area in enumerate(areas, start=1):
+        base, painted, pixel = area_picture(slide, area, images)
+        shifted = [[(np.asarray(ring) - area.origin).tolist() for ring in rings] for rings in regions]
+        map_image(base, painted, COLOUR_MAP, (0.0, 1.0), options.alpha, None,
+                  f"{title}: area {k}, patches every {area.stride} px ({area.size}-px patches)", label, shifted,
+                  pixel, REGION_OUTLINE).save(folder / f"refined_{k}.png", **PNG)
+
+
+class EvidenceScale(NamedTuple):
+    """The evidence maps' colour limit (±bound) and where it comes from, for their legend."""
+    bound: float
+    source: str
+
+
+EVIDENCE_PERCENTILE = 99.5  # the shared evidence scale: this percentile of |contribution| over the slides
+
+
+def shared_evidence_scale(evidences: list[BagEvidence]) -> EvidenceScale | None:
+    """One colour limit for every evidence map explained together, so that a colour means the
+    same contribution on every slide: a high percentile of the contributions' magnitude (the
+    few patches beyond it saturate)."""
+    values = [np.abs(e.contributions).ravel() for e in evidences if e.contributions.size]
+    if not values:
+        return None
+    bound = float(np.percentile(np.concatenate(values), EVIDENCE_PERCENTILE)) or 1.0
+    return EvidenceScale(bound, f"{EVIDENCE_PERCENTILE:g}th percentile over the {len(values)} bags explained together")
+
+
+def slide_evidence(models: list[LoadedModel], source: FeatureSource, slide_id: str,
+                   device: torch.device) -> BagEvidence | None:
+    """The slide alone as a bag; None when it cannot be read or has no patches (explain_slide
+    then reports why)."""
+    try:
+        features = source.load(slide_id).features
+    except InputError:
+        return None
+    if features is None or len(features) == 0:
+        return None
+    return bag_evidence(models, slide_id, features, [(slide_id, len(features))], device)
 
 
 @dataclass(frozen=True)
@@ -479,16 +560,19 @@ def shown_map(options: ExplainOptions, attention: np.ndarray, ranks: np.ndarray,
         return ShownMap(instance[:, c], (0.0, 1.0), f"P({classes[c]}) of each patch", options.probability,
                         classes[c])
     if options.scale == "rank":
-        return ShownMap(ranks, (0.0, 100.0), "attention (percentile rank)", None, "High attention")
+        return ShownMap(mass_ranks(attention), (0.0, 100.0),
+                        f"attention: percentile rank among the patches holding {ATTENTION_MASS:.0%} of it (others 0)",
+                        None, "High attention")
     return ShownMap(attention, None, "attention weight", None, "High attention")
 
 
 def draw_slide_maps(folder: Path, images: SlideImages, data: SlideData, size: int, step: int, shown: ShownMap,
                     patch_scores: np.ndarray, classes: list[str], additive: bool, title: str,
-                    options: ExplainOptions, regions: list) -> list[Overlay]:
+                    options: ExplainOptions, regions: list, scale: EvidenceScale | None = None) -> list[Overlay]:
     """heatmap.png (with the regions outlined) and heatmap.npy (the float map drawn, NaN off
     tissue), then one evidence_<class>.png per class: signed per-patch evidence on a diverging
-    colour map. Returns the maps drawn, for the viewer."""
+    colour map over the thumbnail in grey (pink H&E would read as weak evidence for), on
+    `scale` (default: this slide's largest magnitude). Returns the maps drawn, for the viewer."""
     sigma = options.smooth * step / images.downsample
     grid = smooth_map(paint(images, data.coords, size, shown.values), sigma)
     np.save(folder / "heatmap.npy", grid.astype(np.float32))
@@ -499,11 +583,13 @@ def draw_slide_maps(folder: Path, images: SlideImages, data: SlideData, size: in
     kind = "contribution to the logit" if additive else "patch score"
     for c, name in enumerate(classes):
         evidence = smooth_map(paint(images, data.coords, size, patch_scores[:, c]), sigma)
-        bound = float(np.nanmax(np.abs(evidence))) or 1.0
+        own = EvidenceScale(float(np.nanmax(np.abs(evidence))) or 1.0, "this slide's largest")
+        bound, source = scale or own
         stem = safe_file_stem(name)
+        label = f"{kind}; colour scale ±{bound:.3g}: {source}"
         draw_map(folder / f"evidence_{stem}.png", images, evidence,
                  f"{data.slide_id} | evidence for '{name}' (red for, blue against)", options.alpha, options.width,
-                 EVIDENCE_COLOUR_MAP, (-bound, bound), kind)
+                 EVIDENCE_COLOUR_MAP, (-bound, bound), label, grey=True)
         overlays.append(Overlay(f"evidence_{stem}", f"evidence for '{name}' ({kind}; red for, blue against)",
                                 evidence, EVIDENCE_COLOUR_MAP, (-bound, bound), False))
     return overlays
@@ -525,20 +611,23 @@ def explain_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: 
     report.failed |= {sid: f"not in {source.path}" for sid in slide_ids if sid not in source}
     if options.viewer:
         copy_assets(out)
+    if options.refine and models[0].task.name != "classification":
+        raise MilcliError("--refine refines the patch-probability map of classification models")
+    scorer = PatchScorer(source, device) if options.refine else None
     wanted, jobs = set(present), []
-    for bag_id, ids in bag_slides(models, source.slide_ids, labels).items():
-        chosen = [sid for sid in ids if sid in wanted]
-        if not chosen:
-            continue
-        evidence = None
-        if models[0].bag_by == "patient":
-            features, parts = bag_features(source, ids)
-            evidence = bag_evidence(models, bag_id, features, parts, device) if parts else None
-        jobs += [(slide_id, evidence) for slide_id in chosen]
     # slides in parallel: encoding images and decoding slide tiles release the GIL
     with ThreadPoolExecutor(max_workers=min(EXPLAIN_THREADS, available_cores())) as pool:
-        futures = [pool.submit(explain_slide, models, source, slide_id, out, options, device, bank, evidence)
-                   for slide_id, evidence in jobs]
+        for bag_id, ids in bag_slides(models, source.slide_ids, labels).items():
+            chosen = [sid for sid in ids if sid in wanted]
+            if chosen and models[0].bag_by == "patient":
+                features, parts = bag_features(source, ids)
+                evidence = bag_evidence(models, bag_id, features, parts, device) if parts else None
+                jobs += [(slide_id, evidence) for slide_id in chosen]
+            elif chosen:
+                jobs += list(zip(chosen, pool.map(lambda sid: slide_evidence(models, source, sid, device), chosen)))
+        scale = shared_evidence_scale(list({id(e): e for _, e in jobs if e is not None}.values()))
+        futures = [pool.submit(explain_slide, models, source, slide_id, out, options, device, bank, evidence, scale,
+                               scorer) for slide_id, evidence in jobs]
         for (slide_id, _), future in zip(jobs, futures):
             try:
                 future.result()

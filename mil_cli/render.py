@@ -15,6 +15,7 @@ TEXT = (34, 34, 34)
 MARGIN = 8
 BAR_HEIGHT = 12
 MIN_WIDTH = 360  # a map narrower than this still gets a legible title and colour bar
+TYPE_WIDTH = 600  # text is sized for an image this wide; wider ones scale it up (the report shows them at ~580 px)
 PNG = {"compress_level": 1}  # zlib's fastest: PNGs ~20 % larger, written several times faster
 
 
@@ -77,33 +78,37 @@ def map_image(thumbnail: np.ndarray, grid: np.ndarray, colour_map: str, limits: 
             draw.line(points + points[:1], fill=outline_colour, width=2)
 
     canvas_width = max(picture.width + 2 * MARGIN, MIN_WIDTH)
+    unit = max(1.0, canvas_width / TYPE_WIDTH)  # text and bar grow with the image: legible where it is shown smaller
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    title_height = text_lines(probe, (0, 0), title, 13, canvas_width - 2 * MARGIN)
+    title_size = round(13 * unit)
+    title_height = text_lines(probe, (0, 0), title, title_size, canvas_width - 2 * MARGIN)
     bar_top = MARGIN + title_height + MARGIN + picture.height + MARGIN
-    canvas = Image.new("RGB", (canvas_width, bar_top + BAR_HEIGHT + 40), BACKGROUND)
+    canvas = Image.new("RGB", (canvas_width, bar_top + round((BAR_HEIGHT + 40) * unit)), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    text_lines(draw, (MARGIN, MARGIN), title, 13, canvas_width - 2 * MARGIN)
+    text_lines(draw, (MARGIN, MARGIN), title, title_size, canvas_width - 2 * MARGIN)
     canvas.paste(picture, (MARGIN, MARGIN + title_height + MARGIN))
-    draw_colour_bar(draw, canvas, (MARGIN, bar_top), min(canvas_width - 2 * MARGIN, 420), colour_map, limits, label)
+    draw_colour_bar(draw, canvas, (MARGIN, bar_top), min(canvas_width - 2 * MARGIN, round(420 * unit)), colour_map,
+                    limits, label, unit)
     return canvas
 
 
 def draw_colour_bar(draw: ImageDraw.ImageDraw, canvas: Image.Image, origin: tuple[int, int], length: int,
-                    colour_map: str, limits: tuple[float, float], label: str) -> None:
-    """A horizontal colour bar with five ticks and `label` beneath."""
-    ramp = colormaps[colour_map](np.linspace(0, 1, length), bytes=True)[:, :3]
-    canvas.paste(Image.fromarray(np.repeat(ramp[None], BAR_HEIGHT, axis=0)), origin)
+                    colour_map: str, limits: tuple[float, float], label: str, unit: float = 1.0) -> None:
+    """A horizontal colour bar with five ticks and `label` beneath, sized by `unit`."""
+    height = round(BAR_HEIGHT * unit)
+    ramp = colour_table(colour_map, length)[:, :3]
+    canvas.paste(Image.fromarray(np.repeat(ramp[None], height, axis=0)), origin)
     x0, y0 = origin
-    draw.rectangle((x0, y0, x0 + length - 1, y0 + BAR_HEIGHT - 1), outline=TEXT)
-    face = font(11)
+    draw.rectangle((x0, y0, x0 + length - 1, y0 + height - 1), outline=TEXT)
+    face = font(round(11 * unit))
     for fraction in np.linspace(0, 1, 5):
         value = limits[0] + fraction * (limits[1] - limits[0])
         text = f"{value:.3g}"
         x = x0 + fraction * (length - 1)
-        draw.line((x, y0 + BAR_HEIGHT, x, y0 + BAR_HEIGHT + 3), fill=TEXT)
+        draw.line((x, y0 + height, x, y0 + height + 3 * unit), fill=TEXT)
         shift = draw.textlength(text, font=face) * fraction  # first tick left-aligned, last right-aligned
-        draw.text((x - shift, y0 + BAR_HEIGHT + 4), text, fill=TEXT, font=face)
-    draw.text((x0, y0 + BAR_HEIGHT + 20), label, fill=TEXT, font=face)
+        draw.text((x - shift, y0 + height + 4 * unit), text, fill=TEXT, font=face)
+    draw.text((x0, y0 + height + 19 * unit), label, fill=TEXT, font=face)
 
 
 def montage(rows: list[list[tuple[np.ndarray, str]]], title: str, tile: int = 160) -> Image.Image:

@@ -3,8 +3,8 @@
 The page links the run's own images by relative path (they sit beside it), so it stays small
 and opens from a copied folder: metrics, the task's figure (ROC, predicted-vs-true scatter,
 Kaplan-Meier curves) for the final model and for cross-validation when it ran, the
-predictions table, and per slide its prediction, its zoomable viewer (explain's viewer.html, in
-a frame), heatmap, evidence maps and top patches.
+predictions table, and per slide its prediction, heatmap, evidence maps, top patches and its
+zoomable viewer (explain's viewer.html, in a frame).
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def _slide_section(run_dir: Path, slide_id: str, heading: str) -> str:
         viewer = (f'<p><a href="{src}">open the zoomable viewer</a> (slide, maps as overlays, regions, '
                   f'a click on a patch shows its values)</p><iframe class="viewer" src="{src}" loading="lazy" '
                   f'title="{escape(slide_id)} viewer"></iframe>')
-    return (f'<section id="{escape(slide_id)}"><h3>{escape(heading)}</h3>{viewer}<div class="maps">{"".join(maps)}</div>'
-            f"{wide}<p>{links}</p></section>")
+    return (f'<section id="{escape(slide_id)}"><h3>{escape(heading)}</h3><div class="maps">{"".join(maps)}</div>'
+            f"{wide}{viewer}<p>{links}</p></section>")
 
 
 def build_report(run_dir: Path) -> Path:

@@ -10,6 +10,7 @@ through wsidicom (the `dicom` extra); its path and id are the folder's.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import warnings
 from abc import ABC, abstractmethod
@@ -117,6 +118,16 @@ class Slide(ABC):
             if ds <= downsample * 1.01:
                 best = level
         return best
+
+    def read_area(self, x0: float, y0: float, width0: float, height0: float, size: tuple[int, int]) -> np.ndarray:
+        """The level-0 rectangle resized to `size` (w, h), read from the pyramid level nearest above it."""
+        level = self.best_level(width0 / size[0])
+        ds = self.level_downsamples[level]
+        region = self.read_region((int(x0), int(y0)), level, (max(1, math.ceil(width0 / ds)),
+                                                              max(1, math.ceil(height0 / ds))))
+        if region.shape[1::-1] != size:
+            region = np.asarray(Image.fromarray(region).resize(size, Image.BILINEAR))
+        return region
 
     def read_patch(self, location: tuple[int, int], size_level0: int, out_size: int) -> np.ndarray:
         """A square patch covering `size_level0` level-0 px, resized to `out_size` px."""

@@ -83,8 +83,8 @@ def write_tiles(slide: Slide, pyramid: Pyramid, images: SlideImages, folder: Pat
     (each read pays the reader's fixed cost and decodes whole slide tiles)."""
     whole = None
     if pyramid.width * pyramid.height <= IN_MEMORY_PIXELS:
-        whole = Image.fromarray(read_area(slide, 0, 0, pyramid.width / pyramid.scale, pyramid.height / pyramid.scale,
-                                          (pyramid.width, pyramid.height)))
+        whole = Image.fromarray(slide.read_area(0, 0, pyramid.width / pyramid.scale, pyramid.height / pyramid.scale,
+                                                (pyramid.width, pyramid.height)))
     written = []
     for level in range(pyramid.max_level, -1, -1):
         width, height = pyramid.level_size(level)
@@ -103,7 +103,7 @@ def write_tiles(slide: Slide, pyramid: Pyramid, images: SlideImages, folder: Pat
                 continue
             left, right = columns[0] * TILE, min((columns[-1] + 1) * TILE, width)
             strip = (whole.crop((left, row * TILE, right, row * TILE + h)) if whole is not None else Image.fromarray(
-                read_area(slide, left * to_level0, y0, (right - left) * to_level0, h * to_level0, (right - left, h))))
+                slide.read_area(left * to_level0, y0, (right - left) * to_level0, h * to_level0, (right - left, h))))
             for col in columns:
                 tile = strip.crop((col * TILE - left, 0, min((col + 1) * TILE, width) - left, h))
                 tile.save(folder / str(level) / f"{col}_{row}.jpg", quality=JPEG_QUALITY)
@@ -115,17 +115,6 @@ def mask_span(start: float, end: float, downsample: float) -> slice:
     """The thumbnail cells under level-0 px [start, end), at least one."""
     first = int(start / downsample)
     return slice(first, max(first + 1, math.ceil(end / downsample)))
-
-
-def read_area(slide: Slide, x0: float, y0: float, width0: float, height0: float, size: tuple[int, int]) -> np.ndarray:
-    """The level-0 rectangle resized to `size`, read from the pyramid level nearest above it."""
-    level = slide.best_level(width0 / size[0])
-    ds = slide.level_downsamples[level]
-    region = slide.read_region((int(x0), int(y0)), level, (max(1, math.ceil(width0 / ds)),
-                                                           max(1, math.ceil(height0 / ds))))
-    if region.shape[1::-1] != size:
-        region = np.asarray(Image.fromarray(region).resize(size, Image.BILINEAR))
-    return region
 
 
 def overlay_png(overlay: Overlay, path: Path) -> None:
@@ -191,7 +180,8 @@ def write_viewer(folder: Path, slide: Slide, dimensions: tuple[int, int], tiling
         "pyramid": {"width": pyramid.width, "height": pyramid.height, "tileSize": TILE, "maxLevel": pyramid.max_level,
                     "mppScale": pyramid.scale},
         "tiles": tiles, "regions": regions, "patches": patches.to_json(),
-        "overlays": [{"name": o.name, "file": f"{o.name}.png", "width0": thumb_width, "visible": o.visible}
+        "overlays": [{"name": o.name, "file": f"{o.name}.png", "width0": thumb_width, "visible": o.visible,
+                      "limits": list(o.limits)}
                      for o in overlays],
     }
     (folder / "viewer.html").write_text(_page(data, overlays, pyramid, tiling_scale), encoding="utf-8")

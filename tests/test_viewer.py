@@ -140,10 +140,23 @@ def test_the_report_viewer_loads_toggles_and_reports_the_clicked_patch_offline(s
         driver.quit()
 
 
+def viewer_data(folder: Path) -> dict:
+    page = (folder / "viewer.html").read_text()
+    return json.loads(re.search(r"window\.MILCLI = (.*?);</script>", page).group(1))
+
+
+def test_evidence_maps_share_one_scale_across_the_slides(sample_run: Path) -> None:
+    """A colour on one slide's evidence map means the same contribution on another's."""
+    limits = {tuple(o["limits"]) for folder in (sample_run / "explain").glob("slide_*")
+              for o in viewer_data(folder)["overlays"] if o["name"].startswith("evidence_")}
+    assert len(limits) == 1
+    low, high = limits.pop()
+    assert low == -high and high > 0
+
+
 def test_viewer_data_names_every_patch_and_the_regions(sample_run: Path) -> None:
     folder = sample_run / "explain" / "slide_00"
-    page = (folder / "viewer.html").read_text()
-    data = json.loads(re.search(r"window\.MILCLI = (.*?);</script>", page).group(1))
+    data = viewer_data(folder)
     rows = list(csv.DictReader(open(folder / "attention.csv")))
     assert [int(r["x"]) for r in rows] == data["patches"]["x"] and len(data["patches"]["attention"]) == len(rows)
     regions = json.loads((folder / "regions.geojson").read_text())["features"]
