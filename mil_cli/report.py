@@ -76,14 +76,22 @@ def _cv_section(run_dir: Path, task: str) -> str:
             + _image(cv / TASK_PLOTS[task], run_dir, f"out-of-fold: {PLOT_CAPTIONS[task]}"))
 
 
-def _slide_section(run_dir: Path, slide_id: str, heading: str) -> str:
-    """A slide's maps, montage and files from explain/, or nothing when it was not explained."""
+def _slide_section(run_dir: Path, slide_id: str, heading: str, shown_class: str | None) -> str:
+    """A slide's maps, montage and files from explain/, or nothing when it was not explained.
+    Beside the heatmap, the evidence map of `shown_class` (the heatmap's class: a binary
+    model's positive class, else the predicted one; the others are linked), so the maps fill
+    one row at a legible size."""
     folder = run_dir / "explain" / safe_file_stem(slide_id)
     if not folder.is_dir():
         return ""
+    evidence = sorted(folder.glob("evidence_*.png"))
+    shown = [e for e in evidence if shown_class is None or e.stem == f"evidence_{safe_file_stem(shown_class)}"]
+    shown = shown or evidence[:1]
     maps = [_image(folder / "heatmap.png", run_dir, "heatmap (what it paints: see its colour bar)")]
     maps += [_image(e, run_dir, f"evidence for '{e.stem.removeprefix('evidence_')}' (red for, blue against)")
-             for e in sorted(folder.glob("evidence_*.png"))]
+             for e in shown]
+    others = " · ".join(f'<a href="{quote(e.relative_to(run_dir).as_posix())}">{escape(e.name)}</a>'
+                        for e in evidence if e not in shown)
     links = " · ".join(f'<a href="{quote((folder / name).relative_to(run_dir).as_posix())}">{name}</a>'
                        for name in ("attention.csv", "regions.geojson", "boxes.csv") if (folder / name).exists())
     wide = "".join(f'<img class="wide" src="{quote(image.relative_to(run_dir).as_posix())}" alt="{alt}" '
@@ -97,7 +105,7 @@ def _slide_section(run_dir: Path, slide_id: str, heading: str) -> str:
                   f'a click on a patch shows its values)</p><iframe class="viewer" src="{src}" loading="lazy" '
                   f'title="{escape(slide_id)} viewer"></iframe>')
     return (f'<section id="{escape(slide_id)}"><h3>{escape(heading)}</h3><div class="maps">{"".join(maps)}</div>'
-            f"{wide}{viewer}<p>{links}</p></section>")
+            f"{wide}{viewer}<p>{links}{' · ' + others if others else ''}</p></section>")
 
 
 def build_report(run_dir: Path) -> Path:
@@ -120,14 +128,16 @@ def build_report(run_dir: Path) -> Path:
              f"device {escape(str(record.get('device', '?')))}; milcli {escape(__version__)}</p>",
              _metrics_section(record, run_dir), _cv_section(run_dir, task),
              "<h2>Predictions</h2>", _table(header, rows, wrong)]
+    classes = [c.removeprefix("prob_") for c in header if c.startswith("prob_")]
     for p in predictions:
         said = f"predicted {p['prediction']}" if "prediction" in p else f"risk {p.get('risk', '?')}"
+        shown_class = classes[1] if len(classes) == 2 else p.get("prediction") if classes else None
         known = (f"label {p['label']}" if p.get("label") else
                  f"time {p['time']}, event {p['event']}" if p.get("time") else "")
         of_patient = f" (patient {p[id_column]})" if id_column == "patient_id" else ""
         for slide_id in (p["slides"].split(";") if p.get("slides") else [p[id_column]]):
             parts.append(_slide_section(run_dir, slide_id, f"{slide_id}{of_patient}: {said}"
-                                        + (f" ({known})" if known else "")))
+                                        + (f" ({known})" if known else ""), shown_class))
     page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f"<title>milcli report: {escape(run_dir.name)}</title><style>{STYLE}</style></head>"
             f"<body>{''.join(parts)}</body></html>")

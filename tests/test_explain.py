@@ -259,6 +259,9 @@ def test_report_links_every_output_and_renders_in_chromium(sample_run: Path, tmp
     assert page.count("<section") == 20 and "slide_00: predicted" in page
     sources = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert any(s.endswith("heatmap.png") for s in sources) and any("evidence_" in s for s in sources)
+    # one row of maps: the heatmap and the positive class's evidence drawn, the other class's linked
+    assert page.count('<img src="explain/slide_00/evidence_tumour.png"') == 1
+    assert '<img src="explain/slide_00/evidence_normal.png"' not in page and 'href="explain/slide_00/evidence_normal.png"' in page
     assert all((sample_run / unquote(s)).exists() for s in sources)  # every link resolves beside the page
     assert invoke("report", tmp_path).exit_code == 2  # not a run folder: one-line error
 
