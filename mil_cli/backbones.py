@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from mil_cli.errors import InputError, MilcliError, first_line
 from mil_cli.vit_weights import from_transformers, is_transformers_layout
@@ -317,6 +318,52 @@ class TokenPooling(nn.Module):
             return tokens[:, 0]
         return torch.cat([tokens[:, 0], tokens[:, self.encoder.num_prefix_tokens:].mean(dim=1)], dim=-1)
 
+    def load_weights(self, state: dict[str, torch.Tensor], source: Path, name: str) -> None:
+        load_into(self.encoder, timm_adapted(state, self.encoder, source, name), source,
+                  ignored_prefixes=("head.", "fc."))
+
+
+class AttentionalPooler(nn.Module):
+    """CoCa's attentional pooler as CONCH v1.5 reads its trunk's tokens: learnt queries (layer
+    normed) attend over the layer-normed tokens, `heads` heads, no biases; queries x `dim` out."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int = 8, queries: int = 1) -> None:
+        super().__init__()
+        self.heads = heads
+        self.query = nn.Parameter(torch.zeros(queries, dim))
+        self.ln_k, self.ln_q = nn.LayerNorm(context_dim), nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.to_out = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        q = self.to_q(self.ln_q(self.query)).expand(len(tokens), -1, -1)
+        k, v = self.to_kv(self.ln_k(tokens)).chunk(2, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, n, d)
+        return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class ContrastPooling(nn.Module):
+    """CONCH v1.5's vision tower: a ViT `trunk`, its tokens (after the final norm) read by one
+    attentional-pooler query, layer-normed (`ln_contrast`): the pre-projection feature the
+    card recommends for linear probes. Attribute names are those of its weight file."""
+
+    def __init__(self, trunk: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.attn_pool_contrast = AttentionalPooler(dim, trunk.embed_dim)
+        self.ln_contrast = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: Path, name: str) -> None:
+        trunk = timm_adapted({k.removeprefix("trunk."): v for k, v in state.items() if k.startswith("trunk.")},
+                             self.trunk, source, name)  # a 224-px position grid resampled to 448
+        rest = {k: v for k, v in state.items() if not k.startswith("trunk.")}
+        load_into(self, rest | {f"trunk.{k}": v for k, v in trunk.items()}, source,
+                  ignored_prefixes=("trunk.head.", "trunk.fc_norm."))
+
 
 class ConvStem(nn.Module):
     """CTransPath's patch embedding (Wang et al. 2022): two stride-2 3x3 convolutions with batch
@@ -353,7 +400,7 @@ class Preset:
     arch: str
     kwargs: dict
     dim: int
-    pooling: str                  # "cls", "cls+mean" or "pool" (see TokenPooling)
+    pooling: str                  # "cls", "cls+mean", "pool" (see TokenPooling) or "contrast-pooler" (ContrastPooling)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     mpp: float | None
@@ -383,27 +430,35 @@ class Preset:
         layers = {"SwiGLUPacked": SwiGLUPacked, "SiLU": nn.SiLU, "ConvStem": ConvStem,  # kwargs name them, so
                   "LayerNorm(eps=1e-12)": partial(nn.LayerNorm, eps=1e-12)}          # presets stay plain data
         kwargs = {k: layers.get(v, v) if isinstance(v, str) else v for k, v in self.kwargs.items()}
-        return TokenPooling(timm.create_model(self.arch, pretrained=False, num_classes=0, **kwargs), self.pooling)
+        encoder = timm.create_model(self.arch, pretrained=False, num_classes=0, **kwargs)
+        if self.pooling == "contrast-pooler":
+            return ContrastPooling(encoder, self.dim)
+        return TokenPooling(encoder, self.pooling)
 
 
 def _build_preset(preset: Preset, weights: Path) -> nn.Module:
     """The preset with the weights in `weights`: a transformers-layout file is renamed first, then
     timm's own checkpoint filter for the architecture adapts it (the DINOv2 layout, register
     tokens, a position-embedding grid trained at another size) as `pretrained=True` would."""
-    import importlib
-
     model = preset.architecture()
     state = load_weight_file(weights)
     if preset.layout == "transformers" and is_transformers_layout(state):
         state = from_transformers(state)
-    timm_filter = getattr(importlib.import_module(type(model.encoder).__module__), "checkpoint_filter_fn", None)
-    if timm_filter is not None:
-        try:
-            state = timm_filter(state, model.encoder)
-        except (KeyError, RuntimeError, ValueError) as exc:  # a file for another architecture
-            raise InputError(weights, f"does not fit --backbone {preset.name} ({first_line(exc)})") from None
-    load_into(model.encoder, state, weights, ignored_prefixes=("head.", "fc."))
+    model.load_weights(state, weights, preset.name)
     return model
+
+
+def timm_adapted(state: dict[str, torch.Tensor], model: nn.Module, source: Path, name: str) -> dict[str, torch.Tensor]:
+    """`state` through timm's checkpoint filter for `model`'s architecture, where it has one."""
+    import importlib
+
+    timm_filter = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if timm_filter is None:
+        return state
+    try:
+        return timm_filter(state, model)
+    except (KeyError, RuntimeError, ValueError) as exc:  # a file for another architecture
+        raise InputError(source, f"does not fit --backbone {name} ({first_line(exc)})") from None
 
 
 SWIGLU = {"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}
@@ -456,6 +511,13 @@ PRESETS = [
            dim=1024, pooling="cls", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=None, licence="Apache-2.0",
            gated=False, card="https://huggingface.co/timm/vit_large_patch14_dinov2.lvd142m",
            description="DINOv2 ViT-L/14 (natural images, LVD-142M)", files=("model.safetensors",)),
+    Preset("conch-v1.5", "MahmoodLab/conchv1_5", "vit_large_patch16_224",
+           {"img_size": 448, "init_values": 1e-6},  # TITAN's ConchConfig: ViT-L/16 trunk, layerscale 1e-6
+           dim=768, pooling="contrast-pooler", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.5, input_size=448,
+           licence="CC-BY-NC-ND-4.0", gated=True, card="https://huggingface.co/MahmoodLab/conchv1_5",
+           description="CONCH v1.5 vision tower (TITAN's patch encoder): ViT-L/16 at 448 px, one attentional-pooler "
+                       "query, 768-d; 512-px patches at 20x (tile with --patch-size 512)",
+           precision="fp16", files=("pytorch_model_vision.bin",)),
     Preset("phikon", "owkin/phikon", "vit_base_patch16_224",
            {"img_size": 224, "norm_layer": "LayerNorm(eps=1e-12)"},  # transformers ViTModel's epsilon
            dim=768, pooling="cls", mean=IMAGENET_MEAN, std=IMAGENET_STD, mpp=0.5,

@@ -306,3 +306,44 @@ def test_ctranspath_loads_the_original_checkpoint_layout(tmp_path) -> None:
         features = get_backbone("ctranspath").create(tmp_path / "ctranspath.pth")(x)
         assert features.shape == (1, 768)
         torch.testing.assert_close(features, reference(x))
+
+
+def test_conch_v15_pooler_follows_its_published_formula_and_loads_its_file_layout(tmp_path) -> None:
+    """CONCH v1.5's feature: one learnt query, layer-normed, attends (8 heads, no biases) over the
+    layer-normed trunk tokens; the result, layer-normed, is the feature. Checked on a small trunk
+    against that formula written out step by step, from a file in its own layout (trunk.*,
+    attn_pool_contrast.*, ln_contrast.*) whose position grid is for 224 px, resampled to 448."""
+    import timm
+    from torch.nn import functional as F
+
+    from mil_cli.backbones import ContrastPooling
+
+    def small(img_size: int) -> ContrastPooling:
+        trunk = timm.create_model("vit_large_patch16_224", pretrained=False, num_classes=0, img_size=img_size,
+                                  embed_dim=64, depth=2, num_heads=4, init_values=1e-6)
+        return ContrastPooling(trunk, dim=48)
+
+    torch.manual_seed(0)
+    saved = small(224)
+    for parameter in saved.parameters():
+        parameter.data.normal_(0, 0.3)
+    path = tmp_path / "pytorch_model_vision.bin"
+    torch.save(saved.state_dict(), path)
+    model = small(448)
+    model.load_weights(torch.load(path, weights_only=True), path, "conch-v1.5")
+    assert model.trunk.pos_embed.shape[1] == 1 + 28 * 28
+
+    x = torch.randn(2, 3, 448, 448)
+    with torch.no_grad():
+        tokens = model.trunk.forward_features(x)  # (2, 785, 64), after the trunk's final norm
+        pooler = model.attn_pool_contrast
+        q = pooler.to_q(F.layer_norm(pooler.query, (48,), pooler.ln_q.weight, pooler.ln_q.bias))  # (1, 48)
+        k, v = pooler.to_kv(F.layer_norm(tokens, (64,), pooler.ln_k.weight, pooler.ln_k.bias)).chunk(2, dim=-1)
+        heads = 8
+        qh = q.reshape(1, heads, 6)
+        kh, vh = k.reshape(2, -1, heads, 6), v.reshape(2, -1, heads, 6)
+        sim = torch.einsum("qhd,bnhd->bhqn", qh, kh) * 6 ** -0.5
+        attention = (sim - sim.amax(-1, keepdim=True)).softmax(-1)
+        pooled = torch.einsum("bhqn,bnhd->bqhd", attention, vh).reshape(2, 1, 48)
+        expected = F.layer_norm(pooler.to_out(pooled)[:, 0], (48,), model.ln_contrast.weight, model.ln_contrast.bias)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
