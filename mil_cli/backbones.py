@@ -443,7 +443,10 @@ def _build_preset(preset: Preset, weights: Path) -> nn.Module:
     model = preset.architecture()
     state = load_weight_file(weights)
     if preset.layout == "transformers" and is_transformers_layout(state):
-        state = from_transformers(state)
+        try:
+            state = from_transformers(state)
+        except KeyError as exc:  # a query without its key and value, a block without its class token...
+            raise InputError(weights, f"does not fit --backbone {preset.name} (no tensor {exc})") from None
     model.load_weights(state, weights, preset.name)
     return model
 

@@ -347,3 +347,15 @@ def test_conch_v15_pooler_follows_its_published_formula_and_loads_its_file_layou
         pooled = torch.einsum("bhqn,bnhd->bqhd", attention, vh).reshape(2, 1, 48)
         expected = F.layer_norm(pooler.to_out(pooled)[:, 0], (48,), model.ln_contrast.weight, model.ln_contrast.bias)
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_broken_transformers_layout_file_is_one_clear_line(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from mil_cli.errors import InputError
+
+    path = tmp_path / "model.safetensors"
+    save_file({"embeddings.patch_embeddings.projection.weight": torch.zeros(4, 3, 16, 16),
+               "encoder.layer.0.attention.attention.query.weight": torch.zeros(4, 4)}, str(path))
+    with pytest.raises(InputError, match=r"model\.safetensors: does not fit --backbone phikon"):
+        get_backbone("phikon").create(path)
