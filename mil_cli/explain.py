@@ -459,10 +459,13 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
                              PatchTable(data.coords, size, attention, ranks, columns), title, options.viewer_mb)
             if scorer is not None and images is not None:
                 c = shown_class(evidence.predictions, classes)
-                areas = refine(slide, scorer, lambda features: patch_probability(models, features, c, device),
-                               polygons, data.coords, size, int(data.attrs.get("patch_size", 224)), shown.values,
-                               images)
-                write_refined(folder, slide, areas, images, polygons, f"{title} | refined", shown.label, options)
+                try:
+                    areas = refine(slide, scorer, lambda features: patch_probability(models, features, c, device),
+                                   polygons, data.coords, size, int(data.attrs.get("patch_size", 224)),
+                                   shown.values, images)
+                    write_refined(folder, slide, areas, images, polygons, f"{title} | refined", shown.label, options)
+                except InputError as exc:
+                    warn(f"{slide_id}: refined maps not drawn ({exc})")
     except InputError as exc:
         warn(f"{slide_id}: top_patches.png{' and viewer.html' if viewer else ''}"
              f"{' and the refined maps' if scorer else ''} not drawn ({exc})")
