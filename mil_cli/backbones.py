@@ -371,7 +371,8 @@ class ConvStem(nn.Module):
     norm; channels-last output as timm's Swin expects. Replaces Swin's 4x4 patchify."""
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int | tuple[int, int] = 4,
-                 in_chans: int = 3, embed_dim: int = 96, norm_layer: Callable[[int], nn.Module] | None = None, **_: object) -> None:
+                 in_chans: int = 3, embed_dim: int = 96, norm_layer: Callable[[int], nn.Module] | None = None,
+                 **_: object) -> None:
         super().__init__()
         if patch_size not in (4, (4, 4)):
             raise ValueError("ConvStem downsamples by 4")

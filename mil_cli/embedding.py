@@ -382,12 +382,25 @@ def warn_on_resolution(backbone: Backbone, jobs: list[SlideJob]) -> None:
                                         f"(nan: no mpp in the file)"))
 
 
+BUNDLED_TARGET_NAME = "bundled H&E target"  # the stain attribute's name for the default target
+
+
 def feature_store_attrs(backbone: Backbone, options: EmbedOptions) -> dict:
     """What every slide of a feature store must share; a resumed run must match them."""
     return {"backbone": backbone.name, "dim": backbone.dim, "dtype": options.dtype,
             "weights": str(options.weights.resolve()) if options.weights else "default",
             "stain": options.stain if options.stain == "none" else
-            f"{options.stain} ({options.stain_target.resolve() if options.stain_target else 'bundled H&E target'})"}
+            f"{options.stain} ({options.stain_target.resolve() if options.stain_target else BUNDLED_TARGET_NAME})"}
+
+
+def embed_options_of(attrs: dict) -> EmbedOptions:
+    """The weights and stain normalisation a feature store was embedded with, read back from
+    its attributes (feature_store_attrs), to embed new patches of it the same way."""
+    weights = str(attrs.get("weights", "default"))
+    stain, _, target = str(attrs.get("stain", "none")).partition(" (")
+    target = target.removesuffix(")")
+    return EmbedOptions(weights=None if weights == "default" else Path(weights), stain=stain,
+                        stain_target=Path(target) if target and target != BUNDLED_TARGET_NAME else None)
 
 
 def stain_target_of(options: EmbedOptions) -> StainTarget:

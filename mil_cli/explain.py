@@ -32,7 +32,7 @@ from mil_cli.errors import InputError, MilcliError
 from mil_cli.inference import LoadedModel, bag_features, bag_slides, check_compatible, predict_bag
 from mil_cli.labels import LabelTable
 from mil_cli.prototypes import PrototypeBank, build_bank, write_prototypes
-from mil_cli.raster import cell_means
+from mil_cli.raster import cell_means, on_tissue
 from mil_cli.refine import PatchScorer, RefinedArea, area_picture, refine
 from mil_cli.render import PNG, map_image, montage
 from mil_cli.reports import StageReport
@@ -285,15 +285,6 @@ def region_grid(coords: np.ndarray, step: int, size: int, values: np.ndarray, th
     return RegionGrid(by_size[labels], origin, step / upsample)
 
 
-def on_tissue(images: SlideImages, origin: np.ndarray, pixel: float, shape: tuple[int, int]) -> np.ndarray:
-    """Which pixels of a level-0 grid (origin, pixel size, shape) have their centre on the
-    thumbnail's tissue mask."""
-    rows = ((origin[1] + (np.arange(shape[0]) + 0.5) * pixel) / images.downsample).astype(int)
-    cols = ((origin[0] + (np.arange(shape[1]) + 0.5) * pixel) / images.downsample).astype(int)
-    mask = images.tissue_mask
-    return mask[np.clip(rows, 0, mask.shape[0] - 1)][:, np.clip(cols, 0, mask.shape[1] - 1)]
-
-
 SIMPLIFY_PX = 0.75     # map pixels: how far a simplified outline may stray from the traced one
 COORDINATE_GRID = 0.1  # level-0 px: the precision of exported coordinates
 
@@ -455,7 +446,7 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
                 columns = {f"{prefix} to '{c}'": contributions[:, i] for i, c in enumerate(classes)}
                 columns |= {f"P({c}) of the patch": instance[:, i] for i, c in enumerate(classes)}
                 tiling_scale = float(data.attrs.get("patch_size", 224)) / size
-                write_viewer(folder, slide, slide.dimensions, tiling_scale, images, overlays, polygons,
+                write_viewer(folder, slide, tiling_scale, images, overlays, polygons,
                              PatchTable(data.coords, size, attention, ranks, columns), title, options.viewer_mb)
             if scorer is not None and images is not None:
                 c = shown_class(evidence.predictions, classes)
@@ -620,14 +611,17 @@ def explain_slides(models: list[LoadedModel], source: FeatureSource, slide_ids: 
     wanted, jobs = set(present), []
     # slides in parallel: encoding images and decoding slide tiles release the GIL
     with ThreadPoolExecutor(max_workers=min(EXPLAIN_THREADS, available_cores())) as pool:
-        for bag_id, ids in bag_slides(models, source.slide_ids, labels).items():
-            chosen = [sid for sid in ids if sid in wanted]
-            if chosen and models[0].bag_by == "patient":
-                features, parts = bag_features(source, ids)
-                evidence = bag_evidence(models, bag_id, features, parts, device) if parts else None
-                jobs += [(slide_id, evidence) for slide_id in chosen]
-            elif chosen:
-                jobs += list(zip(chosen, pool.map(lambda sid: slide_evidence(models, source, sid, device), chosen)))
+        if models[0].bag_by == "patient":
+            for bag_id, ids in bag_slides(models, source.slide_ids, labels).items():
+                chosen = [sid for sid in ids if sid in wanted]
+                if chosen:
+                    features, parts = bag_features(source, ids)
+                    evidence = bag_evidence(models, bag_id, features, parts, device) if parts else None
+                    jobs += [(slide_id, evidence) for slide_id in chosen]
+        else:
+            bags = bag_slides(models, source.slide_ids, labels).values()
+            chosen = [sid for ids in bags for sid in ids if sid in wanted]
+            jobs = list(zip(chosen, pool.map(lambda sid: slide_evidence(models, source, sid, device), chosen)))
         scale = shared_evidence_scale(list({id(e): e for _, e in jobs if e is not None}.values()))
         futures = [pool.submit(explain_slide, models, source, slide_id, out, options, device, bank, evidence, scale,
                                scorer) for slide_id, evidence in jobs]

@@ -14,17 +14,15 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from mil_cli.backbones import get_backbone
-from mil_cli.embedding import Embedder
+from mil_cli.embedding import build_embedder, embed_options_of
 from mil_cli.errors import InputError
-from mil_cli.raster import cell_means
+from mil_cli.raster import cell_means, on_tissue
 from mil_cli.slides import Slide
-from mil_cli.stain import BUNDLED_TARGET, load_target
 from mil_cli.stores import FeatureSource, SlideImages
 
 REFINE_STEPS = 4        # stride = patch / 4
@@ -54,13 +52,7 @@ class PatchScorer:
 
     def __init__(self, source: FeatureSource, device: torch.device) -> None:
         attrs = source.attrs
-        backbone = get_backbone(str(attrs.get("backbone", "")))
-        weights = str(attrs.get("weights", "default"))
-        stain, _, target = str(attrs.get("stain", "none")).partition(" (")
-        target = target.rstrip(")")
-        stain_target = load_target(Path(target)) if target and target != "bundled H&E target" else BUNDLED_TARGET
-        self.embedder = Embedder(backbone, device, None if weights == "default" else Path(weights), stain=stain,
-                                 stain_target=stain_target)
+        self.embedder = build_embedder(get_backbone(str(attrs.get("backbone", ""))), device, embed_options_of(attrs))
         self.lock = threading.Lock()
 
     def features(self, slide: Slide, coords: np.ndarray, size_level0: int, out_size: int) -> np.ndarray:
@@ -106,8 +98,8 @@ def stride_grid(box: tuple[float, ...], size: int, stride: int, images: SlideIma
     return grid[mask[rows, cols] & (grid >= 0).all(axis=1)].astype(np.int64)
 
 
-def refine(slide: Slide, scorer: PatchScorer, score: Callable[[np.ndarray], np.ndarray], regions: list, coords: np.ndarray, size: int,
-           out_size: int, values: np.ndarray, images: SlideImages) -> list[RefinedArea]:
+def refine(slide: Slide, scorer: PatchScorer, score: Callable[[np.ndarray], np.ndarray], regions: list,
+           coords: np.ndarray, size: int, out_size: int, values: np.ndarray, images: SlideImages) -> list[RefinedArea]:
     """The refined areas of one slide; `score` maps (n, dim) features to (n,) values."""
     stride = max(1, size // REFINE_STEPS)
     areas, budget = [], MAX_PATCHES
@@ -136,10 +128,4 @@ def area_picture(slide: Slide, area: RefinedArea, images: SlideImages) -> tuple[
     cols = np.minimum(((np.arange(size[0]) + 0.5) * pixel / area.stride).astype(int), width_cells - 1)
     rows = np.minimum(((np.arange(size[1]) + 0.5) * pixel / area.stride).astype(int), height_cells - 1)
     painted = area.grid[rows][:, cols]
-    mask = images.tissue_mask
-    mask_rows = np.clip(((y0 + (np.arange(size[1]) + 0.5) * pixel) / images.downsample).astype(int), 0,
-                        mask.shape[0] - 1)
-    mask_cols = np.clip(((x0 + (np.arange(size[0]) + 0.5) * pixel) / images.downsample).astype(int), 0,
-                        mask.shape[1] - 1)
-    painted = np.where(mask[mask_rows][:, mask_cols], painted, np.nan)
-    return base, painted, pixel
+    return base, np.where(on_tissue(images, area.origin, pixel, painted.shape), painted, np.nan), pixel

@@ -136,7 +136,8 @@ def legend_gradient(overlay: Overlay) -> str:
 def copy_assets(out: Path) -> Path:
     """OpenSeadragon, its licence, button images and viewer.js into out/_viewer (once)."""
     target = out / ASSETS_DIR
-    if not (target / "viewer.js").exists() or (target / "viewer.js").read_bytes() != (ASSETS / "viewer.js").read_bytes():
+    copied = target / "viewer.js"
+    if not copied.exists() or copied.read_bytes() != (ASSETS / "viewer.js").read_bytes():
         shutil.copytree(ASSETS, target, dirs_exist_ok=True)
     return target
 
@@ -161,7 +162,7 @@ def _floats(values: np.ndarray) -> list[float]:
     return [float(f"{v:.5g}") for v in np.asarray(values, dtype=float)]
 
 
-def write_viewer(folder: Path, slide: Slide, dimensions: tuple[int, int], tiling_scale: float, images: SlideImages,
+def write_viewer(folder: Path, slide: Slide, tiling_scale: float, images: SlideImages,
                  overlays: list[Overlay], regions: list, patches: PatchTable, title: str,
                  budget_mb: float = VIEWER_BUDGET_MB) -> Pyramid:
     """folder/viewer.html with its tiles and overlay images under folder/viewer/ (the shared
@@ -169,7 +170,7 @@ def write_viewer(folder: Path, slide: Slide, dimensions: tuple[int, int], tiling
     files = folder / "viewer"
     if files.exists():
         shutil.rmtree(files)  # a rerun's pyramid may have other levels
-    width0, height0 = dimensions
+    width0, height0 = slide.dimensions
     pyramid = plan_pyramid(width0, height0, tiling_scale, images, budget_mb)
     tiles = write_tiles(slide, pyramid, images, files / "tiles")
     thumb_width = images.tissue_mask.shape[1] * images.downsample

@@ -170,3 +170,17 @@ def test_a_slide_that_breaks_under_decode_workers_is_named_and_the_rest_embedded
     assert sorted(summary["done"]) == ["slide_00", "slide_02", "slide_03"]
     assert "truncated or damaged" in summary["failed"]["slide_01"]
     assert "slide_01" in result.stderr and "truncated or damaged" in result.stderr
+
+
+def test_a_feature_stores_embedding_options_read_back_from_its_attributes(tmp_path) -> None:
+    """explain --refine embeds new patches as the store's were: weights and stain read back."""
+    from mil_cli.embedding import EmbedOptions, embed_options_of, feature_store_attrs
+
+    backbone = get_backbone("efficientnet-lite0")
+    weights, target = tmp_path / "w.pth", tmp_path / "target.png"
+    for options in (EmbedOptions(), EmbedOptions(stain="macenko"),
+                    EmbedOptions(weights=weights, stain="reinhard", stain_target=target)):
+        back = embed_options_of(feature_store_attrs(backbone, options))
+        assert (back.weights, back.stain, back.stain_target) == (
+            options.weights and options.weights.resolve(), options.stain,
+            options.stain_target and options.stain_target.resolve())
