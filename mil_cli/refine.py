@@ -83,7 +83,8 @@ def refine_boxes(regions: list, coords: np.ndarray, size: int, values: np.ndarra
 
 def stride_grid(box: tuple[float, ...], size: int, stride: int, images: SlideImages, budget: int) -> np.ndarray:
     """Top-left corners on a `stride` grid whose patches' centres lie in `box` and on tissue;
-    a box needing more than `budget` patches is cut around its centre to fit."""
+    a box needing more than `budget` patches is cut around its centre to fit (and the grid's
+    rounding, which can add a row and a column, cut off)."""
     x0, y0, x1, y1 = box
     side = int(math.sqrt(budget)) * stride
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -95,7 +96,7 @@ def stride_grid(box: tuple[float, ...], size: int, stride: int, images: SlideIma
     mask = images.tissue_mask
     rows = np.clip(((grid[:, 1] + size / 2) / images.downsample).astype(int), 0, mask.shape[0] - 1)
     cols = np.clip(((grid[:, 0] + size / 2) / images.downsample).astype(int), 0, mask.shape[1] - 1)
-    return grid[mask[rows, cols] & (grid >= 0).all(axis=1)].astype(np.int64)
+    return grid[mask[rows, cols] & (grid >= 0).all(axis=1)][:budget].astype(np.int64)
 
 
 def refine(slide: Slide, scorer: PatchScorer, score: Callable[[np.ndarray], np.ndarray], regions: list,
@@ -104,8 +105,10 @@ def refine(slide: Slide, scorer: PatchScorer, score: Callable[[np.ndarray], np.n
     stride = max(1, size // REFINE_STEPS)
     areas, budget = [], MAX_PATCHES
     for box in refine_boxes(regions, coords, size, values):
+        if budget <= 0:
+            break
         grid = stride_grid(box, size, stride, images, budget)
-        if len(grid) == 0 or budget <= 0:
+        if len(grid) == 0:
             continue
         budget -= len(grid)
         scores = score(scorer.features(slide, grid, size, out_size))

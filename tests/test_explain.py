@@ -352,3 +352,16 @@ def test_refine_is_refused_for_the_attention_map(sample_run: Path, tmp_path: Pat
     result = invoke("explain", "slide_00", "--model", sample_run / "model.pt", "--features", sample_run / "feats.h5",
                     "--out", tmp_path, "--refine", "--map", "attention")
     assert result.exit_code == 2 and "--refine" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_refine_grids_keep_to_their_patch_budget() -> None:
+    """A box cut to the budget's square can still round to one more row and column of patches;
+    the budget holds anyway (an overdrawn budget once made the next box's square root fail)."""
+    from mil_cli.refine import stride_grid
+    from mil_cli.stores import SlideImages
+
+    images = SlideImages(thumbnail=np.zeros((100, 100, 3), np.uint8), tissue_mask=np.ones((100, 100), bool),
+                         downsample=10.0)
+    for budget in (1, 10, 100, 400):
+        grid = stride_grid((96.0, 96.0, 900.0, 900.0), 256, 64, images, budget)
+        assert 0 < len(grid) <= budget
