@@ -155,7 +155,12 @@ def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, opt
             attention.append(fitted.model.bag(features)[1].numpy())
             instance.append(fitted.model.instance_scores(features)[:, 1].numpy())
     return {"p": probs[:, 1], "attention": attention, "instance": instance, "seconds_per_epoch": seconds_per_epoch,
-            "chosen": fitted.selection.get("instance_loss")}
+            "chosen": recipe_name(fitted.selection) if fitted.selection else None}
+
+
+def recipe_name(selection: dict) -> str:
+    """What inner cross-validation chose, named as in its scores: '0.0 raw'."""
+    return f"{selection['instance_loss']} {'standardised' if selection['standardise'] else 'raw'}"
 
 
 def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int) -> dict:
@@ -185,8 +190,8 @@ def evaluate_row(row: Row, repeats: int, options: TrainOptions, with_reference: 
         y = np.array(pooled["y"])
         results.setdefault("milcli s/epoch", []).append(float(np.mean(pooled["epoch seconds"])))
         chosen = [c for c in pooled["chosen"] if c is not None]
-        if chosen:  # share of the folds whose inner cross-validation chose no patch-classifier loss
-            results.setdefault("chose instance-loss 0", []).append(float(np.mean(np.array(chosen) == 0)))
+        for recipe in sorted(set(chosen)):  # share of the folds whose inner cross-validation chose each recipe
+            results.setdefault(f"chose {recipe}", []).append(chosen.count(recipe) / len(chosen))
         for who in ("milcli", "reference") if with_reference else ("milcli",):
             p = np.array(pooled[who])
             results.setdefault(f"{who} auc", []).append(roc_auc_score(y, p))
@@ -231,8 +236,8 @@ def main() -> None:
         cells.append(f"{np.mean(r['milcli s/epoch']):.4f}")
         print(f"| {name} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |", flush=True)
         per_repeat.append(f"{name}: milcli AUC per repeat " + ", ".join(f"{v:.3f}" for v in r["milcli auc"])
-                          + (f"; inner CV chose --instance-loss 0 in {np.mean(r['chose instance-loss 0']):.0%} of folds"
-                             if "chose instance-loss 0" in r else ""))
+                          + "".join(f"; inner CV chose {k.removeprefix('chose ')} in {np.sum(v) / args.repeats:.0%} "
+                                    f"of folds" for k, v in r.items() if k.startswith("chose ")))
         for k, v in r.items():
             summary.setdefault(k, []).append(float(np.nanmean(v)))
     print("mean over rows: " + ", ".join(f"{k} {np.nanmean(v):.3f}" for k, v in summary.items()))
@@ -245,7 +250,7 @@ def apply_overrides(options: TrainOptions, settings: list[str]) -> TrainOptions:
         key, value = setting.split("=", 1)
         target, field = (options.model, key[6:]) if key.startswith("model.") else (options, key)
         current = getattr(target, field)
-        if isinstance(current, bool):
+        if isinstance(current, bool) or field == "standardise":  # standardise: None (chosen) or a bool
             typed = value.lower() in ("1", "true", "yes")
         elif current is None:  # max_patches (None or a count), instance_loss (None or a share)
             typed = float(value) if "." in value or field == "instance_loss" else int(value)

@@ -411,15 +411,16 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = TRAIN_DEFAULTS.weight_decay,
     patience: Annotated[int, typer.Option(min=1, help="With validation slides: epochs without a better validation loss before stopping.")] = TRAIN_DEFAULTS.patience,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of training slides (patients) held out for early stopping when the labels have no 'val' split; 0: none.")] = TRAIN_DEFAULTS.val_fraction,
-    no_standardise: Annotated[bool, typer.Option("--no-standardise", help="Feed raw features (by default each dimension is z-scored with the training patches' mean and sd, kept in the model file, and clipped to +-5).")] = not TRAIN_DEFAULTS.standardise,
+    standardise: Annotated[Optional[bool], typer.Option("--standardise/--no-standardise", show_default="chosen with --instance-loss", help="z-score each feature dimension with the training patches' mean and sd (kept in the model file, clipped to +-5), or feed raw features. Left unset with --instance-loss unset, abmil heads choose it by inner cross-validation (see --instance-loss); otherwise features are standardised.")] = TRAIN_DEFAULTS.standardise,
     batch_size: Annotated[int, typer.Option(min=1, help="Bags per step (padded to the largest, masked).")] = TRAIN_DEFAULTS.batch_size,
     max_patches: MaxPatches = TRAIN_DEFAULTS.max_patches,
     precision: Annotated[str, typer.Option(help="Training steps: auto (bf16 on GPUs with native bf16, else fp32), fp32 or bf16. Evaluation and prediction always run fp32.")] = TRAIN_DEFAULTS.precision,
     hidden_dim: Annotated[int, typer.Option(min=1, help="Patch embedding size.")] = MODEL_DEFAULTS.hidden_dim,
     attention_dim: Annotated[int, typer.Option(min=1, help="Attention branch size.")] = MODEL_DEFAULTS.attention_dim,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout after the patch embedding.")] = MODEL_DEFAULTS.dropout,
-    instance_loss: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, show_default="0.5, or 0 when inner CV prefers it", help="abmil heads: share of the max-pooled patch-classifier loss (its patch scores localise). Left unset, on up to 300 training slides milcli trains one head per inner fold (3 folds) with 0.5 and with 0 and keeps 0.5 unless 0 gains 0.02 out-of-fold AUC (it can, on a few dozen slides of high-dimensional features); larger cohorts take 0.5.")] = MODEL_DEFAULTS.instance_loss,
+    instance_loss: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, show_default="0.5, or 0 when inner CV prefers it", help="abmil heads: share of the max-pooled patch-classifier loss (its patch scores localise). Left unset (with --standardise/--no-standardise unset too), on up to 300 training slides milcli trains one head per inner fold (3 folds) for each of: 0.5 on standardised features, 0 on standardised features, 0 on raw features, and keeps the first unless another gains 0.02 out-of-fold AUC (they can, on a few dozen slides of high-dimensional features with a weak signal); larger cohorts take the first. With --standardise or --no-standardise set, the choice is between 0.5 and 0 on those features.")] = MODEL_DEFAULTS.instance_loss,
     instance_k: Annotated[int, typer.Option(min=1, help="clam-sb, clam-mb: top/bottom patches per bag for the instance loss.")] = MODEL_DEFAULTS.instance_k,
+    prototypes: Annotated[int, typer.Option(min=1, help="protomil: learned prototypes per class.")] = MODEL_DEFAULTS.prototypes,
     seed: Seed = 0,
     device: Device = "auto",
     config: ConfigFile = None,
@@ -436,11 +437,12 @@ def train(
 
     _check_model(model, task)
     options = TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, lr_schedule=lr_schedule, weight_decay=weight_decay,
-                           patience=patience, val_fraction=val_fraction, standardise=not no_standardise, seed=seed,
+                           patience=patience, val_fraction=val_fraction, standardise=standardise, seed=seed,
                            batch_size=batch_size, max_patches=max_patches, precision=precision, task=task,
                            survival_loss=survival_loss, horizons=_horizons(horizons), bag_by=bag_by,
                            model=ModelConfig(architecture=model, hidden_dim=hidden_dim, attention_dim=attention_dim,
-                                             dropout=dropout, instance_loss=instance_loss, instance_k=instance_k))
+                                             dropout=dropout, instance_loss=instance_loss, instance_k=instance_k,
+                                             prototypes=prototypes))
     features, labels = require_file(features, "--features"), require_file(labels, "--labels")
     if folds is not None:
         from mil_cli.crossval import cross_validate

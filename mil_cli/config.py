@@ -42,9 +42,10 @@ class ModelConfig:
     attention_dim: int = 128
     dropout: float = 0.25
     instance_loss: float | None = None  # abmil heads: share of the max-pooled patch-classifier loss;
-                                        # None: chosen by training.choose_instance_loss
+                                        # None: chosen by training.choose_recipe
     instance_k: int = 8           # clam-sb/-mb: patches taken from each end of the attention ranking
     instance_weight: float = 0.3  # clam-sb/-mb: share of the instance loss in the total loss
+    prototypes: int = 5           # protomil: learned prototypes per class
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -58,7 +59,8 @@ class TrainOptions:
     lr_schedule: str = "cosine"   # cosine decay to 1 % over the epochs, or constant
     patience: int = 10            # epochs without a better validation loss before stopping
     val_fraction: float = 0.0     # of the training slides (or patients) for early stopping, when no split column
-    standardise: bool = True      # z-score features with the training patches' statistics
+    standardise: bool | None = None  # z-score features with the training patches' statistics;
+                                     # None: chosen with instance_loss (training.choose_recipe)
     clip: float = 5.0             # ... and clip the z-scores to +-clip
     ensemble: int = 5             # heads trained from different seeds, averaged
     seed: int = 0

@@ -31,8 +31,9 @@ from mil_cli.devices import available_cores
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.inference import LoadedModel, bag_features, bag_slides, check_compatible, predict_bag
 from mil_cli.labels import LabelTable
-from mil_cli.prototypes import PrototypeBank, build_bank, write_prototypes
-from mil_cli.raster import cell_means, on_tissue
+from mil_cli.prototypes import (FiredPrototype, PrototypeBank, build_bank, fired_prototypes, read_patch_of,
+                                source_patch, write_fired_csv, write_prototypes)
+from mil_cli.raster import cell_means, in_box, mass_box, on_tissue
 from mil_cli.refine import PatchScorer, RefinedArea, area_picture, refine
 from mil_cli.render import PNG, map_image, montage
 from mil_cli.reports import StageReport
@@ -51,6 +52,7 @@ EVIDENCE_COLOUR_MAP = "RdBu_r"  # diverging: red argues for the class, blue agai
 MIN_REGION_SHARE = 0.25         # regions smaller than this share of a patch are interpolation slivers: left out
 EXPLAIN_THREADS = 4             # slides explained at once (at most the cores this process may use)
 BOX_MASS = 0.95                 # boxes.csv: the box holding this share of the attention
+LEARNED_SHOWN = 4               # protomil: the learned prototypes drawn per slide, those that fire most
 
 
 @dataclass(frozen=True)
@@ -159,37 +161,6 @@ def draw_map(path: Path, images: SlideImages, grid: np.ndarray, title: str, alph
               images.downsample, REGION_OUTLINE).save(path, **PNG)
 
 
-def attention_box(coords: np.ndarray, step: int, size: int, attention: np.ndarray, mass: float) -> list[int]:
-    """A small box (level-0 x0, y0, x1, y1) holding at least `mass` of the attention: starting
-    from all patches, repeatedly drop the outermost grid row or column that carries the least
-    attention while the rest still holds `mass`."""
-    origin = coords.min(axis=0)
-    cells = np.round((coords - origin) / step).astype(int)
-    lo, hi = cells.min(axis=0), cells.max(axis=0)
-    total = attention.sum()
-    while True:
-        inside = np.all((cells >= lo) & (cells <= hi), axis=1)
-        options = []
-        for axis in (0, 1):
-            for end, bound in ((lo, lo[axis]), (hi, hi[axis])):
-                if lo[axis] == hi[axis]:
-                    continue
-                edge = inside & (cells[:, axis] == bound)
-                options.append((attention[edge].sum(), axis, end is lo))
-        if not options:
-            break
-        lost, axis, from_low = min(options)
-        if attention[inside].sum() - lost < mass * total:
-            break
-        if from_low:
-            lo[axis] += 1
-        else:
-            hi[axis] -= 1
-    x0, y0 = origin + lo * step
-    x1, y1 = origin + hi * step + size
-    return [int(x0), int(y0), int(x1), int(y1)]
-
-
 def polygon_box(rings: list) -> list[int]:
     outer = np.array(rings[0])
     return [int(v) for v in (*outer.min(axis=0), *outer.max(axis=0))]
@@ -202,14 +173,12 @@ def write_boxes_csv(path: Path, polygons: list, coords: np.ndarray, step: int, s
     rows = []
     if polygons:
         rows.append(("largest_region", polygon_box(polygons[0])))
-    rows.append((f"attention_{round(BOX_MASS * 100)}pct", attention_box(coords, step, size, attention, BOX_MASS)))
-    centre = coords + size / 2
+    rows.append((f"attention_{round(BOX_MASS * 100)}pct", mass_box(coords, step, size, attention, BOX_MASS)))
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["box", "x0", "y0", "x1", "y1", "attention_mass"])
-        for name, (x0, y0, x1, y1) in rows:
-            inside = (centre[:, 0] >= x0) & (centre[:, 0] <= x1) & (centre[:, 1] >= y0) & (centre[:, 1] <= y1)
-            writer.writerow([name, x0, y0, x1, y1, f"{attention[inside].sum():.4f}"])
+        for name, box in rows:
+            writer.writerow([name, *box, f"{attention[in_box(coords, size, box)].sum():.4f}"])
 
 
 def slide_file(data: SlideData) -> Path:
@@ -432,9 +401,13 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
     write_boxes_csv(folder / "boxes.csv", polygons, data.coords, step, size, attention)
 
     overlays = None
+    fired = fired_prototypes(models, data.features, data.coords, step, size, device)  # protomil only
+    if fired:
+        write_fired_csv(folder / "learned_prototypes.csv", data, fired, source)
     if images is not None:
         overlays = draw_slide_maps(folder, images, data, size, step, shown, contributions, classes,
                                    models[0].module.additive, title, options, polygons, evidence_scale)
+        overlays += draw_fired_maps(folder, images, data, size, fired[:LEARNED_SHOWN], options)
     else:
         warn(f"{slide_id}: the store has no thumbnail; heatmap.png, evidence maps and viewer.html not drawn")
     viewer = overlays is not None and options.viewer
@@ -462,7 +435,52 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
              f"{' and the refined maps' if scorer else ''} not drawn ({exc})")
     if bank is not None:
         write_prototypes(folder, data, attention, bank)
+    if fired:
+        draw_fired_patches(folder / "learned_prototypes.png", data, fired[:LEARNED_SHOWN], source)
     return folder
+
+
+def draw_fired_maps(folder: Path, images: SlideImages, data: SlideData, size: int, fired: list[FiredPrototype],
+                    options: ExplainOptions) -> list[Overlay]:
+    """learned_prototype_<k>.png: where the k-th most activated prototype fires on the slide
+    (each patch's similarity to it) and the box holding most of its activation; the same
+    maps as viewer overlays."""
+    overlays = []
+    for k, p in enumerate(fired, start=1):
+        grid = paint(images, data.coords, size, p.similarity)
+        limits = (float(np.nanmin(grid)), max(float(np.nanmax(grid)), float(np.nanmin(grid)) + 1e-6))
+        x0, y0, x1, y1 = p.box
+        box = [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]
+        label = (f"similarity log((d+1)/(d+1e-4)); box: {p.box_share:.0%} of its activation "
+                 f"(attention x similarity)")
+        draw_map(folder / f"learned_prototype_{k}.png", images, grid,
+                 f"{data.slide_id} | learned prototype #{k} of '{p.class_name}' ({p.name}), activation "
+                 f"{p.activation:.3g}", options.alpha, options.width, COLOUR_MAP, limits, label, [box], grey=True)
+        overlays.append(Overlay(f"learned_prototype_{k}", f"learned prototype #{k} of '{p.class_name}': similarity",
+                                grid, COLOUR_MAP, limits, False))
+    return overlays
+
+
+def draw_fired_patches(path: Path, data: SlideData, fired: list[FiredPrototype], source: FeatureSource) -> None:
+    """learned_prototypes.png: per prototype (most activated first) the training patch it is
+    and the patch of this slide most like it."""
+    blank = np.full((8, 8, 3), 235, np.uint8)
+
+    def pixels(slide: SlideData, index: int) -> np.ndarray:
+        try:
+            return read_patch_of(slide, index)
+        except InputError as exc:
+            warn(f"{data.slide_id}: learned_prototypes.png: {exc}")
+            return blank
+
+    rows = []
+    for k, p in enumerate(fired, start=1):
+        found = source_patch(p.origin, source)
+        origin = (pixels(*found), f"#{k} '{p.class_name}': is a patch\nof {p.origin.get('slide')}") if found else \
+            (blank, f"#{k} '{p.class_name}': its slide\n({p.origin.get('slide', '?')}) is not in the store")
+        best = int(np.argmax(p.similarity))
+        rows.append([origin, (pixels(data, best), f"most like it here\nsimilarity {p.similarity[best]:.3g}")])
+    montage(rows, f"{data.slide_id}: prototypes firing most").save(path, **PNG)
 
 
 def patch_probability(models: list[LoadedModel], features: np.ndarray, c: int, device: torch.device) -> np.ndarray:

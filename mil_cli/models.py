@@ -25,11 +25,14 @@ patch-level answer that localises; attention only says what the bag pooling weig
   every patch attends to it, and the two streams' logits are averaged.
 - `transmil`: a class token and the patches through two self-attention layers with TransMIL's
   convolutional position encoding.
+- `protomil`: learned prototypes, projected onto real training patches once trained; the bag
+  pools each patch's similarity to each prototype with gated attention.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -127,6 +130,11 @@ class MILHead(nn.Module):
 
     def loss(self, out: MILOutput, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         return F.cross_entropy(out.logits, targets, weight=weight)
+
+    def after_training(self, bags: list, refit: Callable[[list[nn.Parameter], int], None]) -> dict:
+        """A last step once trained on `bags` (training.Bag), which may train some parameters
+        again through `refit(parameters, epochs)`. Returns plain data for the model file."""
+        return {}
 
 
 class AttentionMIL(MILHead):
@@ -499,6 +507,130 @@ class TransMIL(MILHead):
         return self.alone(self.patch_scores(features))
 
 
+class ProtoMIL(AttentionMIL):
+    """ProtoMIL (Rymarczyk et al., WACV 2023): ProtoPNet's prototypical parts ("this looks
+    like that", Chen et al. 2019) for bags. Patch embeddings go into a prototype space (a
+    linear layer and a sigmoid) and are compared with `prototypes` learned prototypes per
+    class by ProtoPNet's similarity log((d + 1) / (d + 1e-4)) of the squared distance d.
+    Gated attention on the embeddings pools each prototype's similarities over the bag, and a
+    bias-free linear layer (started at +1 from a class's own prototypes, -0.5 from the
+    others') turns them into logits, so each logit splits exactly into per-patch parts.
+    The loss adds ProtoPNet's cluster cost (each bag holds a patch close to a prototype of its
+    class) and, for binary models, its separation cost on negative bags only: they hold no
+    positive patch, so none may lie close to a positive prototype, while a positive bag's
+    patches may be anything. Then L1 on the weights from other classes' prototypes.
+    Once trained, each prototype is projected onto the nearest patch of the training bags of
+    its class (it becomes that real patch, which explain shows) and the last layer is refitted
+    with everything else frozen, as ProtoPNet does."""
+
+    max_instance_loss = False
+    tasks = MILHead.tasks
+    space = 64                           # prototype space dimensions
+    cluster_weight = 0.8                 # ProtoPNet's cost weights
+    separation_weight = 0.08
+    l1_weight = 1e-4
+    last_layer_epochs = 10
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        c = config.n_classes
+        self.to_space = nn.Sequential(nn.Linear(config.hidden_dim, self.space), nn.Sigmoid())
+        self.prototypes = nn.Parameter(torch.rand(c * config.prototypes, self.space))
+        self.register_buffer("prototype_class", torch.arange(c).repeat_interleave(config.prototypes))
+        self.register_buffer("own_class", F.one_hot(self.prototype_class, c).T.float())  # (C, M)
+        self.classifier = nn.Linear(c * config.prototypes, c, bias=False)
+        with torch.no_grad():
+            self.classifier.weight.copy_(self.own_class - 0.5 * (1 - self.own_class))
+
+    def distances(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., H) embeddings -> (..., M) squared distances to the prototypes."""
+        z = self.to_space(h)
+        d = (z * z).sum(-1, keepdim=True) - 2 * z @ self.prototypes.T + (self.prototypes ** 2).sum(-1)
+        return d.clamp(min=0)
+
+    @staticmethod
+    def similarity(d: torch.Tensor) -> torch.Tensor:
+        return torch.log((d + 1) / (d + 1e-4))
+
+    def patch_similarities(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) one bag's features -> (N, M) each patch's similarity to each prototype."""
+        return self.similarity(self.distances(self.embed_patches(features)))
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
+        h, attention = self.attend(features, mask)
+        pooled = torch.einsum("bn,bnm->bm", attention, self.similarity(self.distances(h)))
+        return MILOutput(self.classifier(pooled), attention, h)
+
+    def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+        h, attention = self.attend(*whole_bag(features))
+        return attention[0, :, None] * (self.similarity(self.distances(h[0])) @ self.classifier.weight.T)
+
+    def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.patch_similarities(features) @ self.classifier.weight.T, -1)
+
+    def loss(self, out: MILOutput, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        nearest = self.distances(out.embeddings).masked_fill(~mask[..., None], float("inf")).amin(1)  # (B, M)
+        own = self.prototype_class[None] == targets[:, None]
+        cluster = nearest.masked_fill(~own, float("inf")).amin(1).mean()
+        loss = F.cross_entropy(out.logits, targets, weight=weight) + self.cluster_weight * cluster
+        negative = targets == 0
+        if self.config.n_classes == 2 and bool(negative.any()):
+            separation = nearest[negative][:, self.prototype_class == 1].amin(1).mean()
+            loss = loss - self.separation_weight * separation
+        return loss + self.l1_weight * (self.classifier.weight * (1 - self.own_class)).abs().sum()
+
+    @torch.no_grad()
+    def after_training(self, bags: list, refit: Callable[[list[nn.Parameter], int], None]) -> dict:
+        """Projection: each prototype becomes the prototype-space point of its nearest patch
+        among the training bags of its class, no two on the same patch (the nearest
+        prototypes choose first); then the last layer is refitted. Records where each came
+        from: the class, the bag, and the slide and the patch's index in that slide."""
+        self.eval()
+        m = len(self.prototypes)
+        # per prototype its m nearest patches so far: enough for each to find one not taken
+        near_d = torch.full((m, m), float("inf"), device=self.prototypes.device)
+        near_z = self.prototypes.detach()[:, None].repeat(1, m, 1)
+        near_at = torch.full((m, m, 2), -1, dtype=torch.long)  # bag, patch
+        for b, bag in enumerate(bags):
+            z = self.to_space(self.embed_patches(bag.features))
+            d = torch.cdist(self.prototypes, z).pow(2)                      # (M, N)
+            d[self.prototype_class != int(bag.target)] = float("inf")
+            k = min(m, d.shape[1])
+            d_k, patch_k = d.topk(k, dim=1, largest=False)
+            pooled_d = torch.cat([near_d, d_k], dim=1)
+            pooled_z = torch.cat([near_z, z[patch_k]], dim=1)
+            pooled_at = torch.cat([near_at, torch.stack([torch.full_like(patch_k, b), patch_k], -1).cpu()], dim=1)
+            near_d, order = pooled_d.topk(m, dim=1, largest=False)
+            near_z = pooled_z.gather(1, order[..., None].expand(-1, -1, z.shape[1]))
+            near_at = pooled_at.gather(1, order.cpu()[..., None].expand(-1, -1, 2))
+        taken: set[tuple[int, int]] = set()
+        origins: list[dict] = [{} for _ in range(m)]
+        for p in torch.argsort(near_d[:, 0]).tolist():
+            for rank in range(m):
+                at = tuple(near_at[p, rank].tolist())
+                if at[0] >= 0 and at not in taken:
+                    taken.add(at)
+                    bag = bags[at[0]]
+                    self.prototypes[p] = near_z[p, rank]
+                    origins[p] = {"class": int(bag.target), "bag": bag.bag_id, **_part_of(bag.parts, at[1])}
+                    break
+        with torch.enable_grad():
+            refit(list(self.classifier.parameters()), self.last_layer_epochs)
+        return {"prototypes": origins}
+
+
+def _part_of(parts: list[tuple[str, int]], index: int) -> dict:
+    """Patch `index` of a bag made of `parts` (slide id, patches) -> its slide and index there
+    (a bag made without parts: the index alone)."""
+    if not parts:
+        return {"patch": index}
+    for slide_id, count in parts:
+        if index < count:
+            return {"slide": slide_id, "patch": index}
+        index -= count
+    raise IndexError(index)
+
+
 MODELS: dict[str, type[MILHead]] = {
     "abmil": AttentionMIL,
     "abmil-plain": PlainAttentionMIL,
@@ -509,6 +641,7 @@ MODELS: dict[str, type[MILHead]] = {
     "clam-mb": ClamMultiBranch,
     "dsmil": DualStreamMIL,
     "transmil": TransMIL,
+    "protomil": ProtoMIL,
 }
 
 
@@ -554,7 +687,7 @@ def check_architecture(name: str, task: str = "classification") -> None:
 
 def build_model(config: ModelConfig) -> MILHead:
     """The head `config` describes; an instance_loss left to milcli (None) builds with the
-    default share (training chooses it before building, training.choose_instance_loss)."""
+    default share (training chooses it before building, training.choose_recipe)."""
     check_architecture(config.architecture, config.task)
     if config.instance_loss is None:
         config = replace(config, instance_loss=DEFAULT_INSTANCE_LOSS)

@@ -1,7 +1,9 @@
-"""Prototypes, "this looks like that" (ProtoPNet style): for a slide's most attended patches,
-the most similar highly attended patches of each class among the slides that trained the
-model, by cosine similarity of the stored features. No pixels are needed to search; pixels
-are read only to draw the matches."""
+"""Prototypes, "this looks like that" (ProtoPNet style), two kinds. Any model: for a slide's
+most attended patches, the most similar highly attended patches of each class among the
+slides that trained the model, by cosine similarity of the stored features. protomil models:
+their learned prototypes (real training patches, models.ProtoMIL), which of them fire on a
+slide, where, and where each came from. No pixels are needed to search; pixels are read only
+to draw."""
 
 from __future__ import annotations
 
@@ -16,11 +18,14 @@ from matplotlib.figure import Figure
 from mil_cli.console import warn
 from mil_cli.errors import InputError
 from mil_cli.inference import LoadedModel, predict_bag
+from mil_cli.models import ProtoMIL
+from mil_cli.raster import in_box, mass_box
 from mil_cli.slides import open_slide
 from mil_cli.stores import FeatureSource, SlideData
 
 BANK_SHARE = 0.1     # of each training slide's patches, the most attended, enter the bank
 QUERIES = 4          # top patches of the explained slide that get prototypes
+ACTIVATION_MASS = 0.95  # a learned prototype's box holds this share of its activation on the slide
 
 
 @dataclass
@@ -85,7 +90,76 @@ def write_prototypes(folder: Path, data: SlideData, attention: np.ndarray, bank:
     _draw(folder / "prototypes.png", data, queries, rows, list(bank.features))
 
 
-def _read(data: SlideData, index: int) -> np.ndarray:
+@dataclass
+class FiredPrototype:
+    """One learned prototype on one slide. Its activation is what it feeds the bag classifier:
+    the attention-weighted sum of the patches' similarities to it."""
+
+    model: int                 # which model file (fold) and which seed-ensemble member holds it
+    member: int
+    index: int                 # the prototype's number in its member
+    class_name: str            # the class it was learned for
+    origin: dict               # where the projection put it: slide, patch (index in that slide), bag
+    similarity: np.ndarray     # (N,) each patch of the slide's similarity to it
+    activation: float
+    box: list[int]             # level-0 x0, y0, x1, y1: holds ACTIVATION_MASS of the activation
+    box_share: float           # the share it actually holds
+
+    @property
+    def name(self) -> str:
+        return f"model {self.model + 1} member {self.member + 1} prototype {self.index + 1}"
+
+
+def fired_prototypes(models: list[LoadedModel], features: np.ndarray, coords: np.ndarray, step: int, size: int,
+                     device: torch.device) -> list[FiredPrototype]:
+    """Every learned prototype of protomil models on one slide (the slide's patches as the
+    bag), the most activated first; empty for other heads."""
+    fired = []
+    for m, model in enumerate(models):
+        records = model.config.get("members") or []
+        for j, member in enumerate(model.module.members):
+            if not isinstance(member, ProtoMIL):
+                return []
+            with torch.inference_mode():
+                x = torch.from_numpy(features).to(device)
+                similarity = member.patch_similarities(x).float().cpu().numpy()
+                attention = member.bag(x)[1].float().cpu().numpy()
+            origins = records[j].get("prototypes", []) if j < len(records) else []
+            for p, c in enumerate(member.prototype_class.tolist()):
+                weighted = attention * similarity[:, p]
+                box = mass_box(coords, step, size, weighted, ACTIVATION_MASS)
+                share = float(weighted[in_box(coords, size, box)].sum() / max(weighted.sum(), 1e-30))
+                fired.append(FiredPrototype(m, j, p, model.classes[c], origins[p] if p < len(origins) else {},
+                                            similarity[:, p], float(weighted.sum()), box, share))
+    return sorted(fired, key=lambda f: -f.activation)
+
+
+def write_fired_csv(path: Path, data: SlideData, fired: list[FiredPrototype], source: FeatureSource) -> None:
+    """learned_prototypes.csv: one row per learned prototype, the most activated first."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "model", "member", "prototype", "class", "source_slide_id", "source_x", "source_y",
+                         "activation", "max_similarity", "best_x", "best_y", "box_x0", "box_y0", "box_x1", "box_y1",
+                         "box_activation_share"])
+        for rank, p in enumerate(fired, start=1):
+            best = int(np.argmax(p.similarity))
+            found = source_patch(p.origin, source)
+            xy = [int(v) for v in found[0].coords[found[1]]] if found else ["", ""]  # '': not in the store
+            writer.writerow([rank, p.model + 1, p.member + 1, p.index + 1, p.class_name, p.origin.get("slide", ""),
+                             *xy, f"{p.activation:.6g}", f"{p.similarity[best]:.6g}",
+                             *(int(v) for v in data.coords[best]), *p.box, f"{p.box_share:.4f}"])
+
+
+def source_patch(origin: dict, source: FeatureSource) -> tuple[SlideData, int] | None:
+    """The training slide and patch a prototype was projected onto, when the store holds it."""
+    slide_id = origin.get("slide")
+    return (source.load(slide_id), int(origin["patch"])) if slide_id is not None and slide_id in source else None
+
+
+def read_patch_of(data: SlideData, index: int) -> np.ndarray:
+    """The pixels of patch `index` of a slide, read from the slide file its store names."""
+    if "source_path" not in data.attrs:
+        raise InputError(data.slide_id, "the store does not record the slide file the patches come from")
     x, y = (int(v) for v in data.coords[index])
     size = int(data.attrs.get("patch_size_level0", 256))
     with open_slide(Path(str(data.attrs["source_path"]))) as slide:
@@ -102,7 +176,7 @@ def _draw(path: Path, data: SlideData, queries: np.ndarray, rows: list, classes:
                    for q, c, match, index, sim in rows if q == int(query)]
         for ax, (slide, index, title) in zip(axes[qi], panels):
             try:
-                ax.imshow(_read(slide, index))
+                ax.imshow(read_patch_of(slide, index))
             except InputError as exc:
                 ax.text(0.5, 0.5, "unreadable", ha="center")
                 warn(f"prototypes: {exc}")

@@ -93,10 +93,13 @@ def _slide_section(run_dir: Path, slide_id: str, heading: str, shown_class: str 
     others = " · ".join(f'<a href="{quote(e.relative_to(run_dir).as_posix())}">{escape(e.name)}</a>'
                         for e in evidence if e not in shown)
     links = " · ".join(f'<a href="{quote((folder / name).relative_to(run_dir).as_posix())}">{name}</a>'
-                       for name in ("attention.csv", "regions.geojson", "boxes.csv") if (folder / name).exists())
+                       for name in ("attention.csv", "regions.geojson", "boxes.csv", "learned_prototypes.csv",
+                                    *(p.name for p in sorted(folder.glob("learned_prototype_*.png"))))
+                       if (folder / name).exists())
     wide = "".join(f'<img class="wide" src="{quote(image.relative_to(run_dir).as_posix())}" alt="{alt}" '
                    f'loading="lazy">' for image, alt in ((folder / "top_patches.png", "top and bottom patches"),
-                                                         (folder / "prototypes.png", "prototypes"))
+                                                         (folder / "prototypes.png", "prototypes"),
+                                                         (folder / "learned_prototypes.png", "learned prototypes"))
                    if image.exists())
     viewer = ""
     if (folder / "viewer.html").exists():

@@ -220,6 +220,8 @@ class Fitted:
     best_epochs: list[int]       # per member: the epoch whose weights were kept
     selection: dict              # what inner cross-validation chose, and its scores (empty: nothing chosen)
     task: Task                   # fitted to the training targets (a regression's scale, survival bins)
+    records: list[dict]          # per member: what its head's last step recorded (protomil: its prototypes' origins)
+    options: TrainOptions        # as trained: with what inner cross-validation chose filled in
 
 
 MEMBER_SEED_STEP = 100_003  # member m trains from seed + m * this (member 0 from the seed itself)
@@ -228,64 +230,88 @@ MEMBER_SEED_STEP = 100_003  # member m trains from seed + m * this (member 0 fro
 def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOptions,
         device: torch.device) -> Fitted:
     """Train `options.ensemble` fresh heads from different seeds and join them (after choosing
-    the patch-classifier share by inner cross-validation when it is left to milcli)."""
+    the patch-classifier share and the standardisation by inner cross-validation when they are
+    left to milcli)."""
     keep_freed_memory()
     train_bags = on_device(train_bags, device)
     task = task.fitted([b.target for b in train_bags])
     selection: dict = {}
-    if options.model.instance_loss is None:
-        share, selection = choose_instance_loss(train_bags, task, options, device)
-        options = replace(options, model=replace(options.model, instance_loss=share))
+    if options.model.instance_loss is None or options.standardise is None:
+        options, selection = choose_recipe(train_bags, task, options, device)
     config = ModelConfig(**{**asdict(options.model), "in_dim": int(train_bags[0].features.shape[1]),
                             "n_classes": task.n_outputs, "task": task.name})
     statistics = feature_statistics(train_bags) if options.standardise else None
-    members, histories, best_epochs = [], [], []
+    members, histories, best_epochs, records = [], [], [], []
     for m in range(options.ensemble):
-        head, history, best_epoch = fit_head(train_bags, val_bags, config, task, statistics,
-                                             replace(options, seed=options.seed + m * MEMBER_SEED_STEP), device)
+        head, history, best_epoch, record = fit_head(train_bags, val_bags, config, task, statistics,
+                                                     replace(options, seed=options.seed + m * MEMBER_SEED_STEP), device)
         members.append(head)
         histories.append(history)
         best_epochs.append(best_epoch)
-    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs, selection, task)
+        records.append(record)
+    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs, selection, task, records, options)
 
 
-INSTANCE_LOSS_CHOICES = (DEFAULT_INSTANCE_LOSS, 0.0)  # the first is kept unless another is clearly better
-SELECTION_MARGIN = 0.02             # out-of-fold AUC another choice must gain to be taken
-SELECTION_MAX_BAGS = 300            # larger cohorts take the first choice without the inner cross-validation
+# (patch-classifier share, standardise) in order of preference: the first is kept unless another is clearly better
+RECIPES = ((DEFAULT_INSTANCE_LOSS, True), (0.0, True), (0.0, False))
+SELECTION_MARGIN = 0.02             # out-of-fold AUC another recipe must gain to be taken
+SELECTION_MAX_BAGS = 300            # larger cohorts take the first recipe without the inner cross-validation
 INNER_FOLDS = 3
 
 
-def choose_instance_loss(bags: list[Bag], task: Task, options: TrainOptions,
-                         device: torch.device) -> tuple[float, dict]:
-    """The share of the max-pooled patch classifier's loss for abmil heads, by inner
-    cross-validation on small cohorts. Why: the patch classifier sharpens the heads and their
-    patch scores on low-dimensional or strong-signal features (digits-bags +0.03 AUC, MUSK-like
-    +0.02), but on a few dozen bags of 1,000-d features with a weak signal it overfits (max
-    over hundreds of patches finds a noise direction that separates the training bags) and
-    costs 0.1-0.15 AUC (benchmarks/panel.py). Which case a cohort is cannot be told from its
-    shape, so each choice trains one head per inner fold and the pooled out-of-fold AUC decides;
-    the first choice stays unless another beats it by SELECTION_MARGIN (an AUC over a few
-    dozen bags is noisy). Returns the share and what was measured."""
-    default = INSTANCE_LOSS_CHOICES[0]
+def with_recipe(options: TrainOptions, recipe: tuple[float, bool]) -> TrainOptions:
+    share, standardise = recipe
+    return replace(options, standardise=standardise, model=replace(options.model, instance_loss=share))
+
+
+def candidate_recipes(options: TrainOptions) -> list[tuple[float, bool]]:
+    """The recipes inner cross-validation chooses among: RECIPES when both are left to milcli;
+    with the standardisation set, the two shares with it; with the share set, just that share
+    (standardised unless told otherwise)."""
+    share, standardise = options.model.instance_loss, options.standardise
+    if share is None and standardise is None:
+        return list(RECIPES)
+    if share is None:
+        return [(DEFAULT_INSTANCE_LOSS, standardise), (0.0, standardise)]
+    return [(share, True if standardise is None else standardise)]
+
+
+def choose_recipe(bags: list[Bag], task: Task, options: TrainOptions,
+                  device: torch.device) -> tuple[TrainOptions, dict]:
+    """The share of the max-pooled patch classifier's loss for abmil heads and whether features
+    are standardised, among `candidate_recipes`, by inner cross-validation on small cohorts.
+    Why: the patch classifier sharpens the heads and their patch scores on low-dimensional or
+    strong-signal features (digits-bags +0.03 AUC, MUSK-like +0.02), but on a few dozen bags
+    of 1,000-d features with a weak signal it overfits (max over hundreds of patches finds a
+    noise direction that separates the training bags) and costs 0.1-0.15 AUC; standardising
+    is what raw descriptors of wildly different ranges need, yet on a weak 1,000-d signal
+    (key-1024d-w2) raw features gave 0.58 AUC where standardised gave 0.53, both with share 0
+    (benchmarks/panel.py). Which case a cohort is cannot be told from its shape, so each
+    recipe trains one head per inner fold and the pooled out-of-fold AUC decides; the first
+    stays unless another beats it by SELECTION_MARGIN (an AUC over a few dozen bags is
+    noisy). Returns the options with the choice filled in and what was measured."""
+    candidates = candidate_recipes(options)
+    first = candidates[0]
     n_classes = task.n_outputs
     targets = [b.target for b in bags]
-    architecture = build_model(replace(options.model, instance_loss=default, in_dim=1, n_classes=n_classes,
+    architecture = build_model(replace(options.model, instance_loss=first[0], in_dim=1, n_classes=n_classes,
                                        task=task.name))  # other tasks build no patch classifier
-    if (not getattr(architecture, "max_instance_loss", False) or len(bags) > SELECTION_MAX_BAGS
+    if (len(candidates) < 2 or not getattr(architecture, "max_instance_loss", False) or len(bags) > SELECTION_MAX_BAGS
             or np.bincount(targets, minlength=n_classes).min() < INNER_FOLDS):
-        return default, {}
+        return with_recipe(options, first), {}
     splits = group_folds(bags, INNER_FOLDS, options.seed, task)
     single = replace(options, ensemble=1)
     scores = {}
-    for share in INSTANCE_LOSS_CHOICES:
+    for recipe in candidates:
         probs = np.zeros((len(bags), n_classes))
-        trial = replace(single, model=replace(single.model, instance_loss=share))
         for train_idx, test_idx in splits:
-            fitted = fit([bags[i] for i in train_idx], [], task, trial, device)
+            fitted = fit([bags[i] for i in train_idx], [], task, with_recipe(single, recipe), device)
             probs[test_idx] = evaluate(fitted.model, [bags[i] for i in test_idx], device, task)[1]
-        scores[share] = float(task.metrics(targets, probs)["auc"])
-    best = max(scores, key=lambda share: scores[share] - (SELECTION_MARGIN if share != default else 0.0))
-    return best, {"instance_loss": best, "inner_cv_auc": {str(k): v for k, v in scores.items()}}
+        scores[recipe] = float(task.metrics(targets, probs)["auc"])
+    best = max(scores, key=lambda r: scores[r] - (SELECTION_MARGIN if r != first else 0.0))
+    return with_recipe(options, best), {
+        "instance_loss": best[0], "standardise": best[1],
+        "inner_cv_auc": {f"{share} {'standardised' if std else 'raw'}": auc for (share, std), auc in scores.items()}}
 
 
 def group_folds(bags: list[Bag], folds: int, seed: int, task: Task) -> list[tuple[list[int], list[int]]]:
@@ -299,16 +325,40 @@ def group_folds(bags: list[Bag], folds: int, seed: int, task: Task) -> list[tupl
 
 def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig, task: Task,
              statistics: tuple[torch.Tensor, torch.Tensor] | None, options: TrainOptions,
-             device: torch.device) -> tuple[MILHead, list[dict], int]:
+             device: torch.device) -> tuple[MILHead, list[dict], int, dict]:
     """One head: `options.epochs` epochs, or early stopping on the validation loss (best
-    weights restored) when there are validation bags. Returns it, its history and the epoch
-    kept."""
+    weights restored) when there are validation bags; then the head's own last step
+    (protomil projects its prototypes onto training patches and refits its last layer).
+    Returns it, its history, the epoch kept and what that last step records for the model file."""
     seed_everything(options.seed)
     model = build_model(config)
     if statistics is not None:
         model.set_standardisation(*statistics, options.clip)
     model = model.to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=options.lr, weight_decay=options.weight_decay,
+    history, best_epoch = train_epochs(model, list(model.parameters()), train_bags, val_bags, task, options, device)
+
+    def refit(parameters: list[nn.Parameter], epochs: int) -> None:
+        """Train only `parameters` (the rest frozen) for `epochs` more epochs on the training bags."""
+        trained = {id(p) for p in parameters}
+        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in trained]
+        for p in frozen:
+            p.requires_grad_(False)
+        try:
+            train_epochs(model, parameters, train_bags, [], task, replace(options, epochs=epochs), device)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+
+    record = model.after_training(train_bags, refit)
+    return model.eval(), history, best_epoch, record
+
+
+def train_epochs(model: MILHead, parameters: list[nn.Parameter], train_bags: list[Bag], val_bags: list[Bag],
+                 task: Task, options: TrainOptions, device: torch.device) -> tuple[list[dict], int]:
+    """Adam on `parameters` for `options.epochs` epochs, or early stopping on the validation
+    loss (best weights restored) when there are validation bags. Returns the history and the
+    epoch kept."""
+    optimiser = torch.optim.Adam(parameters, lr=options.lr, weight_decay=options.weight_decay,
                                  foreach=True)  # one kernel per op over all tensors: tiny heads are overhead-bound
     scheduler = learning_rate_schedule(optimiser, options)
     targets = [b.target for b in train_bags]
@@ -344,7 +394,7 @@ def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig, ta
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-    return model.eval(), history, best_epoch
+    return history, best_epoch
 
 
 def fit_pool(pool: list[Bag], task: Task, options: TrainOptions,
@@ -404,9 +454,10 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
             "bag_by": options.bag_by,
             "backbone": data.backbone,
             "feature_dim": fitted.config.in_dim,
-            "training": {k: v for k, v in asdict(options).items() if k != "model"},
+            "training": {k: v for k, v in asdict(fitted.options).items() if k != "model"},
             "metrics": metrics,
             "history": fitted.histories,
+            "members": fitted.records,
             "slides": {role: [b.bag_id for b in bags] for role, bags in roles.items()},
             "slide_labels": {sid: str(data.labels.rows[sid].target) for b in roles.get("train", [])
                              for sid, _ in b.parts},

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import TEST_DATA, invoke
-from mil_cli.explain import attention_box, rank_percent, percentile_level, region_grid, region_polygons, region_scores
+from mil_cli.explain import rank_percent, percentile_level, region_grid, region_polygons, region_scores
+from mil_cli.raster import mass_box
 from mil_cli.inference import load_model
 from mil_cli.models import whole_bag
 from mil_cli.stores import FeatureSource
@@ -240,12 +241,12 @@ def test_raw_scale_smoothing_width_evidence_and_boxes(sample_run: Path, tmp_path
     assert float(boxes["attention_95pct"]["attention_mass"]) >= 0.95
 
 
-def test_attention_box_trims_to_the_mass() -> None:
+def test_mass_box_trims_to_the_mass() -> None:
     coords = np.array([(x, y) for y in range(0, 500, 100) for x in range(0, 500, 100)])
     attention = np.full(len(coords), 0.001)
     attention[(coords[:, 0] == 300) & (coords[:, 1] == 100)] = 1.0
     attention /= attention.sum()
-    assert attention_box(coords, 100, 100, attention, 0.95) == [300, 100, 400, 200]
+    assert mass_box(coords, 100, 100, attention, 0.95) == [300, 100, 400, 200]
 
 
 def test_report_links_every_output_and_renders_in_chromium(sample_run: Path, tmp_path: Path) -> None:
