@@ -392,6 +392,13 @@ def _cv_table(summary: dict) -> Table:
     return table
 
 
+def _standardise(standardise: bool, no_standardise: bool) -> bool | None:
+    """--standardise / --no-standardise -> True / False; neither: None (chosen by inner CV)."""
+    if standardise and no_standardise:
+        raise typer.BadParameter("--standardise and --no-standardise: choose one")
+    return True if standardise else False if no_standardise else None
+
+
 @command
 def train(
     features: Annotated[Path, typer.Option(help="Feature store (or folder of per-slide .h5 files).")] = Path("feats.h5"),
@@ -411,7 +418,8 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = TRAIN_DEFAULTS.weight_decay,
     patience: Annotated[int, typer.Option(min=1, help="With validation slides: epochs without a better validation loss before stopping.")] = TRAIN_DEFAULTS.patience,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of training slides (patients) held out for early stopping when the labels have no 'val' split; 0: none.")] = TRAIN_DEFAULTS.val_fraction,
-    standardise: Annotated[Optional[bool], typer.Option("--standardise/--no-standardise", show_default="chosen with --instance-loss", help="z-score each feature dimension with the training patches' mean and sd (kept in the model file, clipped to +-5), or feed raw features. Left unset with --instance-loss unset, abmil heads choose it by inner cross-validation (see --instance-loss); otherwise features are standardised.")] = TRAIN_DEFAULTS.standardise,
+    standardise: Annotated[bool, typer.Option("--standardise", help="z-score each feature dimension with the training patches' mean and sd (kept in the model file, clipped to +-5). Left out with --no-standardise and --instance-loss, abmil heads choose it by inner cross-validation (see --instance-loss); other heads standardise.")] = False,
+    no_standardise: Annotated[bool, typer.Option("--no-standardise", help="Feed raw features.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Bags per step (padded to the largest, masked).")] = TRAIN_DEFAULTS.batch_size,
     max_patches: MaxPatches = TRAIN_DEFAULTS.max_patches,
     precision: Annotated[str, typer.Option(help="Training steps: auto (bf16 on GPUs with native bf16, else fp32), fp32 or bf16. Evaluation and prediction always run fp32.")] = TRAIN_DEFAULTS.precision,
@@ -437,7 +445,7 @@ def train(
 
     _check_model(model, task)
     options = TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, lr_schedule=lr_schedule, weight_decay=weight_decay,
-                           patience=patience, val_fraction=val_fraction, standardise=standardise, seed=seed,
+                           patience=patience, val_fraction=val_fraction, standardise=_standardise(standardise, no_standardise), seed=seed,
                            batch_size=batch_size, max_patches=max_patches, precision=precision, task=task,
                            survival_loss=survival_loss, horizons=_horizons(horizons), bag_by=bag_by,
                            model=ModelConfig(architecture=model, hidden_dim=hidden_dim, attention_dim=attention_dim,
