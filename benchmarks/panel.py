@@ -155,12 +155,7 @@ def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, opt
             attention.append(fitted.model.bag(features)[1].numpy())
             instance.append(fitted.model.instance_scores(features)[:, 1].numpy())
     return {"p": probs[:, 1], "attention": attention, "instance": instance, "seconds_per_epoch": seconds_per_epoch,
-            "chosen": recipe_name(fitted.selection) if fitted.selection else None}
-
-
-def recipe_name(selection: dict) -> str:
-    """What inner cross-validation chose, named as in its scores: '0.0 raw'."""
-    return f"{selection['instance_loss']} {'standardised' if selection['standardise'] else 'raw'}"
+            "chosen": fitted.selection.get("recipe")}
 
 
 def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int) -> dict:

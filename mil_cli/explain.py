@@ -32,7 +32,7 @@ from mil_cli.errors import InputError, MilcliError
 from mil_cli.inference import LoadedModel, bag_features, bag_slides, check_compatible, predict_bag
 from mil_cli.labels import LabelTable
 from mil_cli.prototypes import (FiredPrototype, PrototypeBank, build_bank, fired_prototypes, read_patch_of,
-                                source_patch, write_fired_csv, write_prototypes)
+                                source_patches, write_fired_csv, write_prototypes)
 from mil_cli.raster import cell_means, in_box, mass_box, on_tissue
 from mil_cli.refine import PatchScorer, RefinedArea, area_picture, refine
 from mil_cli.render import PNG, map_image, montage
@@ -402,8 +402,9 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
 
     overlays = None
     fired = fired_prototypes(models, data.features, data.coords, step, size, device)  # protomil only
+    sources = source_patches(fired, source)
     if fired:
-        write_fired_csv(folder / "learned_prototypes.csv", data, fired, source)
+        write_fired_csv(folder / "learned_prototypes.csv", data, fired, sources)
     if images is not None:
         overlays = draw_slide_maps(folder, images, data, size, step, shown, contributions, classes,
                                    models[0].module.additive, title, options, polygons, evidence_scale)
@@ -436,7 +437,7 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
     if bank is not None:
         write_prototypes(folder, data, attention, bank)
     if fired:
-        draw_fired_patches(folder / "learned_prototypes.png", data, fired[:LEARNED_SHOWN], source)
+        draw_fired_patches(folder / "learned_prototypes.png", data, fired[:LEARNED_SHOWN], sources)
     return folder
 
 
@@ -461,7 +462,8 @@ def draw_fired_maps(folder: Path, images: SlideImages, data: SlideData, size: in
     return overlays
 
 
-def draw_fired_patches(path: Path, data: SlideData, fired: list[FiredPrototype], source: FeatureSource) -> None:
+def draw_fired_patches(path: Path, data: SlideData, fired: list[FiredPrototype],
+                       sources: list[tuple[SlideData, int] | None]) -> None:
     """learned_prototypes.png: per prototype (most activated first) the training patch it is
     and the patch of this slide most like it."""
     blank = np.full((8, 8, 3), 235, np.uint8)
@@ -474,8 +476,7 @@ def draw_fired_patches(path: Path, data: SlideData, fired: list[FiredPrototype],
             return blank
 
     rows = []
-    for k, p in enumerate(fired, start=1):
-        found = source_patch(p.origin, source)
+    for k, (p, found) in enumerate(zip(fired, sources), start=1):
         origin = (pixels(*found), f"#{k} '{p.class_name}': is a patch\nof {p.origin.get('slide')}") if found else \
             (blank, f"#{k} '{p.class_name}': its slide\n({p.origin.get('slide', '?')}) is not in the store")
         best = int(np.argmax(p.similarity))

@@ -552,21 +552,24 @@ class ProtoMIL(AttentionMIL):
     def similarity(d: torch.Tensor) -> torch.Tensor:
         return torch.log((d + 1) / (d + 1e-4))
 
-    def patch_similarities(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, D) one bag's features -> (N, M) each patch's similarity to each prototype."""
-        return self.similarity(self.distances(self.embed_patches(features)))
-
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
         h, attention = self.attend(features, mask)
         pooled = torch.einsum("bn,bnm->bm", attention, self.similarity(self.distances(h)))
         return MILOutput(self.classifier(pooled), attention, h)
 
-    def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+    def similarities_and_attention(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) one bag's features -> (N, M) each patch's similarity to each prototype and
+        (N,) its attention, from one embedding pass."""
         h, attention = self.attend(*whole_bag(features))
-        return attention[0, :, None] * (self.similarity(self.distances(h[0])) @ self.classifier.weight.T)
+        return self.similarity(self.distances(h[0])), attention[0]
+
+    def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
+        similarities, attention = self.similarities_and_attention(features)
+        return attention[:, None] * (similarities @ self.classifier.weight.T)
 
     def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.patch_similarities(features) @ self.classifier.weight.T, -1)
+        similarities = self.similarity(self.distances(self.embed_patches(features)))
+        return torch.softmax(similarities @ self.classifier.weight.T, -1)
 
     def loss(self, out: MILOutput, targets: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         nearest = self.distances(out.embeddings).masked_fill(~mask[..., None], float("inf")).amin(1)  # (B, M)
@@ -587,32 +590,29 @@ class ProtoMIL(AttentionMIL):
         from: the class, the bag, and the slide and the patch's index in that slide."""
         self.eval()
         m = len(self.prototypes)
-        # per prototype its m nearest patches so far: enough for each to find one not taken
-        near_d = torch.full((m, m), float("inf"), device=self.prototypes.device)
-        near_z = self.prototypes.detach()[:, None].repeat(1, m, 1)
-        near_at = torch.full((m, m, 2), -1, dtype=torch.long)  # bag, patch
+        distances, points, bag_of, patch_of = [], [], [], []  # per bag: each prototype's m nearest patches
         for b, bag in enumerate(bags):
             z = self.to_space(self.embed_patches(bag.features))
             d = torch.cdist(self.prototypes, z).pow(2)                      # (M, N)
-            d[self.prototype_class != int(bag.target)] = float("inf")
-            k = min(m, d.shape[1])
-            d_k, patch_k = d.topk(k, dim=1, largest=False)
-            pooled_d = torch.cat([near_d, d_k], dim=1)
-            pooled_z = torch.cat([near_z, z[patch_k]], dim=1)
-            pooled_at = torch.cat([near_at, torch.stack([torch.full_like(patch_k, b), patch_k], -1).cpu()], dim=1)
-            near_d, order = pooled_d.topk(m, dim=1, largest=False)
-            near_z = pooled_z.gather(1, order[..., None].expand(-1, -1, z.shape[1]))
-            near_at = pooled_at.gather(1, order.cpu()[..., None].expand(-1, -1, 2))
+            d[self.prototype_class != int(bag.target)] = float("inf")     # another class's bag: no candidates
+            d_k, patch_k = d.topk(min(m, d.shape[1]), dim=1, largest=False)
+            distances.append(d_k)
+            points.append(z[patch_k])
+            bag_of.append(torch.full_like(patch_k, b))
+            patch_of.append(patch_k)
+        d, z = torch.cat(distances, dim=1), torch.cat(points, dim=1)         # (M, C), (M, C, P)
+        bag_at, patch_at = torch.cat(bag_of, dim=1).tolist(), torch.cat(patch_of, dim=1).tolist()
         taken: set[tuple[int, int]] = set()
         origins: list[dict] = [{} for _ in range(m)]
-        for p in torch.argsort(near_d[:, 0]).tolist():
-            for rank in range(m):
-                at = tuple(near_at[p, rank].tolist())
-                if at[0] >= 0 and at not in taken:
-                    taken.add(at)
-                    bag = bags[at[0]]
-                    self.prototypes[p] = near_z[p, rank]
-                    origins[p] = {"class": int(bag.target), "bag": bag.bag_id, **_part_of(bag.parts, at[1])}
+        for p in d.amin(dim=1).argsort().tolist():  # the nearest prototypes choose first
+            for c in d[p].argsort().tolist():
+                if not torch.isfinite(d[p, c]):
+                    break  # no patch of its class left
+                if (bag_at[p][c], patch_at[p][c]) not in taken:
+                    taken.add((bag_at[p][c], patch_at[p][c]))
+                    bag = bags[bag_at[p][c]]
+                    self.prototypes[p] = z[p, c]
+                    origins[p] = {"class": int(bag.target), "bag": bag.bag_id, **_part_of(bag.parts, patch_at[p][c])}
                     break
         with torch.enable_grad():
             refit(list(self.classifier.parameters()), self.last_layer_epochs)

@@ -114,16 +114,15 @@ def fired_prototypes(models: list[LoadedModel], features: np.ndarray, coords: np
                      device: torch.device) -> list[FiredPrototype]:
     """Every learned prototype of protomil models on one slide (the slide's patches as the
     bag), the most activated first; empty for other heads."""
+    if not all(isinstance(member, ProtoMIL) for model in models for member in model.module.members):
+        return []
     fired = []
+    x = torch.from_numpy(features).to(device)
     for m, model in enumerate(models):
         records = model.config.get("members") or []
         for j, member in enumerate(model.module.members):
-            if not isinstance(member, ProtoMIL):
-                return []
             with torch.inference_mode():
-                x = torch.from_numpy(features).to(device)
-                similarity = member.patch_similarities(x).float().cpu().numpy()
-                attention = member.bag(x)[1].float().cpu().numpy()
+                similarity, attention = (t.float().cpu().numpy() for t in member.similarities_and_attention(x))
             origins = records[j].get("prototypes", []) if j < len(records) else []
             for p, c in enumerate(member.prototype_class.tolist()):
                 weighted = attention * similarity[:, p]
@@ -134,26 +133,30 @@ def fired_prototypes(models: list[LoadedModel], features: np.ndarray, coords: np
     return sorted(fired, key=lambda f: -f.activation)
 
 
-def write_fired_csv(path: Path, data: SlideData, fired: list[FiredPrototype], source: FeatureSource) -> None:
-    """learned_prototypes.csv: one row per learned prototype, the most activated first."""
+def write_fired_csv(path: Path, data: SlideData, fired: list[FiredPrototype],
+                    sources: list[tuple[SlideData, int] | None]) -> None:
+    """learned_prototypes.csv: one row per learned prototype, the most activated first, with
+    its `source_patches`."""
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rank", "model", "member", "prototype", "class", "source_slide_id", "source_x", "source_y",
                          "activation", "max_similarity", "best_x", "best_y", "box_x0", "box_y0", "box_x1", "box_y1",
                          "box_activation_share"])
-        for rank, p in enumerate(fired, start=1):
+        for rank, (p, found) in enumerate(zip(fired, sources), start=1):
             best = int(np.argmax(p.similarity))
-            found = source_patch(p.origin, source)
             xy = [int(v) for v in found[0].coords[found[1]]] if found else ["", ""]  # '': not in the store
             writer.writerow([rank, p.model + 1, p.member + 1, p.index + 1, p.class_name, p.origin.get("slide", ""),
                              *xy, f"{p.activation:.6g}", f"{p.similarity[best]:.6g}",
                              *(int(v) for v in data.coords[best]), *p.box, f"{p.box_share:.4f}"])
 
 
-def source_patch(origin: dict, source: FeatureSource) -> tuple[SlideData, int] | None:
-    """The training slide and patch a prototype was projected onto, when the store holds it."""
-    slide_id = origin.get("slide")
-    return (source.load(slide_id), int(origin["patch"])) if slide_id is not None and slide_id in source else None
+def source_patches(fired: list[FiredPrototype], source: FeatureSource) -> list[tuple[SlideData, int] | None]:
+    """Per prototype the training slide (coordinates and attributes, each slide read once) and
+    the patch it was projected onto; None where the store does not hold that slide."""
+    slides = {sid: source.load(sid, with_features=False)
+              for sid in {p.origin.get("slide") for p in fired} if sid is not None and sid in source}
+    return [(slides[p.origin["slide"]], int(p.origin["patch"])) if p.origin.get("slide") in slides else None
+            for p in fired]
 
 
 def read_patch_of(data: SlideData, index: int) -> np.ndarray:

@@ -259,6 +259,12 @@ SELECTION_MAX_BAGS = 300            # larger cohorts take the first recipe witho
 INNER_FOLDS = 3
 
 
+def recipe_name(recipe: tuple[float, bool]) -> str:
+    """'0.5 standardised', '0.0 raw': how metrics.json names a recipe."""
+    share, standardise = recipe
+    return f"{share} {'standardised' if standardise else 'raw'}"
+
+
 def with_recipe(options: TrainOptions, recipe: tuple[float, bool]) -> TrainOptions:
     share, standardise = recipe
     return replace(options, standardise=standardise, model=replace(options.model, instance_loss=share))
@@ -310,8 +316,8 @@ def choose_recipe(bags: list[Bag], task: Task, options: TrainOptions,
         scores[recipe] = float(task.metrics(targets, probs)["auc"])
     best = max(scores, key=lambda r: scores[r] - (SELECTION_MARGIN if r != first else 0.0))
     return with_recipe(options, best), {
-        "instance_loss": best[0], "standardise": best[1],
-        "inner_cv_auc": {f"{share} {'standardised' if std else 'raw'}": auc for (share, std), auc in scores.items()}}
+        "recipe": recipe_name(best), "instance_loss": best[0], "standardise": best[1],
+        "inner_cv_auc": {recipe_name(recipe): auc for recipe, auc in scores.items()}}
 
 
 def group_folds(bags: list[Bag], folds: int, seed: int, task: Task) -> list[tuple[list[int], list[int]]]:

@@ -95,3 +95,22 @@ def test_explain_shows_which_prototypes_fire_where_and_their_source(sample_run: 
     for k in range(1, 5):
         assert Image.open(folder / f"learned_prototype_{k}.png").width > 300
     assert Image.open(folder / "learned_prototypes.png").height > 4 * 160
+
+
+def test_projection_never_takes_a_patch_of_another_class() -> None:
+    """With fewer patches of its class than prototypes, a prototype stays unprojected rather
+    than moving onto another class's patch; no two share a patch."""
+    from mil_cli.config import ModelConfig
+    from mil_cli.models import build_model
+    from mil_cli.training import Bag
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(architecture="protomil", in_dim=6, hidden_dim=8, prototypes=3))
+    bags = [Bag("neg", torch.randn(10, 6), 0, "neg", parts=[("neg", 10)]),
+            Bag("pos", torch.randn(2, 6), 1, "pos", parts=[("pos", 2)])]
+    origins = model.after_training(bags, lambda parameters, epochs: None)["prototypes"]
+    classes = model.prototype_class.tolist()
+    assert [o["slide"] for o, c in zip(origins, classes) if c == 0] == ["neg"] * 3
+    positive = [o for o, c in zip(origins, classes) if c == 1]
+    assert sorted(o["patch"] for o in positive if o) == [0, 1] and sum(not o for o in positive) == 1
+    assert all(o["class"] == 1 and o["slide"] == "pos" for o in positive if o)

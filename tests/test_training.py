@@ -291,7 +291,9 @@ def test_the_recipe_is_chosen_by_inner_cross_validation_and_recorded(tmp_path: P
     margin = {k: v - (training.SELECTION_MARGIN if k != "0.5 standardised" else 0.0) for k, v in scores.items()}
     best = max(margin, key=margin.get)
     config = result.checkpoint["config"]
-    assert f"{selection['instance_loss']} {'standardised' if selection['standardise'] else 'raw'}" == best
+    assert selection["recipe"] == best
+    assert (selection["instance_loss"], selection["standardise"]) == {
+        "0.5 standardised": (0.5, True), "0.0 standardised": (0.0, True), "0.0 raw": (0.0, False)}[best]
     assert config["model"]["instance_loss"] == selection["instance_loss"]
     assert config["training"]["standardise"] is selection["standardise"]
     std = result.checkpoint["state_dict"]["members.0.feature_std"]
