@@ -413,6 +413,7 @@ class Preset:
     input_size: int = 224
     files: tuple[str, ...] = ("pytorch_model.bin", "model.safetensors")
     layout: str = "timm"          # the hub file's key layout: "timm", or "transformers" (see vit_weights)
+    mlp_from_weights: bool = False  # the card leaves the MLP width to the hub config: read it off the weight file
 
     def backbone(self) -> Backbone:
         return Backbone(name=self.name, dim=self.dim, input_size=self.input_size, mean=self.mean, std=self.std,
@@ -422,15 +423,16 @@ class Preset:
                         default_weights=partial(_hub_file, self.name, self.repo, self.files, gated=self.gated),
                         precision=self.precision, hub_files=(self.repo, self.files), mpp=self.mpp)
 
-    def architecture(self) -> nn.Module:
-        """The encoder with random weights (on the current default device)."""
+    def architecture(self, **overrides) -> nn.Module:
+        """The encoder with random weights (on the current default device); `overrides` replace
+        kwargs of the preset's."""
         import timm
 
         from timm.layers import SwiGLUPacked
 
         layers = {"SwiGLUPacked": SwiGLUPacked, "SiLU": nn.SiLU, "ConvStem": ConvStem,  # kwargs name them, so
                   "LayerNorm(eps=1e-12)": partial(nn.LayerNorm, eps=1e-12)}          # presets stay plain data
-        kwargs = {k: layers.get(v, v) if isinstance(v, str) else v for k, v in self.kwargs.items()}
+        kwargs = {k: layers.get(v, v) if isinstance(v, str) else v for k, v in (self.kwargs | overrides).items()}
         encoder = timm.create_model(self.arch, pretrained=False, num_classes=0, **kwargs)
         if self.pooling == "contrast-pooler":
             return ContrastPooling(encoder, self.dim)
@@ -441,15 +443,26 @@ def _build_preset(preset: Preset, weights: Path) -> nn.Module:
     """The preset with the weights in `weights`: a transformers-layout file is renamed first, then
     timm's own checkpoint filter for the architecture adapts it (the DINOv2 layout, register
     tokens, a position-embedding grid trained at another size) as `pretrained=True` would."""
-    model = preset.architecture()
     state = load_weight_file(weights)
     if preset.layout == "transformers" and is_transformers_layout(state):
         try:
             state = from_transformers(state)
         except KeyError as exc:  # a query without its key and value, a block without its class token...
             raise InputError(weights, f"does not fit --backbone {preset.name} (no tensor {exc})") from None
+    model = preset.architecture(**_mlp_ratio_of(state) if preset.mlp_from_weights else {})
     model.load_weights(state, weights, preset.name)
     return model
+
+
+def _mlp_ratio_of(state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{"mlp_ratio": ...} for timm from the first block's MLP input projection (timm's `fc1`, or
+    DINOv2's packed SwiGLU `w12`, both out x in); empty when the file has neither (it then fails
+    to load with a line naming the file)."""
+    for key in ("blocks.0.mlp.fc1.weight", "blocks.0.mlp.w12.weight"):
+        if key in state and state[key].ndim == 2:
+            rows, width = state[key].shape
+            return {"mlp_ratio": rows / width}
+    return {}
 
 
 def timm_adapted(state: dict[str, torch.Tensor], model: nn.Module, source: Path, name: str) -> dict[str, torch.Tensor]:
@@ -499,6 +512,12 @@ PRESETS = [
            dim=1536, pooling="cls", mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, mpp=0.5,
            licence="non-commercial (see its card)", gated=True, card="https://huggingface.co/bioptimus/H-optimus-1",
            description="H-optimus-1 ViT-g/14, 4 registers, 20x", precision="fp16"),
+    Preset("h0-mini", "bioptimus/H0-mini", "vit_base_patch14_reg4_dinov2",
+           {"img_size": 224, "mlp_ratio": 4096 / 768, **SWIGLU},  # the card's kwargs; MLP width: see mlp_from_weights
+           dim=1536, pooling="cls+mean", mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, mpp=0.5,
+           licence="non-commercial (see its card)", gated=True, card="https://huggingface.co/bioptimus/H0-mini",
+           description="H0-mini ViT-B/14, 4 registers, distilled from H-optimus-0 on TCGA at 20x; class token + "
+                       "mean patch token, as its card embeds", precision="fp16", mlp_from_weights=True),
     Preset("gigapath", "prov-gigapath/prov-gigapath", "vit_giant_patch14_dinov2",
            {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
             "init_values": 1e-5, "mlp_ratio": 5.33334},

@@ -287,6 +287,45 @@ def test_transformers_layout_weights_give_transformers_features(family: str, ver
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_h0_mini_reads_its_mlp_width_off_the_file_and_averages_patch_tokens_without_registers(tmp_path) -> None:
+    """H0-mini's card passes timm only the SwiGLU layers (the MLP width is in its hub config):
+    the preset reads the width off the weight file, and its feature is the class token beside
+    the mean of the patch tokens, the 4 register tokens left out. Checked on a small model of
+    the same family whose MLP width differs from the one the preset declares."""
+    import timm
+    from safetensors.torch import save_file
+
+    from mil_cli.backbones import HOPTIMUS_MEAN, HOPTIMUS_STD, PRESETS, SWIGLU, Preset
+    from mil_cli.errors import InputError
+
+    h0_mini = next(p for p in PRESETS if p.name == "h0-mini")
+    assert h0_mini.mlp_from_weights and h0_mini.pooling == "cls+mean" and h0_mini.dim == 2 * 768
+    small = {"img_size": 28, "embed_dim": 64, "depth": 2, "num_heads": 4}
+    torch.manual_seed(0)
+    saved = timm.create_model(h0_mini.arch, pretrained=False, num_classes=0, mlp_ratio=3.0, **small,
+                              mlp_layer=timm.layers.SwiGLUPacked, act_layer=torch.nn.SiLU).eval()
+    for parameter in saved.parameters():
+        parameter.data.normal_(0, 0.2)
+    path = tmp_path / "model.safetensors"
+    save_file(saved.state_dict(), str(path))
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = saved.forward_features(x)
+    assert saved.num_prefix_tokens == 5 and tokens.shape[1] == 5 + 4
+    expected = torch.cat([tokens[:, 0], tokens[:, 5:].mean(dim=1)], dim=-1)
+
+    def preset(mlp_from_weights: bool) -> Preset:
+        return Preset("small-h0", "org/small", h0_mini.arch, {**small, "mlp_ratio": 4.0, **SWIGLU}, dim=128,
+                      pooling="cls+mean", mean=HOPTIMUS_MEAN, std=HOPTIMUS_STD, mpp=0.5, licence="", gated=True,
+                      card="", description="", mlp_from_weights=mlp_from_weights)
+
+    with torch.no_grad():
+        features = preset(mlp_from_weights=True).backbone().create(path)(x)
+    torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="does not fit"):  # the declared width alone would not load it
+        preset(mlp_from_weights=False).backbone().create(path)
+
+
 def test_ctranspath_loads_the_original_checkpoint_layout(tmp_path) -> None:
     """CTransPath's original ctranspath.pth (a "model" wrapper, each stage's downsampling at the
     end of the stage before timm's) gives the network whose timm-layout weights it holds (the
