@@ -164,9 +164,9 @@ def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int) 
     return {"p": np.array([p for p, _ in out]), "attention": [a for _, a in out]}
 
 
-def evaluate_row(row: Row, repeats: int, options: TrainOptions, with_reference: bool = True) -> dict:
+def evaluate_row(row: Row, repeats: range, options: TrainOptions, with_reference: bool = True) -> dict:
     results: dict[str, list[float]] = {}
-    for repeat in range(repeats):
+    for repeat in repeats:
         pooled: dict[str, list] = {"y": [], "milcli": [], "reference": [], "epoch seconds": [], "chosen": []}
         loc: dict[str, list] = {"instance": [], "attention": [], "reference attention": []}
         for fold, (train, test) in enumerate(row.splits(repeat)):
@@ -207,6 +207,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=None, help=f"rows to run (default all): {', '.join(ROWS)}")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--first-repeat", type=int, default=0,
+                        help="number of the first repeat (its folds and seeds), to run repeats in parallel processes")
     parser.add_argument("--cache", type=Path, default=Path("runs/panel-cache"),
                         help="where generated and embedded slide sets are kept between runs")
     parser.add_argument("--skip-reference", action="store_true", help="milcli only (for sweeps over its options)")
@@ -225,7 +227,8 @@ def main() -> None:
     per_repeat: list[str] = []
     for name in args.rows or list(ROWS):
         start = time.perf_counter()
-        r = evaluate_row(ROWS[name](args.cache), args.repeats, options, not args.skip_reference)
+        repeats = range(args.first_repeat, args.first_repeat + args.repeats)
+        r = evaluate_row(ROWS[name](args.cache), repeats, options, not args.skip_reference)
         cells = [fmt(r.get(k, [np.nan])) for k in ("milcli auc", "reference auc", "milcli acc", "reference acc", "loc instance",
                                                   "loc attention", "loc reference attention")]
         cells.append(f"{np.mean(r['milcli s/epoch']):.4f}")

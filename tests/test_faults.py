@@ -56,7 +56,8 @@ def test_kill_9_mid_tile_then_rerun_equals_a_clean_run(tmp_path: Path) -> None:
 
 def test_kill_9_mid_cross_validation_leaves_loadable_models(sample_run: Path, tmp_path: Path) -> None:
     args = ["train", "--features", str(sample_run / "feats.h5"), "--labels", str(SAMPLE / "labels.csv"),
-            "--folds", "4", "--repeats", "1", "--ensemble", "1", "--epochs", "10", "--device", "cpu", "-q"]
+            "--folds", "4", "--repeats", "1", "--ensemble", "1", "--epochs", "10", "--instance-loss", "0.5",
+            "--device", "cpu", "-q"]
     process = subprocess.Popen(CLI + args + ["--out", str(tmp_path / "killed")])
     kill_when(process, lambda: (tmp_path / "killed" / "fold_1" / "model.pt").exists())
     for model in (tmp_path / "killed").glob("fold_*/model.pt"):  # written whole or not at all

@@ -137,7 +137,7 @@ def test_rerun_resumes_without_redoing_work(sample_run: Path, tmp_path: Path) ->
     assert len(summary["stages"]["embed"]["skipped"]) == 20
     assert summary["stages"]["train"]["skipped"] == ["model.pt"]
     # other training options: the model is retrained, the stores are still reused
-    summary = json.loads(invoke(*args, "--seed", "5").stdout)
+    summary = json.loads(invoke(*args, "--seed", "5", "--epochs", "10").stdout)
     assert summary["stages"]["train"]["done"] == ["model.pt"] and summary["stages"]["embed"]["done"] == []
 
 

@@ -52,7 +52,8 @@ def synthetic_store(folder: Path, n_bags: int = 40, seed: int = 0) -> tuple[Path
 
 def test_learns_a_key_instance_and_reports_held_out_metrics(tmp_path: Path) -> None:
     feats, labels = synthetic_store(tmp_path, n_bags=80)
-    result = train(feats, labels, TrainOptions(epochs=60, lr=1e-3, seed=1, ensemble=1), torch.device("cpu"))
+    options = TrainOptions(epochs=60, lr=1e-3, seed=1, ensemble=1, model=ModelConfig(instance_loss=0.5))  # no inner CV
+    result = train(feats, labels, options, torch.device("cpu"))
     assert result.metrics["test"]["n"] == 16
     assert result.metrics["test"]["auc"] >= 0.9
     slides = result.checkpoint["config"]["slides"]
@@ -237,7 +238,7 @@ def test_cross_validation_writes_the_layout_and_repeats_exactly(tmp_path: Path) 
     for name in ("a", "b"):
         result = invoke("train", "--features", feats, "--labels", labels, "--folds", "3", "--repeats", "2",
                         "--out", tmp_path / name, "--epochs", "15", "--ensemble", "2", "--device", "cpu",
-                        "--seed", "3")
+                        "--seed", "3", "--instance-loss", "0.5")  # no inner CV: test_same_seed_same_numbers has it
         assert result.exit_code == 0, result.stderr
         runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
     assert runs[0] == runs[1]
