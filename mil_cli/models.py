@@ -15,6 +15,8 @@ patch-level answer that localises; attention only says what the bag pooling weig
   `instance_loss`; max-pooling MIL as in mi-Net, Wang et al. 2018): its per-patch
   probabilities are the instance scores.
 - `abmil-plain`: the same with the ungated (tanh only) attention.
+- `transformer-abmil`: abmil after one self-attention layer that puts each patch in the
+  context of its bag.
 - `mean`, `max`: pooling baselines (mean embedding; max over per-patch class scores).
 - `noisy-and`: Kraus et al. 2016: per-patch class probabilities, their bag mean passed through
   a soft AND with a learnable threshold per class.
@@ -100,8 +102,9 @@ class MILHead(nn.Module):
         self.feature_std.copy_(std)
         self.feature_clip.fill_(clip)
 
-    def embed_patches(self, features: torch.Tensor) -> torch.Tensor:
-        """(..., D) raw features -> (..., H) patch embeddings, standardised first."""
+    def embed_patches(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., D) raw features -> (..., H) patch embeddings, standardised first. `mask`
+        ((B, N), true on real patches) is for heads whose embedding mixes a bag's patches."""
         z = (features - self.feature_mean) / self.feature_std
         return self.embed(z.clamp(-self.feature_clip, self.feature_clip))
 
@@ -166,7 +169,7 @@ class AttentionMIL(MILHead):
         it focuses, cannot tell a bag 5 % tumour from one 50 % tumour; the gated mean can and
         still chooses which patches count (tumour-share hazards: out-of-fold C-index 0.70 with
         softmax attention, 0.76 gated; tests/test_tasks.py)."""
-        h = self.embed_patches(features)
+        h = self.embed_patches(features, mask)
         scores = self.attention_scores(h).squeeze(-1)
         if self.config.task == "classification":
             return h, masked_softmax(scores, mask)
@@ -230,6 +233,26 @@ class AttentionMIL(MILHead):
 
 class PlainAttentionMIL(AttentionMIL):
     gated = False
+
+
+class TransformerAttentionMIL(AttentionMIL):
+    """ABMIL with each patch first put in the context of its bag: one pre-norm self-attention
+    layer (TransMIL's, 8 heads, with a residual) over the bag's patch embeddings, then gated
+    attention pooling and the patch classifier as in abmil. Padding is masked out of the keys,
+    so it cannot change a real patch's embedding. Exact attention: its cost grows with the
+    square of the patches per bag (training samples at most --max-patches)."""
+
+    heads = 8
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        self.context = SelfAttention(config.hidden_dim, self.heads)
+
+    def embed_patches(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = super().embed_patches(features)
+        if h.ndim == 2:  # one whole bag
+            return self.context(h[None])[0][0]
+        return self.context(h, mask)[0]
 
 
 class MeanMIL(MILHead):
@@ -424,7 +447,7 @@ class DualStreamMIL(MILHead):
 class SelfAttention(nn.Module):
     """Pre-norm multi-head self-attention with a residual, TransMIL's layer (it has no MLP).
     Exact attention through scaled_dot_product_attention, which does not hold the N x N
-    matrix on backends with a memory-efficient kernel."""
+    matrix on backends with a memory-efficient kernel; keys at padding are left out."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -433,13 +456,15 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, S, D) tokens -> the same updated, and the first token's attention over all
-        tokens (S,), averaged over heads."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, D) tokens (`mask` (B, S): true on real ones) -> the same updated, and the
+        first token's attention over all tokens (B, S), averaged over heads."""
         q, k, v = self.qkv(self.norm(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
-        mixed = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        first = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
-        return x + self.out(mixed), first[0, :, 0].mean(0)
+        keys = None if mask is None or bool(mask.all()) else mask[:, None, None, :]
+        mixed = F.scaled_dot_product_attention(q, k, v, attn_mask=keys).transpose(1, 2).flatten(2)
+        scores = q[:, :, :1] @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        first = torch.softmax(scores if keys is None else scores.masked_fill(~keys, float("-inf")), dim=-1)
+        return x + self.out(mixed), first[:, :, 0].mean(1)
 
 
 class PositionEncoding(nn.Module):
@@ -487,7 +512,7 @@ class TransMIL(MILHead):
         filled = h[torch.arange(side * side, device=h.device) % n]
         x, _ = self.layer1(torch.cat([self.class_token, filled[None]], dim=1))
         x, attention = self.layer2(self.position(x, side))
-        x = self.norm(x[0])
+        x, attention = self.norm(x[0]), attention[0]
         on_patches = torch.zeros(n, device=h.device, dtype=attention.dtype)
         on_patches.index_add_(0, torch.arange(side * side, device=h.device) % n, attention[1:])
         return self.classifier(x[0]), on_patches / on_patches.sum(), self.classifier(x[1:n + 1])
@@ -634,6 +659,7 @@ def _part_of(parts: list[tuple[str, int]], index: int) -> dict:
 MODELS: dict[str, type[MILHead]] = {
     "abmil": AttentionMIL,
     "abmil-plain": PlainAttentionMIL,
+    "transformer-abmil": TransformerAttentionMIL,
     "mean": MeanMIL,
     "max": MaxMIL,
     "noisy-and": NoisyAndMIL,
