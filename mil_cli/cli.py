@@ -178,6 +178,9 @@ Horizons = Annotated[Optional[str], typer.Option(help="--task survival: comma-se
 BagBy = Annotated[str, typer.Option(help="slide (one bag per slide) or patient (one bag per patient_id of the labels CSV: its slides' patches together; predictions and metrics per patient, maps per slide).")]
 Ensemble = Annotated[int, typer.Option(min=1, help="Heads trained from different seeds and averaged (one model file).")]
 MaxPatches = Annotated[Optional[int], typer.Option(min=1, help="Random patches per training bag and epoch (evaluation uses all).")]
+Standardise = Annotated[bool, typer.Option("--standardise", help="z-score each feature dimension with the training patches' mean and sd (kept in the model file, clipped to +-5). Left out with --no-standardise and --instance-loss, abmil heads choose it by inner cross-validation (see --instance-loss); other heads standardise.")]
+NoStandardise = Annotated[bool, typer.Option("--no-standardise", help="Feed raw features.")]
+InstanceLoss = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, show_default="0.5, or 0 when inner CV prefers it", help="abmil heads: share of the max-pooled patch-classifier loss (its patch scores localise). Left unset (with --standardise/--no-standardise unset too), on up to 300 training slides milcli trains one head per inner fold (3 folds) for each of: 0.5 on standardised features, 0 on standardised features, 0 on raw features, and keeps the first unless another gains 0.02 out-of-fold AUC (they can, on a few dozen slides of high-dimensional features with a weak signal); larger cohorts take the first. With --standardise or --no-standardise set, the choice is between 0.5 and 0 on those features.")]
 Repeats = Annotated[int, typer.Option(min=1, help="With --folds: repeat the cross-validation with other fold assignments and seeds; the pooled out-of-fold metrics are reported as mean ± sd over repeats with their standard error.")]
 MICRONS_PER_PX_AT_1X = 10.0  # the usual convention: 10x = 1 µm/px, 20x = 0.5, 40x = 0.25
 
@@ -418,15 +421,15 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = TRAIN_DEFAULTS.weight_decay,
     patience: Annotated[int, typer.Option(min=1, help="With validation slides: epochs without a better validation loss before stopping.")] = TRAIN_DEFAULTS.patience,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of training slides (patients) held out for early stopping when the labels have no 'val' split; 0: none.")] = TRAIN_DEFAULTS.val_fraction,
-    standardise: Annotated[bool, typer.Option("--standardise", help="z-score each feature dimension with the training patches' mean and sd (kept in the model file, clipped to +-5). Left out with --no-standardise and --instance-loss, abmil heads choose it by inner cross-validation (see --instance-loss); other heads standardise.")] = False,
-    no_standardise: Annotated[bool, typer.Option("--no-standardise", help="Feed raw features.")] = False,
+    standardise: Standardise = False,
+    no_standardise: NoStandardise = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Bags per step (padded to the largest, masked).")] = TRAIN_DEFAULTS.batch_size,
     max_patches: MaxPatches = TRAIN_DEFAULTS.max_patches,
     precision: Annotated[str, typer.Option(help="Training steps: auto (bf16 on GPUs with native bf16, else fp32), fp32 or bf16. Evaluation and prediction always run fp32.")] = TRAIN_DEFAULTS.precision,
     hidden_dim: Annotated[int, typer.Option(min=1, help="Patch embedding size.")] = MODEL_DEFAULTS.hidden_dim,
     attention_dim: Annotated[int, typer.Option(min=1, help="Attention branch size.")] = MODEL_DEFAULTS.attention_dim,
     dropout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Dropout after the patch embedding.")] = MODEL_DEFAULTS.dropout,
-    instance_loss: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, show_default="0.5, or 0 when inner CV prefers it", help="abmil heads: share of the max-pooled patch-classifier loss (its patch scores localise). Left unset (with --standardise/--no-standardise unset too), on up to 300 training slides milcli trains one head per inner fold (3 folds) for each of: 0.5 on standardised features, 0 on standardised features, 0 on raw features, and keeps the first unless another gains 0.02 out-of-fold AUC (they can, on a few dozen slides of high-dimensional features with a weak signal); larger cohorts take the first. With --standardise or --no-standardise set, the choice is between 0.5 and 0 on those features.")] = MODEL_DEFAULTS.instance_loss,
+    instance_loss: InstanceLoss = MODEL_DEFAULTS.instance_loss,
     instance_k: Annotated[int, typer.Option(min=1, help="clam-sb, clam-mb: top/bottom patches per bag for the instance loss.")] = MODEL_DEFAULTS.instance_k,
     prototypes: Annotated[int, typer.Option(min=1, help="protomil: learned prototypes per class.")] = MODEL_DEFAULTS.prototypes,
     seed: Seed = 0,
@@ -587,6 +590,9 @@ def run(
     ensemble: Ensemble = TRAIN_DEFAULTS.ensemble,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TRAIN_DEFAULTS.lr,
     max_patches: MaxPatches = TRAIN_DEFAULTS.max_patches,
+    standardise: Standardise = False,
+    no_standardise: NoStandardise = False,
+    instance_loss: InstanceLoss = MODEL_DEFAULTS.instance_loss,
     folds: Annotated[Optional[int], typer.Option(min=2, help="Also K-fold cross-validation into cv/ (the model still trains on every slide); its metrics go into run.json and the report.", show_default="off")] = None,
     repeats: Repeats = 3,
     seed: Seed = 0,
@@ -613,7 +619,9 @@ def run(
                              mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen,
                              qc=QCThresholds() if qc else None),
         training=TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, max_patches=max_patches, seed=seed, task=task,
-                              survival_loss=survival_loss, horizons=_horizons(horizons), bag_by=bag_by, model=ModelConfig(architecture=model)),
+                              survival_loss=survival_loss, horizons=_horizons(horizons), bag_by=bag_by,
+                              standardise=_standardise(standardise, no_standardise),
+                              model=ModelConfig(architecture=model, instance_loss=instance_loss)),
         backbone=backbone, embedding=EmbedOptions(batch_size=batch_size, workers=workers, weights=weights, stain=stain,
                                                   stain_target=stain_target),
         explain_all=explain_all, previews=previews, folds=folds, repeats=repeats, overwrite=overwrite)

@@ -136,9 +136,13 @@ def test_rerun_resumes_without_redoing_work(sample_run: Path, tmp_path: Path) ->
     assert len(summary["stages"]["tile"]["skipped"]) == 20 and summary["stages"]["tile"]["done"] == []
     assert len(summary["stages"]["embed"]["skipped"]) == 20
     assert summary["stages"]["train"]["skipped"] == ["model.pt"]
-    # other training options: the model is retrained, the stores are still reused
-    summary = json.loads(invoke(*args, "--seed", "5", "--epochs", "10").stdout)
+    # other training options (a fixed recipe: no inner CV): the model is retrained, the stores are still reused
+    recipe = ("--seed", "5", "--instance-loss", "0", "--no-standardise")
+    summary = json.loads(invoke(*args, *recipe).stdout)
     assert summary["stages"]["train"]["done"] == ["model.pt"] and summary["stages"]["embed"]["done"] == []
+    config = torch.load(out / "model.pt", weights_only=True)["config"]
+    assert config["model"]["instance_loss"] == 0 and config["training"]["standardise"] is False
+    assert json.loads(invoke(*args, *recipe).stdout)["stages"]["train"]["skipped"] == ["model.pt"]
 
 
 def test_five_fold_cv_on_sample_data_writes_the_layout_and_repeats_exactly(sample_run: Path, tmp_path: Path) -> None:
