@@ -186,8 +186,7 @@ def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, opt
             features = torch.from_numpy(x)
             attention.append(fitted.model.bag(features)[1].numpy())
             instance.append(fitted.model.instance_scores(features)[:, 1].numpy())
-    return {"p": probs[:, 1], "attention": attention, "instance": instance, "seconds_per_epoch": seconds_per_epoch,
-            "chosen": fitted.selection.get("recipe")}
+    return {"p": probs[:, 1], "attention": attention, "instance": instance, "seconds_per_epoch": seconds_per_epoch}
 
 
 def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int, zscore: bool) -> dict:
@@ -210,7 +209,7 @@ def evaluate_row(row: Row, repeats: range, options: TrainOptions, with_reference
     results: dict[str, list[float]] = {}
     references = REFERENCES if with_reference else {}
     for repeat in repeats:
-        pooled: dict[str, list] = {"y": [], "milcli": [], "epoch seconds": [], "chosen": [], **{r: [] for r in references}}
+        pooled: dict[str, list] = {"y": [], "milcli": [], "epoch seconds": [], **{r: [] for r in references}}
         loc: dict[str, list] = {"instance": [], "attention": [], **{f"{r} attention": [] for r in references}}
         for fold, (train, test) in enumerate(row.splits(repeat)):
             seed = repeat * 100 + fold
@@ -218,7 +217,6 @@ def evaluate_row(row: Row, repeats: range, options: TrainOptions, with_reference
             pooled["y"] += [y for _, y, _ in test]
             pooled["milcli"] += list(ours["p"])
             pooled["epoch seconds"].append(ours["seconds_per_epoch"])
-            pooled["chosen"].append(ours["chosen"])
             loc["instance"] += list(zip(ours["instance"], test))
             loc["attention"] += list(zip(ours["attention"], test))
             for name, zscore in references.items():
@@ -228,9 +226,6 @@ def evaluate_row(row: Row, repeats: range, options: TrainOptions, with_reference
             print(f"  {row.name} repeat {repeat} fold {fold} done", file=sys.stderr, flush=True)
         y = np.array(pooled["y"])
         results.setdefault("milcli s/epoch", []).append(float(np.mean(pooled["epoch seconds"])))
-        chosen = [c for c in pooled["chosen"] if c is not None]
-        for recipe in sorted(set(chosen)):  # share of the folds whose inner cross-validation chose each recipe
-            results.setdefault(f"chose {recipe}", []).append(chosen.count(recipe) / len(chosen))
         for who in ("milcli", *references):
             p = np.array(pooled[who])
             results.setdefault(f"{who} auc", []).append(roc_auc_score(y, p))
@@ -276,9 +271,7 @@ def main() -> None:
                                                   "loc reference attention", "loc reference z attention")]
         cells.append(f"{np.mean(r['milcli s/epoch']):.4f}")
         print(f"| {name} | " + " | ".join(cells) + f" | {time.perf_counter() - start:.0f} |", flush=True)
-        per_repeat.append(f"{name}: milcli AUC per repeat " + ", ".join(f"{v:.3f}" for v in r["milcli auc"])
-                          + "".join(f"; inner CV chose {k.removeprefix('chose ')} in {np.sum(v) / args.repeats:.0%} "
-                                    f"of folds" for k, v in r.items() if k.startswith("chose ")))
+        per_repeat.append(f"{name}: milcli AUC per repeat " + ", ".join(f"{v:.3f}" for v in r["milcli auc"]))
         for k, v in r.items():
             summary.setdefault(k, []).append(float(np.nanmean(v)))
     print("mean over rows: " + ", ".join(f"{k} {np.nanmean(v):.3f}" for k, v in summary.items()))
@@ -291,7 +284,7 @@ def apply_overrides(options: TrainOptions, settings: list[str]) -> TrainOptions:
         key, value = setting.split("=", 1)
         target, field = (options.model, key[6:]) if key.startswith("model.") else (options, key)
         current = getattr(target, field)
-        if isinstance(current, bool) or field == "standardise":  # standardise: None (chosen) or a bool
+        if isinstance(current, bool) or field == "standardise":  # standardise: None (the recipes') or a bool
             typed = value.lower() in ("1", "true", "yes")
         elif current is None:  # max_patches (None or a count), instance_loss (None or a share)
             typed = float(value) if "." in value or field == "instance_loss" else int(value)

@@ -75,7 +75,7 @@ def main() -> None:
 
 def configurations(epochs: int) -> list[tuple[str, TrainOptions]]:
     """One bag per step in fp32 against 8 bags per step in fp32 and in the device's precision;
-    one head each, the patch-classifier share fixed (no inner cross-validation)."""
+    one head each, one recipe (the patch-classifier share fixed)."""
     base = TrainOptions(epochs=epochs, patience=epochs, seed=0, ensemble=1, batch_size=8,
                         model=replace(TrainOptions().model, instance_loss=0.5))
     return [("one bag per step, fp32, lr 2e-4", replace(base, batch_size=1, max_patches=None, precision="fp32",

@@ -29,7 +29,7 @@ def read_options_file(path: Path) -> dict[str, Any]:
 
 TASK_NAMES = ("classification", "regression", "survival")  # tasks.TASKS, named here for the CLI without torch
 VIEWER_BUDGET_MB = 100.0    # explain's viewer tiles per slide (viewer.py; the CLI shows it without importing it)
-DEFAULT_INSTANCE_LOSS = 0.5  # abmil heads' patch-classifier share, unless inner cross-validation prefers 0
+DEFAULT_INSTANCE_LOSS = 0.5  # abmil heads' patch-classifier share in the first recipe (training.RECIPES)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class ModelConfig:
     attention_dim: int = 128
     dropout: float = 0.25
     instance_loss: float | None = None  # abmil heads: share of the max-pooled patch-classifier loss;
-                                        # None: chosen by training.choose_recipe
+                                        # None: the recipe ensemble's (training.ensemble_recipes)
     instance_k: int = 8           # clam-sb/-mb: patches taken from each end of the attention ranking
     instance_weight: float = 0.3  # clam-sb/-mb: share of the instance loss in the total loss
     prototypes: int = 5           # protomil: learned prototypes per class
@@ -60,7 +60,7 @@ class TrainOptions:
     patience: int = 10            # epochs without a better validation loss before stopping
     val_fraction: float = 0.0     # of the training slides (or patients) for early stopping, when no split column
     standardise: bool | None = None  # z-score features with the training patches' statistics;
-                                     # None: chosen with instance_loss (training.choose_recipe)
+                                     # None: the recipe ensemble's (training.ensemble_recipes)
     clip: float = 5.0             # ... and clip the z-scores to +-clip
     ensemble: int = 5             # heads trained from different seeds, averaged
     seed: int = 0

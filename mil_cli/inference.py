@@ -16,11 +16,9 @@ from torch import nn
 
 from mil_cli.errors import InputError, first_line
 from mil_cli.labels import LabelTable
-from mil_cli.config import ModelConfig
-from mil_cli.models import SeedEnsemble, build_model
 from mil_cli.stores import FeatureSource
 from mil_cli.tasks import Task, task_from_config
-from mil_cli.training import MODEL_FORMAT, MODEL_FORMAT_VERSION
+from mil_cli.training import MODEL_FORMAT, READABLE_FORMAT_VERSIONS, build_ensemble
 
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -64,11 +62,11 @@ def load_model(path: Path, device: torch.device) -> LoadedModel:
                                "or retrain") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != MODEL_FORMAT:
         raise InputError(path, "not a milcli model file (format key missing)")
-    if checkpoint.get("format_version") != MODEL_FORMAT_VERSION:
+    if checkpoint.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise InputError(path, f"model format {checkpoint.get('format_version')} is from another milcli version "
-                               f"(this one reads {MODEL_FORMAT_VERSION}); train it again")
+                               f"(this one reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))}); train it again")
     config = checkpoint["config"]
-    module = SeedEnsemble([build_model(ModelConfig(**config["model"])) for _ in range(int(config["ensemble"]))])
+    module = build_ensemble(config)
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as exc:

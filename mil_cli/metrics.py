@@ -54,9 +54,11 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray) -> dict:
 def epochs_note(metrics: dict) -> str:
     """One line on how the model's members were trained, from training's `epochs_summary`."""
     kept, run = metrics.get("best_epochs", []), metrics.get("epochs_run", [])
+    recipes = len(set(metrics.get("recipes", [])))
+    heads = f"{len(kept)} head(s)" + (f" ({recipes} recipes)" if recipes > 1 else "")
     if kept == run:
-        return f"{len(kept)} seed(s) x {run[0] if len(set(run)) == 1 else run} epochs"
-    return f"{len(kept)} seed(s), epochs kept {kept} of {run} (early stopping)"
+        return f"{heads} x {run[0] if len(set(run)) == 1 else run} epochs"
+    return f"{heads}, epochs kept {kept} of {run} (early stopping)"
 
 
 def summarise(per_fold: list[dict], keys: tuple[str, ...] = SUMMARY_KEYS) -> dict:

@@ -713,7 +713,7 @@ def check_architecture(name: str, task: str = "classification") -> None:
 
 def build_model(config: ModelConfig) -> MILHead:
     """The head `config` describes; an instance_loss left to milcli (None) builds with the
-    default share (training chooses it before building, training.choose_recipe)."""
+    default share (training gives each member its recipe's, training.ensemble_recipes)."""
     check_architecture(config.architecture, config.task)
     if config.instance_loss is None:
         config = replace(config, instance_loss=DEFAULT_INSTANCE_LOSS)

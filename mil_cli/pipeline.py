@@ -73,13 +73,9 @@ def _model_matches(path: Path, options: TrainOptions) -> bool:
         config = torch.load(path, map_location="cpu", weights_only=True)["config"]
     except Exception:  # unreadable or foreign: retrain and replace it
         return False
-    wanted, recorded = asdict(options), dict(config.get("training") or {})
+    wanted = asdict(options)
     head = {k: v for k, v in wanted.pop("model").items() if k not in ("in_dim", "n_classes")}
-    if wanted["standardise"] is None:  # left to training to choose: the file records what it chose
-        del wanted["standardise"]
-        recorded.pop("standardise", None)
-    return recorded == wanted and all(config["model"].get(k) == v for k, v in head.items()
-                                      if v is not None)  # None: left to training to choose
+    return config.get("training") == wanted and all(config["model"].get(k) == v for k, v in head.items())
 
 
 def _cv_matches(path: Path, options: RunOptions) -> bool:

@@ -33,7 +33,8 @@ from mil_cli.stores import FeatureSource
 from mil_cli.tasks import Task, make_task
 
 MODEL_FORMAT = "milcli-model"
-MODEL_FORMAT_VERSION = 2  # 2: a seed ensemble of heads holding their feature standardisation
+MODEL_FORMAT_VERSION = 3  # 2: a seed ensemble of heads holding their feature standardisation; 3: with a recipe each
+READABLE_FORMAT_VERSIONS = (2, 3)
 
 
 @dataclass
@@ -212,112 +213,83 @@ def learning_rate_schedule(optimiser: torch.optim.Optimizer, options: TrainOptio
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=options.epochs, eta_min=options.lr / 100)
 
 
+Recipe = tuple[float, bool]  # (patch-classifier share, standardise) of a member head
+
+
 @dataclass
 class Fitted:
     model: SeedEnsemble
     config: ModelConfig
     histories: list[list[dict]]  # per member: epoch, train_loss, val_loss
     best_epochs: list[int]       # per member: the epoch whose weights were kept
-    selection: dict              # what inner cross-validation chose, and its scores (empty: nothing chosen)
+    recipes: list[Recipe]        # per member: its patch-classifier share and whether it standardises
     task: Task                   # fitted to the training targets (a regression's scale, survival bins)
     records: list[dict]          # per member: what its head's last step recorded (protomil: its prototypes' origins)
-    options: TrainOptions        # as trained: with what inner cross-validation chose filled in
 
 
-MEMBER_SEED_STEP = 100_003  # member m trains from seed + m * this (member 0 from the seed itself)
+MEMBER_SEED_STEP = 100_003  # member m of a recipe trains from seed + m * this (member 0 from the seed itself)
+
+# abmil recipes left to milcli: `ensemble` heads are trained with each, and all are averaged
+RECIPES: tuple[Recipe, ...] = ((DEFAULT_INSTANCE_LOSS, True), (0.0, False))
+RECIPE_ENSEMBLE_MAX_BAGS = 300  # larger cohorts train the first recipe only (half the time)
 
 
-def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOptions,
-        device: torch.device) -> Fitted:
-    """Train `options.ensemble` fresh heads from different seeds and join them (after choosing
-    the patch-classifier share and the standardisation by inner cross-validation when they are
-    left to milcli)."""
-    keep_freed_memory()
-    train_bags = on_device(train_bags, device)
-    task = task.fitted([b.target for b in train_bags])
-    selection: dict = {}
-    if options.model.instance_loss is None or options.standardise is None:
-        options, selection = choose_recipe(train_bags, task, options, device)
-    config = ModelConfig(**{**asdict(options.model), "in_dim": int(train_bags[0].features.shape[1]),
-                            "n_classes": task.n_outputs, "task": task.name})
-    statistics = feature_statistics(train_bags) if options.standardise else None
-    members, histories, best_epochs, records = [], [], [], []
-    for m in range(options.ensemble):
-        head, history, best_epoch, record = fit_head(train_bags, val_bags, config, task, statistics,
-                                                     replace(options, seed=options.seed + m * MEMBER_SEED_STEP), device)
-        members.append(head)
-        histories.append(history)
-        best_epochs.append(best_epoch)
-        records.append(record)
-    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs, selection, task, records, options)
-
-
-# (patch-classifier share, standardise) in order of preference: the first is kept unless another is clearly better
-RECIPES = ((DEFAULT_INSTANCE_LOSS, True), (0.0, True), (0.0, False))
-SELECTION_MARGIN = 0.02             # out-of-fold AUC another recipe must gain to be taken
-SELECTION_MAX_BAGS = 300            # larger cohorts take the first recipe without the inner cross-validation
-INNER_FOLDS = 3
-
-
-def recipe_name(recipe: tuple[float, bool]) -> str:
+def recipe_name(recipe: Recipe) -> str:
     """'0.5 standardised', '0.0 raw': how metrics.json names a recipe."""
     share, standardise = recipe
     return f"{share} {'standardised' if standardise else 'raw'}"
 
 
-def with_recipe(options: TrainOptions, recipe: tuple[float, bool]) -> TrainOptions:
-    share, standardise = recipe
-    return replace(options, standardise=standardise, model=replace(options.model, instance_loss=share))
-
-
-def candidate_recipes(options: TrainOptions) -> list[tuple[float, bool]]:
-    """The recipes inner cross-validation chooses among: RECIPES when both are left to milcli;
-    with the standardisation set, the two shares with it; with the share set, just that share
-    (standardised unless told otherwise)."""
+def ensemble_recipes(options: TrainOptions, task: Task, n_bags: int) -> list[Recipe]:
+    """The recipes the ensemble's heads train with, `options.ensemble` heads each. Left to
+    milcli, abmil heads on up to RECIPE_ENSEMBLE_MAX_BAGS bags take both RECIPES: share 0.5
+    on standardised features, and share 0 on raw features. Why: the patch classifier helps on
+    low-dimensional or strong-signal features but overfits a few dozen bags of 1,000-d
+    features with a weak signal; standardising is what descriptors of wildly different
+    ranges need, yet raw features did better on weak 1,000-d rows. Which case a cohort is
+    cannot be told from its shape, and choosing by inner cross-validation on a few dozen bags
+    picked by noise. The two recipes err differently: their average matched or beat that
+    choice on all 6 panel rows measured (AUC +0.02 to +0.05 on 4, level on 2), and beat the
+    average of three recipes (share 0 standardised too) in accuracy on 4 of 6 at two thirds
+    of its cost (README).
+    With `--standardise`/`--no-standardise` set, the two shares on those features; with
+    `--instance-loss` set, that share (standardised unless told otherwise); other heads and
+    tasks, the first recipe's standardisation."""
     share, standardise = options.model.instance_loss, options.standardise
-    if share is None and standardise is None:
-        return list(RECIPES)
-    if share is None:
-        return [(DEFAULT_INSTANCE_LOSS, standardise), (0.0, standardise)]
-    return [(share, True if standardise is None else standardise)]
+    architecture = build_model(replace(options.model, in_dim=1, n_classes=task.n_outputs, task=task.name))
+    if share is not None or not getattr(architecture, "max_instance_loss", False):
+        candidates = [(DEFAULT_INSTANCE_LOSS if share is None else share, True if standardise is None else standardise)]
+    elif standardise is not None:
+        candidates = [(DEFAULT_INSTANCE_LOSS, standardise), (0.0, standardise)]
+    else:
+        candidates = list(RECIPES)
+    if n_bags > RECIPE_ENSEMBLE_MAX_BAGS:
+        candidates = candidates[:1]
+    return [recipe for recipe in candidates for _ in range(options.ensemble)]
 
 
-def choose_recipe(bags: list[Bag], task: Task, options: TrainOptions,
-                  device: torch.device) -> tuple[TrainOptions, dict]:
-    """The share of the max-pooled patch classifier's loss for abmil heads and whether features
-    are standardised, among `candidate_recipes`, by inner cross-validation on small cohorts.
-    Why: the patch classifier sharpens the heads and their patch scores on low-dimensional or
-    strong-signal features (digits-bags +0.03 AUC, MUSK-like +0.02), but on a few dozen bags
-    of 1,000-d features with a weak signal it overfits (max over hundreds of patches finds a
-    noise direction that separates the training bags) and costs 0.1-0.15 AUC; standardising
-    is what raw descriptors of wildly different ranges need, yet on a weak 1,000-d signal
-    (key-1024d-w2) raw features gave 0.58 AUC where standardised gave 0.53, both with share 0
-    (benchmarks/panel.py). Which case a cohort is cannot be told from its shape, so each
-    recipe trains one head per inner fold and the pooled out-of-fold AUC decides; the first
-    stays unless another beats it by SELECTION_MARGIN (an AUC over a few dozen bags is
-    noisy). Returns the options with the choice filled in and what was measured."""
-    candidates = candidate_recipes(options)
-    first = candidates[0]
-    n_classes = task.n_outputs
-    targets = [b.target for b in bags]
-    architecture = build_model(replace(options.model, instance_loss=first[0], in_dim=1, n_classes=n_classes,
-                                       task=task.name))  # other tasks build no patch classifier
-    if (len(candidates) < 2 or not getattr(architecture, "max_instance_loss", False) or len(bags) > SELECTION_MAX_BAGS
-            or np.bincount(targets, minlength=n_classes).min() < INNER_FOLDS):
-        return with_recipe(options, first), {}
-    splits = group_folds(bags, INNER_FOLDS, options.seed, task)
-    single = replace(options, ensemble=1)
-    scores = {}
-    for recipe in candidates:
-        probs = np.zeros((len(bags), n_classes))
-        for train_idx, test_idx in splits:
-            fitted = fit([bags[i] for i in train_idx], [], task, with_recipe(single, recipe), device)
-            probs[test_idx] = evaluate(fitted.model, [bags[i] for i in test_idx], device, task)[1]
-        scores[recipe] = float(task.metrics(targets, probs)["auc"])
-    best = max(scores, key=lambda r: scores[r] - (SELECTION_MARGIN if r != first else 0.0))
-    return with_recipe(options, best), {
-        "recipe": recipe_name(best), "instance_loss": best[0], "standardise": best[1],
-        "inner_cv_auc": {recipe_name(recipe): auc for recipe, auc in scores.items()}}
+def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOptions,
+        device: torch.device) -> Fitted:
+    """Train `options.ensemble` fresh heads from different seeds for each of the ensemble's
+    recipes (ensemble_recipes) and join them."""
+    keep_freed_memory()
+    train_bags = on_device(train_bags, device)
+    task = task.fitted([b.target for b in train_bags])
+    recipes = ensemble_recipes(options, task, len(train_bags))
+    config = ModelConfig(**{**asdict(options.model), "in_dim": int(train_bags[0].features.shape[1]),
+                            "n_classes": task.n_outputs, "task": task.name})
+    statistics = feature_statistics(train_bags) if any(standardise for _, standardise in recipes) else None
+    members, histories, best_epochs, records = [], [], [], []
+    for m, (share, standardise) in enumerate(recipes):
+        seed = options.seed + (m % options.ensemble) * MEMBER_SEED_STEP
+        head, history, best_epoch, record = fit_head(train_bags, val_bags, replace(config, instance_loss=share), task,
+                                                     statistics if standardise else None, replace(options, seed=seed),
+                                                     device)
+        members.append(head)
+        histories.append(history)
+        best_epochs.append(best_epoch)
+        records.append(record)
+    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs, recipes, task, records)
 
 
 def group_folds(bags: list[Bag], folds: int, seed: int, task: Task) -> list[tuple[list[int], list[int]]]:
@@ -460,7 +432,8 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
             "bag_by": options.bag_by,
             "backbone": data.backbone,
             "feature_dim": fitted.config.in_dim,
-            "training": {k: v for k, v in asdict(fitted.options).items() if k != "model"},
+            "training": {k: v for k, v in asdict(options).items() if k != "model"},
+            "recipes": [list(recipe) for recipe in fitted.recipes],
             "metrics": metrics,
             "history": fitted.histories,
             "members": fitted.records,
@@ -473,10 +446,18 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
     }
 
 
+def build_ensemble(config: dict) -> SeedEnsemble:
+    """The untrained heads a model file's config describes, for its state_dict to load into
+    (format 2 files record no recipes: every member has the model's share)."""
+    model = config["model"]
+    recipes = config.get("recipes") or [[model["instance_loss"], True]] * int(config["ensemble"])
+    return SeedEnsemble([build_model(ModelConfig(**{**model, "instance_loss": share})) for share, _ in recipes])
+
+
 def epochs_summary(fitted: Fitted) -> dict:
-    """The epochs each member ran and kept, for metrics.json and the tables."""
+    """The epochs each member ran and kept, and its recipe, for metrics.json and the tables."""
     return {"ensemble": len(fitted.best_epochs), "best_epochs": fitted.best_epochs,
-            "epochs_run": [len(h) for h in fitted.histories]} | ({"selection": fitted.selection} if fitted.selection else {})
+            "epochs_run": [len(h) for h in fitted.histories], "recipes": [recipe_name(r) for r in fitted.recipes]}
 
 
 def subset_metrics(model: SeedEnsemble, subsets: dict[str, list[Bag]], device: torch.device, task: Task) -> dict:

@@ -52,7 +52,7 @@ def synthetic_store(folder: Path, n_bags: int = 40, seed: int = 0) -> tuple[Path
 
 def test_learns_a_key_instance_and_reports_held_out_metrics(tmp_path: Path) -> None:
     feats, labels = synthetic_store(tmp_path, n_bags=80)
-    options = TrainOptions(epochs=60, lr=1e-3, seed=1, ensemble=1, model=ModelConfig(instance_loss=0.5))  # no inner CV
+    options = TrainOptions(epochs=60, lr=1e-3, seed=1, ensemble=1, model=ModelConfig(instance_loss=0.5))  # one recipe
     result = train(feats, labels, options, torch.device("cpu"))
     assert result.metrics["test"]["n"] == 16
     assert result.metrics["test"]["auc"] >= 0.9
@@ -207,7 +207,7 @@ def test_standardisation_lives_in_the_model_and_makes_training_scale_free(tmp_pa
         scaled_entries.append((slide_id, data.coords, data.features * 300.0 - 1000.0))
     scaled = tmp_path / "scaled.h5"
     stores.write_feature_store(scaled, scaled_entries, backbone="synthetic")
-    options = TrainOptions(epochs=5, ensemble=1, seed=3, standardise=True)  # the inner CV may not pick raw features
+    options = TrainOptions(epochs=5, ensemble=1, seed=3, standardise=True)  # no raw-feature members
     plain, big = train(feats, labels, options, torch.device("cpu")), train(scaled, labels, options, torch.device("cpu"))
     mean = big.checkpoint["state_dict"]["members.0.feature_mean"]
     train_ids = set(big.checkpoint["config"]["slides"]["train"])
@@ -277,38 +277,41 @@ def test_training_errors_are_clear(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "3-fold cross-validation needs at least 3 training slides of every class" in result.stderr
 
 
-def test_the_recipe_is_chosen_by_inner_cross_validation_and_recorded(tmp_path: Path) -> None:
-    """Left to milcli, the patch-classifier share and the standardisation are chosen among
-    three recipes by the margin rule; the model file records what was chosen and holds it
-    (raw features: identity standardisation)."""
+def test_left_to_milcli_every_recipe_trains_and_the_model_file_rebuilds_each_member(tmp_path: Path) -> None:
+    """Left to milcli, abmil heads train `ensemble` heads with each of the two recipes, all
+    averaged; the model file records each member's recipe, and predict rebuilds the very
+    ensemble (share-0 members predict from the attention stream alone, raw members keep an
+    identity standardisation). Setting the standardisation or the share narrows the recipes."""
     from mil_cli import training
+    from mil_cli.inference import load_model
 
-    feats, labels = synthetic_store(tmp_path, n_bags=40)
-    result = train(feats, labels, TrainOptions(epochs=4, ensemble=1), torch.device("cpu"))
-    selection = result.metrics["selection"]
-    scores = selection["inner_cv_auc"]
-    assert set(scores) == {"0.5 standardised", "0.0 standardised", "0.0 raw"}
-    assert all(0.0 <= v <= 1.0 for v in scores.values())
-    margin = {k: v - (training.SELECTION_MARGIN if k != "0.5 standardised" else 0.0) for k, v in scores.items()}
-    best = max(margin, key=margin.get)
-    config = result.checkpoint["config"]
-    assert selection["recipe"] == best
-    assert (selection["instance_loss"], selection["standardise"]) == {
-        "0.5 standardised": (0.5, True), "0.0 standardised": (0.0, True), "0.0 raw": (0.0, False)}[best]
-    assert config["model"]["instance_loss"] == selection["instance_loss"]
-    assert config["training"]["standardise"] is selection["standardise"]
-    std = result.checkpoint["state_dict"]["members.0.feature_std"]
-    assert bool((std == 1).all()) is not selection["standardise"]  # synthetic features' sd is never exactly 1
+    feats, labels = synthetic_store(tmp_path, n_bags=24)
+    result = train(feats, labels, TrainOptions(epochs=2, ensemble=2), torch.device("cpu"))
+    recipes = result.checkpoint["config"]["recipes"]
+    assert recipes == [[0.5, True]] * 2 + [[0.0, False]] * 2
+    assert result.metrics["recipes"] == ["0.5 standardised"] * 2 + ["0.0 raw"] * 2
+    state = result.checkpoint["state_dict"]
+    for m, (share, standardise) in enumerate(recipes):
+        assert result.model.members[m].config.instance_loss == share
+        assert bool((state[f"members.{m}.feature_std"] == 1).all()) is not standardise  # synthetic sd is never 1
+    path = tmp_path / "model.pt"
+    training.save_checkpoint(result.checkpoint, path)
+    loaded = load_model(path, torch.device("cpu"))
+    assert [m.config.instance_loss for m in loaded.module.members] == [share for share, _ in recipes]
+    with torch.inference_mode():
+        x = torch.from_numpy(stores.FeatureSource(feats).load("bag_003").features)
+        assert torch.allclose(loaded.module.bag(x)[0], result.model.bag(x)[0])
+        # the members differ: the recipes' answers are not one model's
+        probs = [torch.softmax(m.bag(x)[0], -1)[1] for m in result.model.members]
+        assert len({round(float(p), 6) for p in probs}) == len(probs)
 
-    raw = train(feats, labels, TrainOptions(epochs=4, ensemble=1, standardise=False), torch.device("cpu"))
-    assert set(raw.metrics["selection"]["inner_cv_auc"]) == {"0.5 raw", "0.0 raw"}  # the share, on raw features
-    fixed = train(feats, labels, TrainOptions(epochs=4, ensemble=1, model=ModelConfig(instance_loss=0.5)),
-                  torch.device("cpu"))
-    assert "selection" not in fixed.metrics  # a share the user gave is used as it is, standardised
-    assert fixed.checkpoint["config"]["training"]["standardise"] is True
-    mean_head = train(feats, labels, TrainOptions(epochs=4, ensemble=1, model=ModelConfig(architecture="mean")),
-                      torch.device("cpu"))
-    assert "selection" not in mean_head.metrics  # no patch classifier to choose for
+    def recipes_for(options: TrainOptions, n_bags: int = 24) -> list:
+        return training.ensemble_recipes(options, Classification(["neg", "pos"]), n_bags)
+
+    assert recipes_for(TrainOptions(ensemble=1, standardise=False)) == [(0.5, False), (0.0, False)]
+    assert recipes_for(TrainOptions(ensemble=1, model=ModelConfig(instance_loss=0.2))) == [(0.2, True)]
+    assert recipes_for(TrainOptions(ensemble=2, model=ModelConfig(architecture="mean"))) == [(0.5, True)] * 2
+    assert recipes_for(TrainOptions(ensemble=1), training.RECIPE_ENSEMBLE_MAX_BAGS + 1) == [(0.5, True)]
 
 
 def test_with_no_patch_classifier_share_it_is_a_probe_that_shapes_nothing() -> None:
