@@ -232,6 +232,24 @@ def test_a_model_file_of_another_format_is_refused_in_one_line(tmp_path: Path) -
     assert result.exit_code == 2 and "model format 1" in result.stderr and "train it again" in result.stderr
 
 
+def test_a_format_2_model_file_still_loads_with_one_recipe_for_every_head(tmp_path: Path) -> None:
+    """Files from before the recipe ensemble (format 2: no `recipes`, every head with the
+    share the file records) load and predict as they did."""
+    from mil_cli.inference import load_model
+
+    feats, labels = synthetic_store(tmp_path, n_bags=12)
+    result = train(feats, labels, TrainOptions(epochs=2, ensemble=2, model=ModelConfig(instance_loss=0.0)),
+                   torch.device("cpu"))
+    config = {k: v for k, v in result.checkpoint["config"].items() if k != "recipes"}
+    path = tmp_path / "old.pt"
+    torch.save({**result.checkpoint, "format_version": 2, "config": config}, path)
+    loaded = load_model(path, torch.device("cpu"))
+    assert [m.config.instance_loss for m in loaded.module.members] == [0.0, 0.0]
+    with torch.inference_mode():
+        x = torch.from_numpy(stores.FeatureSource(feats).load("bag_001").features)
+        assert torch.allclose(loaded.module.bag(x)[0], result.model.bag(x)[0])
+
+
 def test_cross_validation_writes_the_layout_and_repeats_exactly(tmp_path: Path) -> None:
     feats, labels = write_digit_bags(tmp_path / "data", n_train=40, n_test=10, seed=1)
     runs = []
