@@ -448,10 +448,12 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
 
 def build_ensemble(config: dict) -> SeedEnsemble:
     """The untrained heads a model file's config describes, for its state_dict to load into
-    (format 2 files record no recipes: every member has the model's share)."""
+    (their standardisation is in the state_dict; format 2 files record no recipes: every
+    member has the model's share)."""
     model = config["model"]
-    recipes = config.get("recipes") or [[model["instance_loss"], True]] * int(config["ensemble"])
-    return SeedEnsemble([build_model(ModelConfig(**{**model, "instance_loss": share})) for share, _ in recipes])
+    shares = ([share for share, _ in config["recipes"]] if "recipes" in config
+              else [model["instance_loss"]] * int(config["ensemble"]))
+    return SeedEnsemble([build_model(ModelConfig(**{**model, "instance_loss": share})) for share in shares])
 
 
 def epochs_summary(fitted: Fitted) -> dict:

@@ -136,7 +136,7 @@ def test_rerun_resumes_without_redoing_work(sample_run: Path, tmp_path: Path) ->
     assert len(summary["stages"]["tile"]["skipped"]) == 20 and summary["stages"]["tile"]["done"] == []
     assert len(summary["stages"]["embed"]["skipped"]) == 20
     assert summary["stages"]["train"]["skipped"] == ["model.pt"]
-    # other training options (a fixed recipe: no inner CV): the model is retrained, the stores are still reused
+    # other training options (one fixed recipe): the model is retrained, the stores are still reused
     recipe = ("--seed", "5", "--instance-loss", "0", "--no-standardise")
     summary = json.loads(invoke(*args, *recipe).stdout)
     assert summary["stages"]["train"]["done"] == ["model.pt"] and summary["stages"]["embed"]["done"] == []
