@@ -85,6 +85,13 @@ class MILHead(nn.Module):
 
     additive = True  # patch_scores rows sum to the pooled classifier's logits minus its bias
     tasks: tuple[str, ...] = ("classification",)  # heads whose output is a linear readout also regress and rank
+    max_instance_loss = False  # abmil-like heads: a max-pooled patch classifier whose loss share --instance-loss sets
+
+    @classmethod
+    def trains_patch_classifier(cls, task: str) -> bool:
+        """Whether heads of this kind learning `task` have the max-pooled patch classifier
+        (classification only), so that --instance-loss and the training recipes apply."""
+        return cls.max_instance_loss and task == "classification"
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -147,7 +154,7 @@ class AttentionMIL(MILHead):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
-        self.max_instance_loss = type(self).max_instance_loss and config.task == "classification"
+        self.max_instance_loss = self.trains_patch_classifier(config.task)
         self.attention_v = nn.Linear(config.hidden_dim, config.attention_dim)
         self.attention_u = nn.Linear(config.hidden_dim, config.attention_dim) if self.gated else None
         self.attention_w = nn.Linear(config.attention_dim, 1)

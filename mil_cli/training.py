@@ -28,7 +28,7 @@ from mil_cli.devices import FLOAT16_MAX, keep_freed_memory, seed_everything, tra
 from mil_cli.errors import InputError
 from mil_cli.labels import LabelTable, check_cohort, check_patients, read_labels
 from mil_cli.config import DEFAULT_INSTANCE_LOSS, ModelConfig, TrainOptions
-from mil_cli.models import MILHead, SeedEnsemble, build_model
+from mil_cli.models import MODELS, MILHead, SeedEnsemble, build_model, check_architecture
 from mil_cli.stores import FeatureSource
 from mil_cli.tasks import Task, make_task
 
@@ -256,8 +256,8 @@ def ensemble_recipes(options: TrainOptions, task: Task, n_bags: int) -> list[Rec
     `--instance-loss` set, that share (standardised unless told otherwise); other heads and
     tasks, the first recipe's standardisation."""
     share, standardise = options.model.instance_loss, options.standardise
-    architecture = build_model(replace(options.model, in_dim=1, n_classes=task.n_outputs, task=task.name))
-    if share is not None or not getattr(architecture, "max_instance_loss", False):
+    check_architecture(options.model.architecture, task.name)
+    if share is not None or not MODELS[options.model.architecture].trains_patch_classifier(task.name):
         candidates = [(DEFAULT_INSTANCE_LOSS if share is None else share, True if standardise is None else standardise)]
     elif standardise is not None:
         candidates = [(DEFAULT_INSTANCE_LOSS, standardise), (0.0, standardise)]
