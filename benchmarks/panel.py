@@ -24,12 +24,14 @@ twice: on the features as given and on z-scored features (training instances' st
 since the literature's figures for MUSK-style descriptors come from scaled features; the
 stronger of the two is the bar.
 
-    python benchmarks/panel.py [--rows digits-50 key-...] [--repeats 3] [--cache DIR]
+    python benchmarks/panel.py [--rows digits-50 key-...] [--repeats 3] [--cache DIR] [--results DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -205,34 +207,59 @@ def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int, 
 REFERENCES = {"reference": False, "reference z": True}  # name -> z-scored features
 
 
-def evaluate_row(row: Row, repeats: range, options: TrainOptions, with_reference: bool = True) -> dict:
-    results: dict[str, list[float]] = {}
+def evaluate_repeat(row: Row, repeat: int, options: TrainOptions, with_reference: bool = True) -> dict[str, float]:
+    """One repeat of a row: its folds' held-out predictions pooled into AUC, accuracy and the
+    mean localisation of each patch score."""
     references = REFERENCES if with_reference else {}
+    pooled: dict[str, list] = {"y": [], "milcli": [], "epoch seconds": [], **{r: [] for r in references}}
+    loc: dict[str, list] = {"instance": [], "attention": [], **{f"{r} attention": [] for r in references}}
+    for fold, (train, test) in enumerate(row.splits(repeat)):
+        seed = repeat * 100 + fold
+        ours = run_milcli(train, test, seed, options)
+        pooled["y"] += [y for _, y, _ in test]
+        pooled["milcli"] += list(ours["p"])
+        pooled["epoch seconds"].append(ours["seconds_per_epoch"])
+        loc["instance"] += list(zip(ours["instance"], test))
+        loc["attention"] += list(zip(ours["attention"], test))
+        for name, zscore in references.items():
+            theirs = run_reference(train, test, seed, zscore)
+            pooled[name] += list(theirs["p"])
+            loc[f"{name} attention"] += list(zip(theirs["attention"], test))
+        print(f"  {row.name} repeat {repeat} fold {fold} done", file=sys.stderr, flush=True)
+    y = np.array(pooled["y"])
+    result = {"milcli s/epoch": float(np.mean(pooled["epoch seconds"]))}
+    for who in ("milcli", *references):
+        p = np.array(pooled[who])
+        result[f"{who} auc"] = float(roc_auc_score(y, p))
+        result[f"{who} acc"] = float(accuracy_score(y, p >= 0.5))
+    for name, pairs in loc.items():
+        result[f"loc {name}"] = localisation([s for s, _ in pairs], [b for _, b in pairs])
+    return result
+
+
+def evaluate_row(row: Row, repeats: range, options: TrainOptions, with_reference: bool = True,
+                 results: Path | None = None) -> dict[str, list[float]]:
+    """Each repeat's figures, as lists over repeats. With a `results` folder, each finished
+    repeat is saved there (keyed by row, repeat, options and whether the reference ran) and a
+    repeat already saved is read back instead of rerun, so long rows resume and repeats add up
+    across runs. The key does not cover milcli's code: use a fresh folder after changing it."""
+    figures: dict[str, list[float]] = {}
+    key = hashlib.sha256(f"{options!r} reference={with_reference}".encode()).hexdigest()[:12]
     for repeat in repeats:
-        pooled: dict[str, list] = {"y": [], "milcli": [], "epoch seconds": [], **{r: [] for r in references}}
-        loc: dict[str, list] = {"instance": [], "attention": [], **{f"{r} attention": [] for r in references}}
-        for fold, (train, test) in enumerate(row.splits(repeat)):
-            seed = repeat * 100 + fold
-            ours = run_milcli(train, test, seed, options)
-            pooled["y"] += [y for _, y, _ in test]
-            pooled["milcli"] += list(ours["p"])
-            pooled["epoch seconds"].append(ours["seconds_per_epoch"])
-            loc["instance"] += list(zip(ours["instance"], test))
-            loc["attention"] += list(zip(ours["attention"], test))
-            for name, zscore in references.items():
-                theirs = run_reference(train, test, seed, zscore)
-                pooled[name] += list(theirs["p"])
-                loc[f"{name} attention"] += list(zip(theirs["attention"], test))
-            print(f"  {row.name} repeat {repeat} fold {fold} done", file=sys.stderr, flush=True)
-        y = np.array(pooled["y"])
-        results.setdefault("milcli s/epoch", []).append(float(np.mean(pooled["epoch seconds"])))
-        for who in ("milcli", *references):
-            p = np.array(pooled[who])
-            results.setdefault(f"{who} auc", []).append(roc_auc_score(y, p))
-            results.setdefault(f"{who} acc", []).append(accuracy_score(y, p >= 0.5))
-        for name, pairs in loc.items():
-            results.setdefault(f"loc {name}", []).append(localisation([s for s, _ in pairs], [b for _, b in pairs]))
-    return results
+        saved = results / f"{row.name}-repeat{repeat}-{key}.json" if results else None
+        if saved is not None and saved.exists():
+            result = json.loads(saved.read_text())
+            print(f"  {row.name} repeat {repeat}: read from {saved}", file=sys.stderr, flush=True)
+        else:
+            result = evaluate_repeat(row, repeat, options, with_reference)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(result, indent=1))
+        print(f"  {row.name} repeat {repeat}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items()),
+              file=sys.stderr, flush=True)
+        for k, v in result.items():
+            figures.setdefault(k, []).append(v)
+    return figures
 
 
 def fmt(values: list[float]) -> str:
@@ -249,6 +276,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/panel-cache"),
                         help="where generated and embedded slide sets are kept between runs")
     parser.add_argument("--skip-reference", action="store_true", help="milcli only (for sweeps over its options)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="keep each finished repeat here and reuse it on the next run with the same options "
+                             "(resumes long rows; use a fresh folder after changing milcli's code)")
     parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
                         help="override a TrainOptions or ModelConfig field, e.g. lr=2e-4 model.hidden_dim=128")
     args = parser.parse_args()
@@ -265,7 +295,7 @@ def main() -> None:
     for name in args.rows or list(ROWS):
         start = time.perf_counter()
         repeats = range(args.first_repeat, args.first_repeat + args.repeats)
-        r = evaluate_row(ROWS[name](args.cache), repeats, options, not args.skip_reference)
+        r = evaluate_row(ROWS[name](args.cache), repeats, options, not args.skip_reference, args.results)
         cells = [fmt(r.get(k, [np.nan])) for k in ("milcli auc", "reference auc", "reference z auc", "milcli acc",
                                                   "reference acc", "reference z acc", "loc instance", "loc attention",
                                                   "loc reference attention", "loc reference z attention")]
