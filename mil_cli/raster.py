@@ -1,7 +1,7 @@
 """Patch values on a grid of cells: the one rasteriser behind the heatmap's regions and the
 refined maps (overlapping patches averaged, as the heatmap paints them), which cells of
-such a grid lie on the slide's tissue, and the small box on the patch grid that holds most
-of a per-patch mass."""
+such a grid (or which points) lie on the slide's tissue, and the small box on the patch
+grid that holds most of a per-patch mass."""
 
 from __future__ import annotations
 
@@ -27,13 +27,21 @@ def cell_means(coords: np.ndarray, step: int, size: int, values: np.ndarray) -> 
         return total / count, origin
 
 
+def tissue_at(images: SlideImages, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Whether level-0 points lie on the thumbnail's tissue mask (x and y broadcast together;
+    points off the thumbnail take its nearest edge)."""
+    mask = images.tissue_mask
+    rows = np.clip((y / images.downsample).astype(int), 0, mask.shape[0] - 1)
+    cols = np.clip((x / images.downsample).astype(int), 0, mask.shape[1] - 1)
+    return mask[rows, cols]
+
+
 def on_tissue(images: SlideImages, origin: np.ndarray, pixel: float, shape: tuple[int, int]) -> np.ndarray:
     """Which pixels of a level-0 grid (origin, pixel size, shape) have their centre on the
     thumbnail's tissue mask."""
-    rows = ((origin[1] + (np.arange(shape[0]) + 0.5) * pixel) / images.downsample).astype(int)
-    cols = ((origin[0] + (np.arange(shape[1]) + 0.5) * pixel) / images.downsample).astype(int)
-    mask = images.tissue_mask
-    return mask[np.clip(rows, 0, mask.shape[0] - 1)][:, np.clip(cols, 0, mask.shape[1] - 1)]
+    ys = origin[1] + (np.arange(shape[0]) + 0.5) * pixel
+    xs = origin[0] + (np.arange(shape[1]) + 0.5) * pixel
+    return tissue_at(images, xs[None, :], ys[:, None])
 
 
 def mass_box(coords: np.ndarray, step: int, size: int, weights: np.ndarray, mass: float) -> list[int]:

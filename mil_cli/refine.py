@@ -21,7 +21,7 @@ import torch
 from mil_cli.backbones import get_backbone
 from mil_cli.embedding import build_embedder, embed_options_of
 from mil_cli.errors import InputError
-from mil_cli.raster import cell_means, on_tissue
+from mil_cli.raster import cell_means, on_tissue, tissue_at
 from mil_cli.slides import Slide
 from mil_cli.stores import FeatureSource, SlideImages
 
@@ -93,10 +93,8 @@ def stride_grid(box: tuple[float, ...], size: int, stride: int, images: SlideIma
     xs = np.arange(math.floor(x0 / stride) * stride, x1, stride)
     ys = np.arange(math.floor(y0 / stride) * stride, y1, stride)
     grid = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2) - size // 2  # centres -> corners
-    mask = images.tissue_mask
-    rows = np.clip(((grid[:, 1] + size / 2) / images.downsample).astype(int), 0, mask.shape[0] - 1)
-    cols = np.clip(((grid[:, 0] + size / 2) / images.downsample).astype(int), 0, mask.shape[1] - 1)
-    return grid[mask[rows, cols] & (grid >= 0).all(axis=1)][:budget].astype(np.int64)
+    centred = tissue_at(images, grid[:, 0] + size / 2, grid[:, 1] + size / 2)
+    return grid[centred & (grid >= 0).all(axis=1)][:budget].astype(np.int64)
 
 
 def refine(slide: Slide, scorer: PatchScorer, score: Callable[[np.ndarray], np.ndarray], regions: list,
