@@ -62,6 +62,10 @@ class Backbone:
         return (f"{self.name} was trained on patches at {self.mpp:g} µm/px; {found}; its features there may be "
                 f"worse: tile with --target-mpp {self.mpp:g}")
 
+    def target_mpp_advice(self, target_mpp: float) -> str | None:
+        """The advice for tiling at `target_mpp` with this encoder in mind, or None when it fits."""
+        return None if self.fits_resolution(target_mpp) else self.resolution_advice(f"--target-mpp is {target_mpp:g}")
+
     def weights_present(self) -> bool:
         """Whether the default weights are on this machine (looked up, never downloaded)."""
         if self.hub_files is not None:

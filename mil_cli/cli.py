@@ -263,8 +263,8 @@ def tile(
                             mpp_override=mpp, min_tissue=min_tissue, keep_pen=keep_pen, thumbnail_size=thumbnail_size,
                             qc=QCThresholds(min_sharpness, max_background, max_dark) if qc else None)
     encoder = get_backbone(backbone) if backbone else None
-    if encoder and not encoder.fits_resolution(options.target_mpp):
-        warn(encoder.resolution_advice(f"--target-mpp is {options.target_mpp:g}"))
+    if encoder and (advice := encoder.target_mpp_advice(options.target_mpp)):
+        warn(advice)
     preview_dir = out.with_name(f"{out.stem}_previews") if previews else None
     report = tile_slides(inputs, out, options, overwrite=overwrite, workers=default_tiling_workers() if workers is None else workers,
                          previews=preview_dir)

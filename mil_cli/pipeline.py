@@ -58,8 +58,8 @@ def check_run(inputs: list[Path], labels_path: Path, options: RunOptions, backbo
     if options.folds:  # cross-validation folds the val slides back in, and needs `folds` of each class
         check_cohort(labels, labels_path, task, ids, "the slides given", frozenset({"test"}), options.folds)
     backbone.check(options.embedding.weights)
-    if not backbone.fits_resolution(options.tiling.target_mpp):
-        warn(backbone.resolution_advice(f"--target-mpp is {options.tiling.target_mpp:g}"))
+    if advice := backbone.target_mpp_advice(options.tiling.target_mpp):
+        warn(advice)
 
 
 IN_SAMPLE_TITLE = "the final model on the labelled slides (mostly its own training slides: optimistic; --folds is honest)"
