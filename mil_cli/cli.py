@@ -396,7 +396,7 @@ def _cv_table(summary: dict) -> Table:
 
 
 def _standardise(standardise: bool, no_standardise: bool) -> bool | None:
-    """--standardise / --no-standardise -> True / False; neither: None (chosen by inner CV)."""
+    """--standardise / --no-standardise -> True / False; neither: None (the recipe ensemble decides, training.ensemble_recipes)."""
     if standardise and no_standardise:
         raise typer.BadParameter("--standardise and --no-standardise: choose one")
     return True if standardise else False if no_standardise else None
