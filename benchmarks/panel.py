@@ -314,7 +314,9 @@ def apply_overrides(options: TrainOptions, settings: list[str]) -> TrainOptions:
         key, value = setting.split("=", 1)
         target, field = (options.model, key[6:]) if key.startswith("model.") else (options, key)
         current = getattr(target, field)
-        if isinstance(current, bool) or field == "standardise":  # standardise: None (the recipes') or a bool
+        if field == "standardise":  # None (the recipes') or one of config.SCALINGS
+            typed = value
+        elif isinstance(current, bool):
             typed = value.lower() in ("1", "true", "yes")
         elif current is None:  # max_patches (None or a count), instance_loss (None or a share)
             typed = float(value) if "." in value or field == "instance_loss" else int(value)

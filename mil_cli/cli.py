@@ -178,9 +178,8 @@ Horizons = Annotated[Optional[str], typer.Option(help="--task survival: comma-se
 BagBy = Annotated[str, typer.Option(help="slide (one bag per slide) or patient (one bag per patient_id of the labels CSV: its slides' patches together; predictions and metrics per patient, maps per slide).")]
 Ensemble = Annotated[int, typer.Option(min=1, help="Heads trained from different seeds and averaged (one model file); abmil heads left to milcli train this many per recipe (see --instance-loss).")]
 MaxPatches = Annotated[Optional[int], typer.Option(min=1, help="Random patches per training bag and epoch (evaluation uses all).")]
-Standardise = Annotated[bool, typer.Option("--standardise", help="z-score each feature dimension with the training patches' mean and sd (kept in the model file, clipped to +-5). Left out with --no-standardise and --instance-loss, abmil heads train members of both kinds (see --instance-loss); other heads standardise.")]
-NoStandardise = Annotated[bool, typer.Option("--no-standardise", help="Feed raw features.")]
-InstanceLoss = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, show_default="the recipe ensemble", help="abmil heads: share of the max-pooled patch-classifier loss (its patch scores localise; at 0 the patch classifier is a probe that shapes nothing). Left unset (with --standardise/--no-standardise unset too), on up to 300 training slides milcli trains --ensemble heads with each of two recipes and averages all of them: 0.5 on standardised features, and 0 on raw features. Which recipe suits a cohort cannot be told from its shape, and choosing one by inner cross-validation on a few dozen slides picks by noise; the average matched or beat that choice on every benchmark row (README). Larger cohorts train the first recipe only. With --standardise or --no-standardise set, the two shares on those features.")]
+Standardise = Annotated[Optional[str], typer.Option(show_default="the recipe ensemble", help="How heads scale the features, with the training patches' statistics (kept in the model file): z (each dimension to mean 0, sd 1, clipped to +-5), pooled (each dimension centred, all divided by one sd pooled over the dimensions, so their relative scales stay) or none (raw). Left out with --instance-loss, abmil heads train members of both recipes (see --instance-loss); other heads take z.")]
+InstanceLoss = Annotated[Optional[float], typer.Option(min=0.0, max=1.0, show_default="the recipe ensemble", help="abmil heads: share of the max-pooled patch-classifier loss (its patch scores localise; at 0 the patch classifier is a probe that shapes nothing). Left unset (with --standardise/--no-standardise unset too), on up to 300 training slides milcli trains --ensemble heads with each of two recipes and averages all of them: 0.5 on z-scored features, and 0 on raw features. Which recipe suits a cohort cannot be told from its shape, and choosing one by inner cross-validation on a few dozen slides picks by noise; the average matched or beat that choice on every benchmark row (README). Larger cohorts train the first recipe only. With --standardise set, the two shares on that scaling.")]
 Repeats = Annotated[int, typer.Option(min=1, help="With --folds: repeat the cross-validation with other fold assignments and seeds; the pooled out-of-fold metrics are reported as mean ± sd over repeats with their standard error.")]
 MICRONS_PER_PX_AT_1X = 10.0  # the usual convention: 10x = 1 µm/px, 20x = 0.5, 40x = 0.25
 
@@ -395,13 +394,6 @@ def _cv_table(summary: dict) -> Table:
     return table
 
 
-def _standardise(standardise: bool, no_standardise: bool) -> bool | None:
-    """--standardise / --no-standardise -> True / False; neither: None (the recipe ensemble decides, training.ensemble_recipes)."""
-    if standardise and no_standardise:
-        raise typer.BadParameter("--standardise and --no-standardise: choose one")
-    return True if standardise else False if no_standardise else None
-
-
 @command
 def train(
     features: Annotated[Path, typer.Option(help="Feature store (or folder of per-slide .h5 files).")] = Path("feats.h5"),
@@ -421,8 +413,7 @@ def train(
     weight_decay: Annotated[float, typer.Option(help="Adam weight decay.")] = TRAIN_DEFAULTS.weight_decay,
     patience: Annotated[int, typer.Option(min=1, help="With validation slides: epochs without a better validation loss before stopping.")] = TRAIN_DEFAULTS.patience,
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of training slides (patients) held out for early stopping when the labels have no 'val' split; 0: none.")] = TRAIN_DEFAULTS.val_fraction,
-    standardise: Standardise = False,
-    no_standardise: NoStandardise = False,
+    standardise: Standardise = TRAIN_DEFAULTS.standardise,
     batch_size: Annotated[int, typer.Option(min=1, help="Bags per step (padded to the largest, masked).")] = TRAIN_DEFAULTS.batch_size,
     max_patches: MaxPatches = TRAIN_DEFAULTS.max_patches,
     precision: Annotated[str, typer.Option(help="Training steps: auto (bf16 on GPUs with native bf16, else fp32), fp32 or bf16. Evaluation and prediction always run fp32.")] = TRAIN_DEFAULTS.precision,
@@ -448,7 +439,7 @@ def train(
 
     _check_model(model, task)
     options = TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, lr_schedule=lr_schedule, weight_decay=weight_decay,
-                           patience=patience, val_fraction=val_fraction, standardise=_standardise(standardise, no_standardise), seed=seed,
+                           patience=patience, val_fraction=val_fraction, standardise=standardise, seed=seed,
                            batch_size=batch_size, max_patches=max_patches, precision=precision, task=task,
                            survival_loss=survival_loss, horizons=_horizons(horizons), bag_by=bag_by,
                            model=ModelConfig(architecture=model, hidden_dim=hidden_dim, attention_dim=attention_dim,
@@ -590,8 +581,7 @@ def run(
     ensemble: Ensemble = TRAIN_DEFAULTS.ensemble,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = TRAIN_DEFAULTS.lr,
     max_patches: MaxPatches = TRAIN_DEFAULTS.max_patches,
-    standardise: Standardise = False,
-    no_standardise: NoStandardise = False,
+    standardise: Standardise = TRAIN_DEFAULTS.standardise,
     instance_loss: InstanceLoss = MODEL_DEFAULTS.instance_loss,
     folds: Annotated[Optional[int], typer.Option(min=2, help="Also K-fold cross-validation into cv/ (the model still trains on every slide); its metrics go into run.json and the report.", show_default="off")] = None,
     repeats: Repeats = 3,
@@ -620,7 +610,7 @@ def run(
                              qc=QCThresholds() if qc else None),
         training=TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, max_patches=max_patches, seed=seed, task=task,
                               survival_loss=survival_loss, horizons=_horizons(horizons), bag_by=bag_by,
-                              standardise=_standardise(standardise, no_standardise),
+                              standardise=standardise,
                               model=ModelConfig(architecture=model, instance_loss=instance_loss)),
         backbone=backbone, embedding=EmbedOptions(batch_size=batch_size, workers=workers, weights=weights, stain=stain,
                                                   stain_target=stain_target),

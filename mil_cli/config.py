@@ -30,6 +30,10 @@ def read_options_file(path: Path) -> dict[str, Any]:
 TASK_NAMES = ("classification", "regression", "survival")  # tasks.TASKS, named here for the CLI without torch
 VIEWER_BUDGET_MB = 100.0    # explain's viewer tiles per slide (viewer.py; the CLI shows it without importing it)
 DEFAULT_INSTANCE_LOSS = 0.5  # abmil heads' patch-classifier share in the first recipe (training.RECIPES)
+# how a head scales its input features, with statistics of the training patches (training.feature_statistics):
+# z: each dimension to mean 0, sd 1 (clipped to +-clip); pooled: each dimension to mean 0, all divided by one
+# sd pooled over the dimensions (their relative scales kept); none: raw features
+SCALINGS = ("z", "pooled", "none")
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,8 @@ class TrainOptions:
     lr_schedule: str = "cosine"   # cosine decay to 1 % over the epochs, or constant
     patience: int = 10            # epochs without a better validation loss before stopping
     val_fraction: float = 0.0     # of the training slides (or patients) for early stopping, when no split column
-    standardise: bool | None = None  # z-score features with the training patches' statistics;
-                                     # None: the recipe ensemble's (training.ensemble_recipes)
-    clip: float = 5.0             # ... and clip the z-scores to +-clip
+    standardise: str | None = None  # one of SCALINGS; None: the recipe ensemble's (training.ensemble_recipes)
+    clip: float = 5.0             # z scaling: clip the z-scores to +-clip
     ensemble: int = 5             # heads trained from different seeds, averaged
     seed: int = 0
     batch_size: int = 1           # bags per optimiser step
@@ -78,6 +81,8 @@ class TrainOptions:
             raise MilcliError("--batch-size, --ensemble and --max-patches must be at least 1")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise MilcliError(f"--precision {self.precision}: expected auto, fp32 or bf16")
+        if self.standardise is not None and self.standardise not in SCALINGS:
+            raise MilcliError(f"--standardise {self.standardise}: expected one of {', '.join(SCALINGS)}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise MilcliError(f"--lr-schedule {self.lr_schedule}: expected cosine or constant")
         if self.task not in TASK_NAMES:

@@ -2,7 +2,7 @@
 
 Every head reads (B, N, D) features with a (B, N) mask (True = a real patch; bags are padded
 to the batch's largest) and returns `MILOutput`. A new head is one MILHead subclass added to MODELS.
-Features are standardised first with per-dimension statistics of the training patches, which
+Features are scaled first with statistics of the training patches (config.SCALINGS), which
 the head holds as buffers (so they travel in the model file and predict/explain apply them).
 Every head also scores each patch for each class (`instance_scores`, probabilities), the
 patch-level answer that localises; attention only says what the bag pooling weighed.
@@ -102,7 +102,8 @@ class MILHead(nn.Module):
         self.embed = nn.Sequential(nn.Linear(config.in_dim, config.hidden_dim), nn.ReLU(), nn.Dropout(config.dropout))
 
     def set_standardisation(self, mean: torch.Tensor, std: torch.Tensor, clip: float) -> None:
-        """z = (x - mean) / std, clipped to +-clip: a rarely non-zero dimension (a sparse
+        """z = (x - mean) / std, clipped to +-clip (`std` is per dimension, or one pooled sd in
+        every place). Per-dimension z-scores are clipped: a rarely non-zero dimension (a sparse
         feature, a pixel that is almost always blank) has a tiny std, and its rare values
         would otherwise reach z of 100 and swamp the embedding."""
         self.feature_mean.copy_(mean)
@@ -110,7 +111,7 @@ class MILHead(nn.Module):
         self.feature_clip.fill_(clip)
 
     def embed_patches(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(..., D) raw features -> (..., H) patch embeddings, standardised first. `mask`
+        """(..., D) raw features -> (..., H) patch embeddings, scaled first. `mask`
         ((B, N), true on real patches) is for heads whose embedding mixes a bag's patches."""
         z = (features - self.feature_mean) / self.feature_std
         return self.embed(z.clamp(-self.feature_clip, self.feature_clip))

@@ -33,8 +33,8 @@ from mil_cli.stores import FeatureSource
 from mil_cli.tasks import Task, make_task
 
 MODEL_FORMAT = "milcli-model"
-MODEL_FORMAT_VERSION = 3  # 2: a seed ensemble of heads holding their feature standardisation; 3: with a recipe each
-READABLE_FORMAT_VERSIONS = (2, 3)
+MODEL_FORMAT_VERSION = 4  # 2: a seed ensemble of heads holding their feature standardisation; 3: with a recipe
+READABLE_FORMAT_VERSIONS = (2, 3, 4)  # each ([share, standardised]); 4: recipes name their scaling ([share, "z"])
 
 
 @dataclass
@@ -190,9 +190,11 @@ def evaluate(model: MILHead | SeedEnsemble, bags: list[Bag], device: torch.devic
     return loss, task.predict(logits).numpy()
 
 
-def feature_statistics(bags: list[Bag]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and standard deviation over every patch of `bags` (float64 sums,
-    one bag at a time); constant dimensions get std 1 so they stay finite."""
+def feature_statistics(bags: list[Bag], scaling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-dimension mean over every patch of `bags` (float64 sums, one bag at a time) and
+    the divisor of `scaling` (config.SCALINGS): each dimension's standard deviation (z; a
+    constant dimension gets 1 so it stays finite), or for 'pooled' one standard deviation
+    pooled over all dimensions (the root of their mean variance) in every place."""
     total = torch.zeros(bags[0].features.shape[1], dtype=torch.float64, device=bags[0].features.device)
     squares, count = torch.zeros_like(total), 0
     for bag in bags:
@@ -201,8 +203,12 @@ def feature_statistics(bags: list[Bag]) -> tuple[torch.Tensor, torch.Tensor]:
         squares += features.square().sum(0)
         count += len(features)
     mean = total / count
-    std = (squares / count - mean.square()).clamp(min=0).sqrt()
-    std[std <= 1e-6 * mean.abs().clamp(min=1)] = 1.0
+    variance = (squares / count - mean.square()).clamp(min=0)
+    if scaling == "pooled":
+        std = torch.full_like(mean, max(float(variance.mean().sqrt()), 1e-12))
+    else:
+        std = variance.sqrt()
+        std[std <= 1e-6 * mean.abs().clamp(min=1)] = 1.0
     return mean.float().cpu(), std.float().cpu()
 
 
@@ -213,7 +219,7 @@ def learning_rate_schedule(optimiser: torch.optim.Optimizer, options: TrainOptio
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=options.epochs, eta_min=options.lr / 100)
 
 
-Recipe = tuple[float, bool]  # (patch-classifier share, standardise) of a member head
+Recipe = tuple[float, str]  # (patch-classifier share, feature scaling: one of config.SCALINGS) of a member head
 
 
 @dataclass
@@ -222,7 +228,7 @@ class Fitted:
     config: ModelConfig
     histories: list[list[dict]]  # per member: epoch, train_loss, val_loss
     best_epochs: list[int]       # per member: the epoch whose weights were kept
-    recipes: list[Recipe]        # per member: its patch-classifier share and whether it standardises
+    recipes: list[Recipe]        # per member: its patch-classifier share and feature scaling
     task: Task                   # fitted to the training targets (a regression's scale, survival bins)
     records: list[dict]          # per member: what its head's last step recorded (protomil: its prototypes' origins)
 
@@ -230,20 +236,20 @@ class Fitted:
 MEMBER_SEED_STEP = 100_003  # member m of a recipe trains from seed + m * this (member 0 from the seed itself)
 
 # abmil recipes left to milcli: `ensemble` heads are trained with each, and all are averaged
-RECIPES: tuple[Recipe, ...] = ((DEFAULT_INSTANCE_LOSS, True), (0.0, False))
+RECIPES: tuple[Recipe, ...] = ((DEFAULT_INSTANCE_LOSS, "z"), (0.0, "none"))
 RECIPE_ENSEMBLE_MAX_BAGS = 300  # larger cohorts train the first recipe only (half the time)
 
 
 def recipe_name(recipe: Recipe) -> str:
-    """'0.5 standardised', '0.0 raw': how metrics.json names a recipe."""
-    share, standardise = recipe
-    return f"{share} {'standardised' if standardise else 'raw'}"
+    """'0.5 z', '0.0 none': how metrics.json names a recipe."""
+    share, scaling = recipe
+    return f"{share} {scaling}"
 
 
 def ensemble_recipes(options: TrainOptions, task: Task, n_bags: int) -> list[Recipe]:
     """The recipes the ensemble's heads train with, `options.ensemble` heads each. Left to
     milcli, abmil heads on up to RECIPE_ENSEMBLE_MAX_BAGS bags take both RECIPES: share 0.5
-    on standardised features, and share 0 on raw features. Why: the patch classifier helps on
+    on z-scored features, and share 0 on raw features. Why: the patch classifier helps on
     low-dimensional or strong-signal features but overfits a few dozen bags of 1,000-d
     features with a weak signal; standardising is what descriptors of wildly different
     ranges need, yet raw features did better on weak 1,000-d rows. Which case a cohort is
@@ -251,16 +257,16 @@ def ensemble_recipes(options: TrainOptions, task: Task, n_bags: int) -> list[Rec
     picked by noise. The two recipes err differently: their average matched or beat that
     choice on all 6 panel rows measured (AUC +0.02 to +0.05 on 4, level on 2), and beat the
     average of three recipes (share 0 standardised too) in accuracy on 4 of 6 at two thirds
-    of its cost (README).
-    With `--standardise`/`--no-standardise` set, the two shares on those features; with
-    `--instance-loss` set, that share (standardised unless told otherwise); other heads and
-    tasks, the first recipe's standardisation."""
-    share, standardise = options.model.instance_loss, options.standardise
+    of its cost (README). Pooled scaling in either recipe lost to these two on the panel
+    (README: it fails the large-range rows in the first recipe, the 1,024-d rows in the second).
+    With `--standardise` set, the two shares on that scaling; with `--instance-loss` set, that
+    share (z-scored unless told otherwise); other heads and tasks, the first recipe's scaling."""
+    share, scaling = options.model.instance_loss, options.standardise
     check_architecture(options.model.architecture, task.name)
     if share is not None or not MODELS[options.model.architecture].trains_patch_classifier(task.name):
-        candidates = [(DEFAULT_INSTANCE_LOSS if share is None else share, True if standardise is None else standardise)]
-    elif standardise is not None:
-        candidates = [(DEFAULT_INSTANCE_LOSS, standardise), (0.0, standardise)]
+        candidates = [(DEFAULT_INSTANCE_LOSS if share is None else share, scaling or RECIPES[0][1])]
+    elif scaling is not None:
+        candidates = [(DEFAULT_INSTANCE_LOSS, scaling), (0.0, scaling)]
     else:
         candidates = list(RECIPES)
     if n_bags > RECIPE_ENSEMBLE_MAX_BAGS:
@@ -278,13 +284,14 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
     recipes = ensemble_recipes(options, task, len(train_bags))
     config = ModelConfig(**{**asdict(options.model), "in_dim": int(train_bags[0].features.shape[1]),
                             "n_classes": task.n_outputs, "task": task.name})
-    statistics = feature_statistics(train_bags) if any(standardise for _, standardise in recipes) else None
+    statistics = {scaling: feature_statistics(train_bags, scaling) for scaling in {s for _, s in recipes} - {"none"}}
     members, histories, best_epochs, records = [], [], [], []
-    for m, (share, standardise) in enumerate(recipes):
+    for m, (share, scaling) in enumerate(recipes):
         seed = options.seed + (m % options.ensemble) * MEMBER_SEED_STEP
-        head, history, best_epoch, record = fit_head(train_bags, val_bags, replace(config, instance_loss=share), task,
-                                                     statistics if standardise else None, replace(options, seed=seed),
-                                                     device)
+        clip = options.clip if scaling == "z" else float("inf")
+        head, history, best_epoch, record = fit_head(
+            train_bags, val_bags, replace(config, instance_loss=share), task,
+            (*statistics[scaling], clip) if scaling in statistics else None, replace(options, seed=seed), device)
         members.append(head)
         histories.append(history)
         best_epochs.append(best_epoch)
@@ -302,7 +309,7 @@ def group_folds(bags: list[Bag], folds: int, seed: int, task: Task) -> list[tupl
 
 
 def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig, task: Task,
-             statistics: tuple[torch.Tensor, torch.Tensor] | None, options: TrainOptions,
+             scaling: tuple[torch.Tensor, torch.Tensor, float] | None, options: TrainOptions,
              device: torch.device) -> tuple[MILHead, list[dict], int, dict]:
     """One head: `options.epochs` epochs, or early stopping on the validation loss (best
     weights restored) when there are validation bags; then the head's own last step
@@ -310,8 +317,8 @@ def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig, ta
     Returns it, its history, the epoch kept and what that last step records for the model file."""
     seed_everything(options.seed)
     model = build_model(config)
-    if statistics is not None:
-        model.set_standardisation(*statistics, options.clip)
+    if scaling is not None:  # (mean, divisor, clip): raw features when None
+        model.set_standardisation(*scaling)
     model = model.to(device)
     history, best_epoch = train_epochs(model, list(model.parameters()), train_bags, val_bags, task, options, device)
 

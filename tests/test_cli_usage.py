@@ -129,13 +129,13 @@ def test_help_shows_flags_without_values_and_usage_as_typed() -> None:
 
 def test_options_file_sets_defaults_and_the_command_line_wins(embedded_subset: Path) -> None:
     options = embedded_subset / "train.toml"
-    options.write_text("epochs = 3\nensemble = 1\nno-standardise = true\nhidden-dim = 32\n")
+    options.write_text("epochs = 3\nensemble = 1\nstandardise = \"pooled\"\nhidden-dim = 32\n")
     result = invoke("train", "--config", options, "--epochs", "2", "--device", "cpu", "--out", "m.pt",
                     cwd=embedded_subset)
     assert result.exit_code == 0, result.stderr
     config = torch.load(embedded_subset / "m.pt", weights_only=True)["config"]
     assert config["training"]["epochs"] == 2 and config["training"]["ensemble"] == 1
-    assert config["training"]["standardise"] is False and config["model"]["hidden_dim"] == 32
+    assert config["training"]["standardise"] == "pooled" and config["model"]["hidden_dim"] == 32
 
     options.write_text("epoch = 3\n")
     result = invoke("train", "--config", options, "--device", "cpu", cwd=embedded_subset)

@@ -137,11 +137,11 @@ def test_rerun_resumes_without_redoing_work(sample_run: Path, tmp_path: Path) ->
     assert len(summary["stages"]["embed"]["skipped"]) == 20
     assert summary["stages"]["train"]["skipped"] == ["model.pt"]
     # other training options (one fixed recipe): the model is retrained, the stores are still reused
-    recipe = ("--seed", "5", "--instance-loss", "0", "--no-standardise")
+    recipe = ("--seed", "5", "--instance-loss", "0", "--standardise", "none")
     summary = json.loads(invoke(*args, *recipe).stdout)
     assert summary["stages"]["train"]["done"] == ["model.pt"] and summary["stages"]["embed"]["done"] == []
     config = torch.load(out / "model.pt", weights_only=True)["config"]
-    assert config["model"]["instance_loss"] == 0 and config["training"]["standardise"] is False
+    assert config["model"]["instance_loss"] == 0 and config["training"]["standardise"] == "none"
     assert json.loads(invoke(*args, *recipe).stdout)["stages"]["train"]["skipped"] == ["model.pt"]
 
 

@@ -16,14 +16,14 @@ from sklearn.metrics import roc_auc_score
 
 from conftest import invoke
 from mil_cli import stores
-from mil_cli.errors import InputError
+from mil_cli.errors import InputError, MilcliError
 from mil_cli.labels import read_labels
 from mil_cli.tasks import Classification
 from mil_cli.config import ModelConfig, TrainOptions
 from mil_cli.models import MODELS, build_model, whole_bag
 from mil_cli.metrics import classification_metrics
 from mil_cli.synthetic import digit_bags, write_digit_bags
-from mil_cli.training import Bag, collate, train
+from mil_cli.training import Bag, collate, feature_statistics, train
 
 DIM = 16
 
@@ -196,7 +196,8 @@ def test_stored_metrics_are_what_predict_gives(tmp_path: Path) -> None:
         assert recomputed[key] == pytest.approx(stored[key], abs=1e-9), key
 
 
-def test_standardisation_lives_in_the_model_and_makes_training_scale_free(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scaling", ["z", "pooled"])
+def test_scaling_lives_in_the_model_and_makes_training_scale_free(tmp_path: Path, scaling: str) -> None:
     """Features 300x larger and shifted give the same model answers, because the statistics
     of the training patches are taken out first and applied again at prediction time."""
     feats, labels = synthetic_store(tmp_path, n_bags=40)
@@ -207,7 +208,7 @@ def test_standardisation_lives_in_the_model_and_makes_training_scale_free(tmp_pa
         scaled_entries.append((slide_id, data.coords, data.features * 300.0 - 1000.0))
     scaled = tmp_path / "scaled.h5"
     stores.write_feature_store(scaled, scaled_entries, backbone="synthetic")
-    options = TrainOptions(epochs=5, ensemble=1, seed=3, standardise=True)  # no raw-feature members
+    options = TrainOptions(epochs=5, ensemble=1, seed=3, standardise=scaling)  # one scaling for both recipes
     plain, big = train(feats, labels, options, torch.device("cpu")), train(scaled, labels, options, torch.device("cpu"))
     mean = big.checkpoint["state_dict"]["members.0.feature_mean"]
     train_ids = set(big.checkpoint["config"]["slides"]["train"])
@@ -221,6 +222,23 @@ def test_standardisation_lives_in_the_model_and_makes_training_scale_free(tmp_pa
     assert torch.allclose(p_plain, p_big, atol=1e-3)
 
 
+def test_pooled_scaling_keeps_the_dimensions_relative_scales() -> None:
+    """'pooled' divides every dimension by one sd (the root of their mean variance), so a
+    dimension 100x wider than another stays 100x wider; 'z' makes both sd 1."""
+    rng = np.random.default_rng(0)
+    bags = [Bag(f"b{i}", torch.from_numpy((rng.normal(size=(50, 2)) * [1.0, 100.0] + [5.0, -3.0]).astype(np.float32)),
+                0, f"b{i}") for i in range(4)]
+    everything = torch.cat([b.features for b in bags]).double()
+    mean, std = feature_statistics(bags, "pooled")
+    assert torch.allclose(mean.double(), everything.mean(0), atol=1e-4)
+    assert torch.allclose(std.double(), everything.var(0, unbiased=False).mean().sqrt().expand(2), rtol=1e-5)
+    scaled = (everything - mean) / std
+    assert scaled.std(0)[1] / scaled.std(0)[0] == pytest.approx(float(everything.std(0)[1] / everything.std(0)[0]))
+    _, z_std = feature_statistics(bags, "z")
+    assert torch.allclose(((everything - mean) / z_std).std(0, unbiased=False), torch.ones(2, dtype=torch.float64),
+                          atol=1e-5)
+
+
 def test_a_model_file_of_another_format_is_refused_in_one_line(tmp_path: Path) -> None:
     feats, labels = synthetic_store(tmp_path, n_bags=12)
     out = tmp_path / "model.pt"
@@ -232,22 +250,26 @@ def test_a_model_file_of_another_format_is_refused_in_one_line(tmp_path: Path) -
     assert result.exit_code == 2 and "model format 1" in result.stderr and "train it again" in result.stderr
 
 
-def test_a_format_2_model_file_still_loads_with_one_recipe_for_every_head(tmp_path: Path) -> None:
+def test_format_2_and_3_model_files_still_load(tmp_path: Path) -> None:
     """Files from before the recipe ensemble (format 2: no `recipes`, every head with the
-    share the file records) load and predict as they did."""
+    share the file records) and from before named scalings (format 3: recipes as [share,
+    standardised]) load and predict as they did."""
     from mil_cli.inference import load_model
 
     feats, labels = synthetic_store(tmp_path, n_bags=12)
     result = train(feats, labels, TrainOptions(epochs=2, ensemble=2, model=ModelConfig(instance_loss=0.0)),
                    torch.device("cpu"))
-    config = {k: v for k, v in result.checkpoint["config"].items() if k != "recipes"}
-    path = tmp_path / "old.pt"
-    torch.save({**result.checkpoint, "format_version": 2, "config": config}, path)
-    loaded = load_model(path, torch.device("cpu"))
-    assert [m.config.instance_loss for m in loaded.module.members] == [0.0, 0.0]
-    with torch.inference_mode():
-        x = torch.from_numpy(stores.FeatureSource(feats).load("bag_001").features)
-        assert torch.allclose(loaded.module.bag(x)[0], result.model.bag(x)[0])
+    assert result.checkpoint["config"]["recipes"] == [[0.0, "z"]] * 2
+    format_2 = {k: v for k, v in result.checkpoint["config"].items() if k != "recipes"}
+    format_3 = {**result.checkpoint["config"], "recipes": [[0.0, True]] * 2}
+    x = torch.from_numpy(stores.FeatureSource(feats).load("bag_001").features)
+    for version, config in ((2, format_2), (3, format_3)):
+        path = tmp_path / f"format{version}.pt"
+        torch.save({**result.checkpoint, "format_version": version, "config": config}, path)
+        loaded = load_model(path, torch.device("cpu"))
+        assert [m.config.instance_loss for m in loaded.module.members] == [0.0, 0.0]
+        with torch.inference_mode():
+            assert torch.allclose(loaded.module.bag(x)[0], result.model.bag(x)[0])
 
 
 def test_cross_validation_writes_the_layout_and_repeats_exactly(tmp_path: Path) -> None:
@@ -299,19 +321,21 @@ def test_left_to_milcli_every_recipe_trains_and_the_model_file_rebuilds_each_mem
     """Left to milcli, abmil heads train `ensemble` heads with each of the two recipes, all
     averaged; the model file records each member's recipe, and predict rebuilds the very
     ensemble (share-0 members predict from the attention stream alone, raw members keep an
-    identity standardisation). Setting the standardisation or the share narrows the recipes."""
+    identity scaling). Setting the scaling or the share narrows the recipes."""
     from mil_cli import training
     from mil_cli.inference import load_model
 
     feats, labels = synthetic_store(tmp_path, n_bags=24)
     result = train(feats, labels, TrainOptions(epochs=2, ensemble=2), torch.device("cpu"))
     recipes = result.checkpoint["config"]["recipes"]
-    assert recipes == [[0.5, True]] * 2 + [[0.0, False]] * 2
-    assert result.metrics["recipes"] == ["0.5 standardised"] * 2 + ["0.0 raw"] * 2
+    assert recipes == [[0.5, "z"]] * 2 + [[0.0, "none"]] * 2
+    assert result.metrics["recipes"] == ["0.5 z"] * 2 + ["0.0 none"] * 2
     state = result.checkpoint["state_dict"]
-    for m, (share, standardise) in enumerate(recipes):
+    for m, (share, scaling) in enumerate(recipes):
         assert result.model.members[m].config.instance_loss == share
-        assert bool((state[f"members.{m}.feature_std"] == 1).all()) is not standardise  # synthetic sd is never 1
+        std = state[f"members.{m}.feature_std"]
+        assert bool((std == 1).all()) is (scaling == "none")  # synthetic sd is never 1
+        assert bool((std == std[0]).all()) is (scaling != "z")  # pooled: one sd everywhere
     path = tmp_path / "model.pt"
     training.save_checkpoint(result.checkpoint, path)
     loaded = load_model(path, torch.device("cpu"))
@@ -326,10 +350,14 @@ def test_left_to_milcli_every_recipe_trains_and_the_model_file_rebuilds_each_mem
     def recipes_for(options: TrainOptions, n_bags: int = 24) -> list:
         return training.ensemble_recipes(options, Classification(["neg", "pos"]), n_bags)
 
-    assert recipes_for(TrainOptions(ensemble=1, standardise=False)) == [(0.5, False), (0.0, False)]
-    assert recipes_for(TrainOptions(ensemble=1, model=ModelConfig(instance_loss=0.2))) == [(0.2, True)]
-    assert recipes_for(TrainOptions(ensemble=2, model=ModelConfig(architecture="mean"))) == [(0.5, True)] * 2
-    assert recipes_for(TrainOptions(ensemble=1), training.RECIPE_ENSEMBLE_MAX_BAGS + 1) == [(0.5, True)]
+    assert recipes_for(TrainOptions(ensemble=1, standardise="none")) == [(0.5, "none"), (0.0, "none")]
+    assert recipes_for(TrainOptions(ensemble=1, model=ModelConfig(instance_loss=0.2))) == [(0.2, "z")]
+    assert recipes_for(TrainOptions(ensemble=1, standardise="pooled", model=ModelConfig(instance_loss=0.2))) == [
+        (0.2, "pooled")]
+    assert recipes_for(TrainOptions(ensemble=2, model=ModelConfig(architecture="mean"))) == [(0.5, "z")] * 2
+    assert recipes_for(TrainOptions(ensemble=1), training.RECIPE_ENSEMBLE_MAX_BAGS + 1) == [(0.5, "z")]
+    with pytest.raises(MilcliError, match="--standardise"):
+        TrainOptions(standardise="minmax")
 
 
 def test_with_no_patch_classifier_share_it_is_a_probe_that_shapes_nothing() -> None:
