@@ -33,8 +33,10 @@ from mil_cli.stores import FeatureSource
 from mil_cli.tasks import Task, make_task
 
 MODEL_FORMAT = "milcli-model"
-MODEL_FORMAT_VERSION = 4  # 2: a seed ensemble of heads holding their feature standardisation; 3: with a recipe
-READABLE_FORMAT_VERSIONS = (2, 3, 4)  # each ([share, standardised]); 4: recipes name their scaling ([share, "z"])
+# 2: a seed ensemble of heads holding their feature scaling; 3: and each head's recipe, [share, standardised];
+# 4: recipes name their scaling, [share, "z"]
+MODEL_FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (2, 3, 4)
 
 
 @dataclass
@@ -194,7 +196,8 @@ def feature_statistics(bags: list[Bag], scaling: str) -> tuple[torch.Tensor, tor
     """The per-dimension mean over every patch of `bags` (float64 sums, one bag at a time) and
     the divisor of `scaling` (config.SCALINGS): each dimension's standard deviation (z; a
     constant dimension gets 1 so it stays finite), or for 'pooled' one standard deviation
-    pooled over all dimensions (the root of their mean variance) in every place."""
+    pooled over all dimensions (the root of their mean variance; 1 if all are constant) in
+    every place."""
     total = torch.zeros(bags[0].features.shape[1], dtype=torch.float64, device=bags[0].features.device)
     squares, count = torch.zeros_like(total), 0
     for bag in bags:
@@ -205,7 +208,8 @@ def feature_statistics(bags: list[Bag], scaling: str) -> tuple[torch.Tensor, tor
     mean = total / count
     variance = (squares / count - mean.square()).clamp(min=0)
     if scaling == "pooled":
-        std = torch.full_like(mean, max(float(variance.mean().sqrt()), 1e-12))
+        pooled = float(variance.mean().sqrt())
+        std = torch.full_like(mean, pooled if pooled > 1e-6 * float(mean.abs().max().clamp(min=1)) else 1.0)
     else:
         std = variance.sqrt()
         std[std <= 1e-6 * mean.abs().clamp(min=1)] = 1.0
