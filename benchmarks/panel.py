@@ -175,12 +175,21 @@ def localisation(scores: list[np.ndarray], bags: list[LabelledBag]) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+def fold_seed(repeat: int, fold: int) -> int:
+    """The seed milcli and the reference train with on a repeat's fold."""
+    return repeat * 100 + fold
+
+
+def as_bags(labelled: list[LabelledBag], prefix: str) -> list[Bag]:
+    """Panel bags as milcli's training bags (each its own patient)."""
+    return [Bag(f"{prefix}{i}", torch.from_numpy(x), y, f"{prefix}{i}") for i, (x, y, _) in enumerate(labelled)]
+
+
 def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, options: TrainOptions) -> dict:
-    as_bags = [Bag(f"b{i}", torch.from_numpy(x), y, f"b{i}") for i, (x, y, _) in enumerate(train)]
     start = time.perf_counter()
-    fitted, _, _ = fit_pool(as_bags, BINARY, replace(options, seed=seed), DEVICE)
+    fitted, _, _ = fit_pool(as_bags(train, "b"), BINARY, replace(options, seed=seed), DEVICE)
     seconds_per_epoch = (time.perf_counter() - start) / sum(len(h) for h in fitted.histories)
-    test_bags = [Bag(f"t{i}", torch.from_numpy(x), y, f"t{i}") for i, (x, y, _) in enumerate(test)]
+    test_bags = as_bags(test, "t")
     _, probs = evaluate(fitted.model, test_bags, DEVICE, fitted.task)
     attention, instance = [], []
     with torch.inference_mode():
@@ -214,7 +223,7 @@ def evaluate_repeat(row: Row, repeat: int, options: TrainOptions, with_reference
     pooled: dict[str, list] = {"y": [], "milcli": [], "epoch seconds": [], **{r: [] for r in references}}
     loc: dict[str, list] = {"instance": [], "attention": [], **{f"{r} attention": [] for r in references}}
     for fold, (train, test) in enumerate(row.splits(repeat)):
-        seed = repeat * 100 + fold
+        seed = fold_seed(repeat, fold)
         ours = run_milcli(train, test, seed, options)
         pooled["y"] += [y for _, y, _ in test]
         pooled["milcli"] += list(ours["p"])

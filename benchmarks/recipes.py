@@ -30,9 +30,9 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 
 from mil_cli.config import TrainOptions
 from mil_cli.console import set_quiet
-from mil_cli.training import Bag, Recipe, fit
+from mil_cli.training import Recipe, fit
 
-from panel import BINARY, DEVICE, ROWS, Row, apply_overrides, fmt  # type: ignore[import-not-found]
+from panel import BINARY, DEVICE, ROWS, Row, apply_overrides, as_bags, fmt, fold_seed  # type: ignore[import-not-found]
 
 
 def parse_recipe(text: str) -> Recipe:
@@ -48,12 +48,12 @@ def member_answers(row: Row, repeat: int, recipe: Recipe, options: TrainOptions)
     y: list[int] = []
     members: list[list[float]] = [[] for _ in range(options.ensemble)]
     for fold, (train, test) in enumerate(row.splits(repeat)):
-        bags = [Bag(f"b{i}", torch.from_numpy(x), label, f"b{i}") for i, (x, label, _) in enumerate(train)]
-        fitted = fit(bags, [], BINARY, replace(recipe_options, seed=repeat * 100 + fold), DEVICE)
+        fitted = fit(as_bags(train, "b"), [], BINARY, replace(recipe_options, seed=fold_seed(repeat, fold)), DEVICE)
         y += [label for _, label, _ in test]
+        held_out = [torch.from_numpy(x) for x, _, _ in test]
         with torch.inference_mode():
             for m, member in enumerate(fitted.model.members):
-                members[m] += [float(torch.softmax(member.bag(torch.from_numpy(x))[0].float(), -1)[1]) for x, _, _ in test]
+                members[m] += [float(torch.softmax(member.bag(x)[0].float(), -1)[1]) for x in held_out]
         print(f"  {row.name} repeat {repeat} {share}:{scaling} fold {fold} done", file=sys.stderr, flush=True)
     return {"y": y, "members": members}
 
