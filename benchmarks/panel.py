@@ -185,6 +185,11 @@ def as_bags(labelled: list[LabelledBag], prefix: str) -> list[Bag]:
     return [Bag(f"{prefix}{i}", torch.from_numpy(x), y, f"{prefix}{i}") for i, (x, y, _) in enumerate(labelled)]
 
 
+def results_key(options: TrainOptions, extra: str = "") -> str:
+    """The short hash of the training options (and `extra`) that names a saved result."""
+    return hashlib.sha256(f"{options!r}{extra}".encode()).hexdigest()[:12]
+
+
 def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, options: TrainOptions) -> dict:
     start = time.perf_counter()
     fitted, _, _ = fit_pool(as_bags(train, "b"), BINARY, replace(options, seed=seed), DEVICE)
@@ -253,7 +258,7 @@ def evaluate_row(row: Row, repeats: range, options: TrainOptions, with_reference
     repeat already saved is read back instead of rerun, so long rows resume and repeats add up
     across runs. The key does not cover milcli's code: use a fresh folder after changing it."""
     figures: dict[str, list[float]] = {}
-    key = hashlib.sha256(f"{options!r} reference={with_reference}".encode()).hexdigest()[:12]
+    key = results_key(options, f" reference={with_reference}")
     for repeat in repeats:
         saved = results / f"{row.name}-repeat{repeat}-{key}.json" if results else None
         if saved is not None and saved.exists():

@@ -18,21 +18,20 @@ A recipe is SHARE:SCALING (config.SCALINGS). Saved answers are reused from `--re
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from mil_cli.config import TrainOptions
 from mil_cli.console import set_quiet
-from mil_cli.training import Recipe, fit
+from mil_cli.training import Recipe, evaluate, fit
 
-from panel import BINARY, DEVICE, ROWS, Row, apply_overrides, as_bags, fmt, fold_seed  # type: ignore[import-not-found]
+from panel import (BINARY, DEVICE, ROWS, Row, apply_overrides, as_bags, fmt, fold_seed,  # type: ignore[import-not-found]
+                   results_key)
 
 
 def parse_recipe(text: str) -> Recipe:
@@ -50,17 +49,15 @@ def member_answers(row: Row, repeat: int, recipe: Recipe, options: TrainOptions)
     for fold, (train, test) in enumerate(row.splits(repeat)):
         fitted = fit(as_bags(train, "b"), [], BINARY, replace(recipe_options, seed=fold_seed(repeat, fold)), DEVICE)
         y += [label for _, label, _ in test]
-        held_out = [torch.from_numpy(x) for x, _, _ in test]
-        with torch.inference_mode():
-            for m, member in enumerate(fitted.model.members):
-                members[m] += [float(torch.softmax(member.bag(x)[0].float(), -1)[1]) for x in held_out]
+        held_out = as_bags(test, "t")
+        for m, member in enumerate(fitted.model.members):
+            members[m] += evaluate(member, held_out, DEVICE, fitted.task)[1][:, 1].tolist()
         print(f"  {row.name} repeat {repeat} {share}:{scaling} fold {fold} done", file=sys.stderr, flush=True)
     return {"y": y, "members": members}
 
 
 def saved_answers(row: Row, repeat: int, recipe: Recipe, options: TrainOptions, results: Path) -> dict:
-    key = hashlib.sha256(repr(options).encode()).hexdigest()[:12]
-    path = results / f"{row.name}-repeat{repeat}-{recipe[0]}-{recipe[1]}-{key}.json"
+    path = results / f"{row.name}-repeat{repeat}-{recipe[0]}-{recipe[1]}-{results_key(options)}.json"
     if path.exists():
         return json.loads(path.read_text())
     answers = member_answers(row, repeat, recipe, options)
