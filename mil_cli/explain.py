@@ -31,6 +31,7 @@ from mil_cli.devices import available_cores
 from mil_cli.errors import InputError, MilcliError
 from mil_cli.inference import LoadedModel, bag_features, bag_slides, check_compatible, predict_bag
 from mil_cli.labels import LabelTable
+from mil_cli.metrics import shown_class
 from mil_cli.prototypes import (FiredPrototype, PrototypeBank, build_bank, fired_prototypes, read_patch_of,
                                 source_patches, write_fired_csv, write_prototypes)
 from mil_cli.raster import cell_means, in_box, mass_box, on_tissue
@@ -423,7 +424,7 @@ def explain_slide(models: list[LoadedModel], source: FeatureSource, slide_id: st
                 write_viewer(folder, slide, tiling_scale, images, overlays, polygons,
                              PatchTable(data.coords, size, attention, ranks, columns), title, options.viewer_mb)
             if scorer is not None and images is not None:
-                c = shown_class(evidence.predictions, classes)
+                c = shown_class(classes, int(np.argmax(evidence.predictions)))
                 try:
                     areas = refine(slide, scorer, lambda features: patch_probability(models, features, c, device),
                                    polygons, data.coords, size, int(data.attrs.get("patch_size", 224)),
@@ -552,13 +553,6 @@ class ShownMap:
     region_class: str                   # the regions' classification in QuPath
 
 
-def shown_class(probs: np.ndarray, classes: list[str]) -> int:
-    """The class whose patch probabilities are shown: the second (positive) class of a binary
-    model, whatever was predicted (so a slide predicted negative shows where, if anywhere,
-    positive patches are), else the predicted class."""
-    return 1 if len(classes) == 2 else int(np.argmax(probs))
-
-
 def shown_map(options: ExplainOptions, attention: np.ndarray, ranks: np.ndarray, instance: np.ndarray,
               contributions: np.ndarray, probs: np.ndarray, classes: list[str], classifier: bool) -> ShownMap:
     """--map instance: a classifier's patch probability of the shown class; for a value or a
@@ -569,7 +563,7 @@ def shown_map(options: ExplainOptions, attention: np.ndarray, ranks: np.ndarray,
         level = None if options.top_pct else options.threshold * max(float(values.max()), 0.0)
         return ShownMap(values, None, f"contribution to the {classes[0]}", level, f"High {classes[0]}")
     if options.map == "instance":
-        c = shown_class(probs, classes)
+        c = shown_class(classes, int(np.argmax(probs)))
         return ShownMap(instance[:, c], (0.0, 1.0), f"P({classes[c]}) of each patch", options.probability,
                         classes[c])
     if options.scale == "rank":

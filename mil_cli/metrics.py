@@ -20,6 +20,13 @@ BOOTSTRAP_SAMPLES = 1000
 FPR_GRID = np.linspace(0, 1, 101)
 
 
+def shown_class(classes: list[str], predicted: int) -> int:
+    """The class whose patch probabilities a slide's pictures show: the second (positive) class
+    of a binary model, whatever was predicted (so a slide predicted negative shows where, if
+    anywhere, positive patches are), else the predicted class. Used by explain and the report."""
+    return 1 if len(classes) == 2 else predicted
+
+
 def auc(targets: np.ndarray, probs: np.ndarray) -> float:
     """ROC AUC; macro one-vs-rest for more than two classes; NaN when one class is present."""
     if len(np.unique(targets)) < 2:

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from mil_cli import __version__
 from mil_cli.errors import InputError
-from mil_cli.metrics import TASK_KEYS, TASK_PLOTS, epochs_note
+from mil_cli.metrics import TASK_KEYS, TASK_PLOTS, epochs_note, shown_class
 from mil_cli.slides import safe_file_stem
 
 STYLE = """
@@ -76,16 +76,16 @@ def _cv_section(run_dir: Path, task: str) -> str:
             + _image(cv / TASK_PLOTS[task], run_dir, f"out-of-fold: {PLOT_CAPTIONS[task]}"))
 
 
-def _slide_section(run_dir: Path, slide_id: str, heading: str, shown_class: str | None) -> str:
+def _slide_section(run_dir: Path, slide_id: str, heading: str, shown_name: str | None) -> str:
     """A slide's maps, montage and files from explain/, or nothing when it was not explained.
-    Beside the heatmap, the evidence map of `shown_class` (the heatmap's class: a binary
+    Beside the heatmap, the evidence map of `shown_name` (the heatmap's class: a binary
     model's positive class, else the predicted one; the others are linked), so the maps fill
     one row at a legible size."""
     folder = run_dir / "explain" / safe_file_stem(slide_id)
     if not folder.is_dir():
         return ""
     evidence = sorted(folder.glob("evidence_*.png"))
-    shown = [e for e in evidence if shown_class is None or e.stem == f"evidence_{safe_file_stem(shown_class)}"]
+    shown = [e for e in evidence if shown_name is None or e.stem == f"evidence_{safe_file_stem(shown_name)}"]
     shown = shown or evidence[:1]
     maps = [_image(folder / "heatmap.png", run_dir, "heatmap (what it paints: see its colour bar)")]
     maps += [_image(e, run_dir, f"evidence for '{e.stem.removeprefix('evidence_')}' (red for, blue against)")
@@ -134,13 +134,13 @@ def build_report(run_dir: Path) -> Path:
     classes = [c.removeprefix("prob_") for c in header if c.startswith("prob_")]
     for p in predictions:
         said = f"predicted {p['prediction']}" if "prediction" in p else f"risk {p.get('risk', '?')}"
-        shown_class = classes[1] if len(classes) == 2 else p.get("prediction") if classes else None
+        shown = classes[shown_class(classes, classes.index(p["prediction"]))] if p.get("prediction") in classes else None
         known = (f"label {p['label']}" if p.get("label") else
                  f"time {p['time']}, event {p['event']}" if p.get("time") else "")
         of_patient = f" (patient {p[id_column]})" if id_column == "patient_id" else ""
         for slide_id in (p["slides"].split(";") if p.get("slides") else [p[id_column]]):
             parts.append(_slide_section(run_dir, slide_id, f"{slide_id}{of_patient}: {said}"
-                                        + (f" ({known})" if known else ""), shown_class))
+                                        + (f" ({known})" if known else ""), shown))
     page = ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
             f"<title>milcli report: {escape(run_dir.name)}</title><style>{STYLE}</style></head>"
             f"<body>{''.join(parts)}</body></html>")
