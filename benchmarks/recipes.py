@@ -6,7 +6,10 @@ answers on every row, and the answers of any mix, without training the mix again
 fold (the panel's folds and seeds), this trains each recipe's `--ensemble` heads exactly as
 milcli trains them and saves each member's held-out bag probability. A mix is the mean over
 the members of its recipes, as milcli's ensemble is; it is scored as the panel scores milcli
-(AUC and accuracy at 0.5 of each repeat's pooled held-out predictions, mean ± sd over repeats).
+(AUC and accuracy at 0.5 of each repeat's pooled held-out predictions, mean ± sd over repeats),
+and also with the training bags' class shares put back into the mix's probability (Bayes' rule
+on the balanced posterior the class-weighted loss learns: p' = p*pi / (p*pi + (1-p)*(1-pi)),
+pi the fold's training share of positive bags), a rule measured and rejected (README).
 
     python benchmarks/recipes.py --rows musk1 ucsb-breast --repeats 2 \\
         --recipes 0.5:z 0:none 0:pooled --mix 0.5:z+0:none 0.5:z+0:pooled --results runs/recipes
@@ -40,20 +43,23 @@ def parse_recipe(text: str) -> Recipe:
 
 
 def member_answers(row: Row, repeat: int, recipe: Recipe, options: TrainOptions) -> dict:
-    """The targets of the repeat's held-out bags (folds one after the other) and, per member
-    head of `recipe`, its positive-class probability for each of them."""
+    """The targets of the repeat's held-out bags (folds one after the other), the share of
+    positive bags in each one's training fold, and, per member head of `recipe`, its
+    positive-class probability for each of them."""
     share, scaling = recipe
     recipe_options = replace(options, standardise=scaling, model=replace(options.model, instance_loss=share))
     y: list[int] = []
+    prior: list[float] = []
     members: list[list[float]] = [[] for _ in range(options.ensemble)]
     for fold, (train, test) in enumerate(row.splits(repeat)):
         fitted = fit(as_bags(train, "b"), [], BINARY, replace(recipe_options, seed=fold_seed(repeat, fold)), DEVICE)
         y += [label for _, label, _ in test]
+        prior += [float(np.mean([label for _, label, _ in train]))] * len(test)
         held_out = as_bags(test, "t")
         for m, member in enumerate(fitted.model.members):
             members[m] += evaluate(member, held_out, DEVICE, fitted.task)[1][:, 1].tolist()
         print(f"  {row.name} repeat {repeat} {share}:{scaling} fold {fold} done", file=sys.stderr, flush=True)
-    return {"y": y, "members": members}
+    return {"y": y, "prior": prior, "members": members}
 
 
 def saved_answers(row: Row, repeat: int, recipe: Recipe, options: TrainOptions, results: Path) -> dict:
@@ -66,11 +72,15 @@ def saved_answers(row: Row, repeat: int, recipe: Recipe, options: TrainOptions, 
     return answers
 
 
-def score_mix(answers: dict[Recipe, dict], mix: list[Recipe]) -> tuple[float, float]:
-    """AUC and accuracy of the mean probability over the members of the mix's recipes."""
+def score_mix(answers: dict[Recipe, dict], mix: list[Recipe]) -> tuple[float, float, float]:
+    """AUC and accuracy of the mean probability over the members of the mix's recipes, and
+    accuracy with the training class shares put back (nan for answers saved without them)."""
     y = np.array(answers[mix[0]]["y"])
     p = np.mean([member for recipe in mix for member in answers[recipe]["members"]], axis=0)
-    return float(roc_auc_score(y, p)), float(accuracy_score(y, p >= 0.5))
+    prior = np.array(answers[mix[0]].get("prior", np.full(len(y), np.nan)))
+    with_shares = p * prior / (p * prior + (1 - p) * (1 - prior))
+    shares_accuracy = float(accuracy_score(y, with_shares >= 0.5)) if np.isfinite(prior).all() else float("nan")
+    return float(roc_auc_score(y, p)), float(accuracy_score(y, p >= 0.5)), shares_accuracy
 
 
 def main() -> None:
@@ -92,16 +102,16 @@ def main() -> None:
     unknown = {r for mix in mixes for r in mix} - set(recipes)
     if unknown:
         raise SystemExit(f"--mix names recipes not in --recipes: {sorted(unknown)}")
-    print("| row | mix | AUC | accuracy |\n| --- | --- | --- | --- |")
+    print("| row | mix | AUC | accuracy | accuracy, class shares put back |\n| --- | --- | --- | --- | --- |")
     for name in args.rows:
         row = ROWS[name](args.cache)
-        scores: dict[str, list[tuple[float, float]]] = {}
+        scores: dict[str, list[tuple[float, float, float]]] = {}
         for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
             answers = {recipe: saved_answers(row, repeat, recipe, options, args.results) for recipe in recipes}
             for mix in mixes:
                 scores.setdefault(" + ".join(f"{s}:{c}" for s, c in mix), []).append(score_mix(answers, mix))
         for mix_name, figures in scores.items():
-            print(f"| {name} | {mix_name} | {fmt([a for a, _ in figures])} | {fmt([b for _, b in figures])} |",
+            print(f"| {name} | {mix_name} | " + " | ".join(fmt(list(column)) for column in zip(*figures)) + " |",
                   flush=True)
 
 
