@@ -348,7 +348,7 @@ def train_epochs(model: MILHead, parameters: list[nn.Parameter], train_bags: lis
     loss (best weights restored) when there are validation bags. Returns the history and the
     epoch kept."""
     optimiser = torch.optim.Adam(parameters, lr=options.lr, weight_decay=options.weight_decay,
-                                 foreach=True)  # one kernel per op over all tensors: tiny heads are overhead-bound
+                                 fused=True)  # one kernel for the whole update: tiny heads are overhead-bound
     scheduler = learning_rate_schedule(optimiser, options)
     targets = [b.target for b in train_bags]
     weight = task.class_weight(targets)
