@@ -3,11 +3,13 @@ small slides made on the fly."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -19,10 +21,13 @@ TEST_DATA = Path(__file__).resolve().parent / "data"
 FAST = ("--target-mpp", "1.0")  # 512 level-0 px per patch on the 0.5 µm/px sample slides: few patches
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist runs one worker per core (pyproject's addopts):
+    torch.set_num_threads(1)                # each computes on one thread,
+    os.environ["OMP_NUM_THREADS"] = "1"     # as do the milcli processes its tests start
+
+
 def invoke(*args: str, cwd: Path | None = None):
     """Run the CLI in-process; returns typer's Result (exit_code, stdout, stderr)."""
-    import os
-
     runner = CliRunner()
     old = Path.cwd()
     try:

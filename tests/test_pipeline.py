@@ -136,8 +136,8 @@ def test_rerun_resumes_without_redoing_work(sample_run: Path, tmp_path: Path) ->
     assert len(summary["stages"]["tile"]["skipped"]) == 20 and summary["stages"]["tile"]["done"] == []
     assert len(summary["stages"]["embed"]["skipped"]) == 20
     assert summary["stages"]["train"]["skipped"] == ["model.pt"]
-    # other training options (one fixed recipe): the model is retrained, the stores are still reused
-    recipe = ("--seed", "5", "--instance-loss", "0", "--standardise", "none")
+    # other training options (one fixed recipe, one short head): the model is retrained, the stores are still reused
+    recipe = ("--seed", "5", "--instance-loss", "0", "--standardise", "none", "--ensemble", "1", "--epochs", "5")
     summary = json.loads(invoke(*args, *recipe).stdout)
     assert summary["stages"]["train"]["done"] == ["model.pt"] and summary["stages"]["embed"]["done"] == []
     config = torch.load(out / "model.pt", weights_only=True)["config"]
@@ -149,8 +149,8 @@ def test_five_fold_cv_on_sample_data_writes_the_layout_and_repeats_exactly(sampl
     metrics = []
     for name in ("first", "second"):
         result = invoke("train", "--features", sample_run / "feats.h5", "--labels", SAMPLE / "labels.csv",
-                        "--folds", "5", "--repeats", "1", "--ensemble", "2", "--instance-loss", "0.5",  # no inner CV:
-                        "--out", tmp_path / name, "--device", "cpu", "--quiet")  # the digits CV test repeats that
+                        "--folds", "5", "--repeats", "1", "--ensemble", "2", "--instance-loss", "0.5",  # one recipe,
+                        "--epochs", "10", "--out", tmp_path / name, "--device", "cpu", "--quiet")  # short heads
         assert result.exit_code == 0, result.stderr
         metrics.append(json.loads((tmp_path / name / "metrics.json").read_text()))
     assert metrics[0] == metrics[1]

@@ -27,6 +27,7 @@ from mil_cli.stores import FeatureSource
 SAMPLE_SLIDES = SAMPLE / "slides"
 
 pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'milcli[ray]')")
+pytestmark = pytest.mark.xdist_group("ray")  # one worker runs these one after another: `--ray local` joins a running Ray
 
 ENV = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # a private test cluster
 

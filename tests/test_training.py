@@ -277,7 +277,7 @@ def test_cross_validation_writes_the_layout_and_repeats_exactly(tmp_path: Path) 
     runs = []
     for name in ("a", "b"):
         result = invoke("train", "--features", feats, "--labels", labels, "--folds", "3", "--repeats", "2",
-                        "--out", tmp_path / name, "--epochs", "15", "--ensemble", "2", "--device", "cpu",
+                        "--out", tmp_path / name, "--epochs", "8", "--ensemble", "2", "--device", "cpu",
                         "--seed", "3", "--instance-loss", "0.5")  # no inner CV: test_same_seed_same_numbers has it
         assert result.exit_code == 0, result.stderr
         runs.append(json.loads((tmp_path / name / "metrics.json").read_text()))
