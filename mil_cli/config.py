@@ -68,6 +68,7 @@ class TrainOptions:
     ensemble: int = 5             # heads trained from different seeds, averaged
     seed: int = 0
     batch_size: int = 1           # bags per optimiser step
+    balance_classes: bool = True  # classification: weight each bag's loss by 1 / its class's share of the training bags
     max_patches: int | None = 4096  # random patches per training bag and epoch; None: whole bags
     precision: str = "auto"       # training steps: auto = bf16 on GPUs with native bf16, else fp32
     task: str = "classification"  # classification, regression or survival (tasks.py)

@@ -351,7 +351,7 @@ def train_epochs(model: MILHead, parameters: list[nn.Parameter], train_bags: lis
                                  fused=True)  # one kernel for the whole update: tiny heads are overhead-bound
     scheduler = learning_rate_schedule(optimiser, options)
     targets = [b.target for b in train_bags]
-    weight = task.class_weight(targets)
+    weight = task.class_weight(targets) if options.balance_classes else None
     weight = None if weight is None else weight.to(device)
     generator = torch.Generator().manual_seed(options.seed)
 

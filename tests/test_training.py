@@ -23,7 +23,7 @@ from mil_cli.config import ModelConfig, TrainOptions
 from mil_cli.models import MODELS, build_model, whole_bag
 from mil_cli.metrics import classification_metrics
 from mil_cli.synthetic import digit_bags, write_digit_bags
-from mil_cli.training import Bag, collate, feature_statistics, train
+from mil_cli.training import Bag, collate, evaluate, feature_statistics, fit, train
 
 DIM = 16
 
@@ -71,6 +71,27 @@ def test_same_seed_same_numbers(tmp_path: Path) -> None:
     assert a.metrics == b.metrics
     for key, tensor in a.checkpoint["state_dict"].items():
         assert torch.equal(tensor, b.checkpoint["state_dict"][key]), key
+
+
+def test_class_balancing_weighs_the_rare_class_up_and_can_be_turned_off() -> None:
+    """Bags of noise, a quarter of them positive: trained on the classes as common as they are
+    (--no-balance-classes), a head calls new noise bags positive about as often as a quarter;
+    balanced, it weighs the rare class up and its probabilities move towards 0.5."""
+    rng = np.random.default_rng(0)
+
+    def noise_bags(n: int, prefix: str) -> list[Bag]:
+        return [Bag(f"{prefix}{i}", torch.from_numpy(rng.normal(size=(int(rng.integers(5, 12)), 8)).astype(np.float32)),
+                    int(i % 4 == 0), f"{prefix}{i}") for i in range(n)]
+
+    train_bags, new_bags = noise_bags(32, "b"), noise_bags(40, "t")
+    mean_positive = {}
+    for balance in (True, False):
+        options = TrainOptions(epochs=5, ensemble=1, balance_classes=balance, standardise="z",
+                               model=ModelConfig(instance_loss=0.5))
+        fitted = fit(train_bags, [], Classification(["neg", "pos"]), options, torch.device("cpu"))
+        mean_positive[balance] = float(evaluate(fitted.model, new_bags, torch.device("cpu"), fitted.task)[1][:, 1].mean())
+    assert abs(mean_positive[False] - 0.25) < 0.05, mean_positive
+    assert mean_positive[True] > mean_positive[False] + 0.05, mean_positive
 
 
 def test_patients_never_straddle_train_and_validation(tmp_path: Path) -> None:
