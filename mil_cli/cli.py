@@ -415,7 +415,7 @@ def train(
     val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of training slides (patients) held out for early stopping when the labels have no 'val' split; 0: none.")] = TRAIN_DEFAULTS.val_fraction,
     standardise: Standardise = TRAIN_DEFAULTS.standardise,
     batch_size: Annotated[int, typer.Option(min=1, help="Bags per step (padded to the largest, masked).")] = TRAIN_DEFAULTS.batch_size,
-    balance_classes: Annotated[bool, typer.Option("--balance-classes/--no-balance-classes", help="Classification: weight each bag's loss by 1 / its class's share of the training slides, so a rare class counts as much as a common one; --no-balance-classes trains on the classes as common as they are.")] = TRAIN_DEFAULTS.balance_classes,
+    unbalanced: Annotated[bool, typer.Option("--unbalanced", help="Classification: no class weights (by default each bag weighs 1 / its class's share of the training slides).")] = not TRAIN_DEFAULTS.balance_classes,
     max_patches: MaxPatches = TRAIN_DEFAULTS.max_patches,
     precision: Annotated[str, typer.Option(help="Training steps: auto (bf16 on GPUs with native bf16, else fp32), fp32 or bf16. Evaluation and prediction always run fp32.")] = TRAIN_DEFAULTS.precision,
     hidden_dim: Annotated[int, typer.Option(min=1, help="Patch embedding size.")] = MODEL_DEFAULTS.hidden_dim,
@@ -441,7 +441,7 @@ def train(
     _check_model(model, task)
     options = TrainOptions(epochs=epochs, ensemble=ensemble, lr=lr, lr_schedule=lr_schedule, weight_decay=weight_decay,
                            patience=patience, val_fraction=val_fraction, standardise=standardise, seed=seed,
-                           batch_size=batch_size, balance_classes=balance_classes, max_patches=max_patches,
+                           batch_size=batch_size, balance_classes=not unbalanced, max_patches=max_patches,
                            precision=precision, task=task,
                            survival_loss=survival_loss, horizons=_horizons(horizons), bag_by=bag_by,
                            model=ModelConfig(architecture=model, hidden_dim=hidden_dim, attention_dim=attention_dim,
