@@ -193,7 +193,7 @@ def results_key(options: TrainOptions, extra: str = "") -> str:
 def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, options: TrainOptions) -> dict:
     start = time.perf_counter()
     fitted, _, _ = fit_pool(as_bags(train, "b"), BINARY, replace(options, seed=seed), DEVICE)
-    seconds_per_epoch = (time.perf_counter() - start) / sum(len(h) for h in fitted.histories)
+    seconds_per_epoch = (time.perf_counter() - start) / max(1, sum(len(h) for h in fitted.histories))
     test_bags = as_bags(test, "t")
     _, probs = evaluate(fitted.model, test_bags, DEVICE, fitted.task)
     attention, instance = [], []

@@ -171,7 +171,7 @@ Slides = Annotated[list[Path], typer.Argument(metavar="SLIDES", help="Slide file
 TRAIN_DEFAULTS = TrainOptions()
 MODEL_DEFAULTS = ModelConfig()
 QC_DEFAULTS = QCThresholds()
-ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, transformer-abmil, mean, max, noisy-and, clam-sb, clam-mb, dsmil, transmil or protomil.")]
+ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, transformer-abmil, mean, max, noisy-and, clam-sb, clam-mb, dsmil, transmil, protomil or kme.")]
 TaskName = Annotated[str, typer.Option("--task", help="classification (labels CSV column label: a class), regression (label: a number) or survival (columns time and event, 1 = event observed, 0 = censored).")]
 SurvivalLoss = Annotated[str, typer.Option(help="--task survival: cox (partial likelihood over batches of at least 32 slides, each holding events) or nll (discrete-time hazards in 4 intervals).")]
 Horizons = Annotated[Optional[str], typer.Option(help="--task survival: comma-separated times at which to measure the time-dependent AUC, in the labels' time unit (e.g. 12,36,60).", show_default="the quartiles of the event times")]

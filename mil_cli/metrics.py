@@ -65,6 +65,8 @@ def epochs_note(metrics: dict) -> str:
     kept, run = metrics.get("best_epochs", []), metrics.get("epochs_run", [])
     recipes = len(set(metrics.get("recipes", [])))
     heads = f"{len(kept)} head(s)" + (f" ({recipes} recipes)" if recipes > 1 else "")
+    if run and not any(run):
+        return f"{heads}, fitted in closed form"
     if kept == run:
         return f"{heads} x {run[0] if len(set(run)) == 1 else run} epochs"
     return f"{heads}, epochs kept {kept} of {run} (early stopping)"

@@ -317,13 +317,17 @@ def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig, ta
              device: torch.device) -> tuple[MILHead, list[dict], int, dict]:
     """One head: `options.epochs` epochs, or early stopping on the validation loss (best
     weights restored) when there are validation bags; then the head's own last step
-    (protomil projects its prototypes onto training patches and refits its last layer).
+    (protomil projects its prototypes onto training patches and refits its last layer);
+    closed-form heads (kme) are fitted at once instead, with an empty history and epoch 0.
     Returns it, its history, the epoch kept and what that last step records for the model file."""
     seed_everything(options.seed)
     model = build_model(config)
     if scaling is not None:  # (mean, divisor, clip): raw features when None
         model.set_standardisation(*scaling)
     model = model.to(device)
+    if model.closed_form:  # fitted at once on every training bag: no epochs, no early stopping
+        model.fit_closed_form(train_bags, loss_weight(task, train_bags, options, device))
+        return model.eval(), [], 0, {}
     history, best_epoch = train_epochs(model, list(model.parameters()), train_bags, val_bags, task, options, device)
 
     def refit(parameters: list[nn.Parameter], epochs: int) -> None:
@@ -342,6 +346,12 @@ def fit_head(train_bags: list[Bag], val_bags: list[Bag], config: ModelConfig, ta
     return model.eval(), history, best_epoch, record
 
 
+def loss_weight(task: Task, train_bags: list[Bag], options: TrainOptions, device: torch.device) -> torch.Tensor | None:
+    """The per-class loss weights (classification with --unbalanced unset), else None."""
+    weight = task.class_weight([b.target for b in train_bags]) if options.balance_classes else None
+    return None if weight is None else weight.to(device)
+
+
 def train_epochs(model: MILHead, parameters: list[nn.Parameter], train_bags: list[Bag], val_bags: list[Bag],
                  task: Task, options: TrainOptions, device: torch.device) -> tuple[list[dict], int]:
     """Adam on `parameters` for `options.epochs` epochs, or early stopping on the validation
@@ -351,8 +361,7 @@ def train_epochs(model: MILHead, parameters: list[nn.Parameter], train_bags: lis
                                  fused=True)  # one kernel for the whole update: tiny heads are overhead-bound
     scheduler = learning_rate_schedule(optimiser, options)
     targets = [b.target for b in train_bags]
-    weight = task.class_weight(targets) if options.balance_classes else None
-    weight = None if weight is None else weight.to(device)
+    weight = loss_weight(task, train_bags, options, device)
     generator = torch.Generator().manual_seed(options.seed)
 
     best_loss, best_state, best_epoch, stale = float("inf"), None, options.epochs, 0
