@@ -14,7 +14,8 @@ pi the fold's training share of positive bags), a rule measured and rejected (RE
     python benchmarks/recipes.py --rows musk1 ucsb-breast --repeats 2 \\
         --recipes 0.5:z 0:none 0:pooled --mix 0.5:z+0:none 0.5:z+0:pooled --results runs/recipes
 
-A recipe is SHARE:SCALING (config.SCALINGS). Saved answers are reused from `--results`
+A recipe is SHARE:SCALING (config.SCALINGS), or HEAD:SCALING for another head's members in the
+mix (`kme:z`: five kme heads beside two abmil recipes' ten weigh 1/3). Saved answers are reused from `--results`
 (keyed by row, repeat, recipe and the other options; not by milcli's code).
 """
 
@@ -31,23 +32,31 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 
 from mil_cli.config import TrainOptions
 from mil_cli.console import set_quiet
-from mil_cli.training import Recipe, evaluate, fit
+from mil_cli.models import MODELS
+from mil_cli.training import evaluate, fit
 
 from panel import (BINARY, DEVICE, ROWS, Row, apply_overrides, as_bags, fmt, fold_seed,  # type: ignore[import-not-found]
                    results_key)
 
 
+Recipe = tuple[float | str, str]  # (abmil's patch-classifier share, or another head's name; feature scaling)
+
+
 def parse_recipe(text: str) -> Recipe:
-    share, scaling = text.split(":")
-    return float(share), scaling
+    first, scaling = text.split(":")
+    if first in MODELS:
+        return first, scaling
+    return float(first), scaling
 
 
 def member_answers(row: Row, repeat: int, recipe: Recipe, options: TrainOptions) -> dict:
     """The targets of the repeat's held-out bags (folds one after the other), the share of
     positive bags in each one's training fold, and, per member head of `recipe`, its
     positive-class probability for each of them."""
-    share, scaling = recipe
-    recipe_options = replace(options, standardise=scaling, model=replace(options.model, instance_loss=share))
+    first, scaling = recipe
+    model = (replace(options.model, architecture=first) if isinstance(first, str)
+             else replace(options.model, instance_loss=first))
+    recipe_options = replace(options, standardise=scaling, model=model)
     y: list[int] = []
     prior: list[float] = []
     members: list[list[float]] = [[] for _ in range(options.ensemble)]
@@ -58,7 +67,7 @@ def member_answers(row: Row, repeat: int, recipe: Recipe, options: TrainOptions)
         held_out = as_bags(test, "t")
         for m, member in enumerate(fitted.model.members):
             members[m] += evaluate(member, held_out, DEVICE, fitted.task)[1][:, 1].tolist()
-        print(f"  {row.name} repeat {repeat} {share}:{scaling} fold {fold} done", file=sys.stderr, flush=True)
+        print(f"  {row.name} repeat {repeat} {first}:{scaling} fold {fold} done", file=sys.stderr, flush=True)
     return {"y": y, "prior": prior, "members": members}
 
 
@@ -101,7 +110,7 @@ def main() -> None:
     mixes = [[r] for r in recipes] + [[parse_recipe(r) for r in mix.split("+")] for mix in args.mix]
     unknown = {r for mix in mixes for r in mix} - set(recipes)
     if unknown:
-        raise SystemExit(f"--mix names recipes not in --recipes: {sorted(unknown)}")
+        raise SystemExit(f"--mix names recipes not in --recipes: {sorted(map(str, unknown))}")
     print("| row | mix | AUC | accuracy | accuracy, class shares put back |\n| --- | --- | --- | --- | --- |")
     for name in args.rows:
         row = ROWS[name](args.cache)
