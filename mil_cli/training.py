@@ -289,6 +289,9 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
     config = ModelConfig(**{**asdict(options.model), "in_dim": int(train_bags[0].features.shape[1]),
                             "n_classes": task.n_outputs, "task": task.name})
     statistics = {scaling: feature_statistics(train_bags, scaling) for scaling in {s for _, s in recipes} - {"none"}}
+    if val_bags and MODELS[config.architecture].closed_form:
+        warn(f"--model {config.architecture} is fitted in closed form, without early stopping: "
+             f"the {len(val_bags)} validation bag(s) only get scored")
     members, histories, best_epochs, records = [], [], [], []
     for m, (share, scaling) in enumerate(recipes):
         seed = options.seed + (m % options.ensemble) * MEMBER_SEED_STEP

@@ -202,6 +202,14 @@ def test_kme_separates_bags_by_how_their_instances_spread() -> None:
     assert roc_auc_score([b.target for b in test_bags], probs[:, 1]) >= 0.95
 
 
+def test_kme_says_that_validation_bags_do_not_steer_it(tmp_path: Path) -> None:
+    feats, labels = synthetic_store(tmp_path, n_bags=20)
+    trained = invoke("train", "--features", feats, "--labels", labels, "--out", tmp_path / "m.pt", "--model", "kme",
+                     "--val-fraction", "0.25", "--ensemble", "1", "--device", "cpu")
+    assert trained.exit_code == 0, trained.stderr
+    assert "--model kme is fitted in closed form, without early stopping" in " ".join(trained.stderr.split())
+
+
 def test_kme_fit_is_scikit_learns_logistic_regression_on_its_bag_embeddings() -> None:
     """Three classes of unequal size, class-weighted: the L-BFGS fit lands where scikit-learn's
     multinomial logistic regression with the same C, weights and embeddings does."""
