@@ -701,14 +701,14 @@ class KernelMeanMIL(MILHead):
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
         phi = self.embed_patches(features)
         weights = mask.float() / mask.sum(1, keepdim=True).clamp(min=1)
-        return MILOutput(self.classifier(unit_length(torch.einsum("bn,bnf->bf", weights, phi))), weights, phi)
+        return MILOutput(self.classifier(F.normalize(torch.einsum("bn,bnf->bf", weights, phi), dim=-1)), weights, phi)
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
         phi = self.embed_patches(features)
         return (phi @ self.classifier.weight.T) / (len(phi) * phi.mean(0).norm().clamp(min=1e-12))
 
     def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
-        return self.alone(self.classifier(unit_length(self.embed_patches(features))))
+        return self.alone(self.classifier(F.normalize(self.embed_patches(features), dim=-1)))
 
     @torch.no_grad()
     def fit_closed_form(self, bags: list, weight: torch.Tensor | None) -> None:
@@ -719,7 +719,7 @@ class KernelMeanMIL(MILHead):
         for bag in bags:
             total = sum(self.embed_patches(chunk.float()).double().sum(0) for chunk in bag.features.split(KME_CHUNK))
             means.append(total / len(bag.features))
-        x = unit_length(torch.stack(means)).cpu()
+        x = F.normalize(torch.stack(means), dim=-1).cpu()
         targets = torch.tensor([int(b.target) for b in bags])
         class_weight = (torch.ones(self.config.n_classes) if weight is None else weight.cpu()).double()
         linear = nn.Linear(x.shape[1], self.config.n_classes, dtype=torch.float64)
@@ -739,11 +739,6 @@ class KernelMeanMIL(MILHead):
             optimiser.step(objective)
         self.classifier.weight.copy_(linear.weight)
         self.classifier.bias.copy_(linear.bias)
-
-
-def unit_length(x: torch.Tensor) -> torch.Tensor:
-    """Rows (last axis) scaled to unit length (a zero row stays zero)."""
-    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 def _part_of(parts: list[tuple[str, int]], index: int) -> dict:

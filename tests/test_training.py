@@ -214,8 +214,9 @@ def test_kme_fit_is_scikit_learns_logistic_regression_on_its_bag_embeddings() ->
     """Three classes of unequal size, class-weighted: the L-BFGS fit lands where scikit-learn's
     multinomial logistic regression with the same C, weights and embeddings does."""
     from sklearn.linear_model import LogisticRegression
+    from torch.nn import functional as F
 
-    from mil_cli.models import KME_C, unit_length
+    from mil_cli.models import KME_C
 
     rng = np.random.default_rng(0)
     bags = [Bag(f"b{i}", torch.from_numpy(rng.normal(c, 1.0, size=(int(rng.integers(3, 12)), DIM)).astype(np.float32)),
@@ -226,7 +227,7 @@ def test_kme_fit_is_scikit_learns_logistic_regression_on_its_bag_embeddings() ->
     model = build_model(ModelConfig(architecture="kme", in_dim=DIM, n_classes=3))
     model.fit_closed_form(bags, weight)
     with torch.no_grad():
-        x = unit_length(torch.stack([model.embed_patches(b.features).double().mean(0) for b in bags])).numpy()
+        x = F.normalize(torch.stack([model.embed_patches(b.features).double().mean(0) for b in bags]), dim=-1).numpy()
         ours = np.concatenate([torch.softmax(model.bag(b.features)[0], -1).numpy()[None] for b in bags])
     reference = LogisticRegression(C=KME_C, class_weight=dict(enumerate(weight.tolist())), tol=1e-10, max_iter=10_000)
     theirs = reference.fit(x, [b.target for b in bags]).predict_proba(x)
