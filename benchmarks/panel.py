@@ -47,7 +47,7 @@ from mil_cli.console import set_quiet
 from mil_cli.synthetic import LabelledBag, digit_bags, key_instance_bags
 from mil_cli.config import TrainOptions
 from mil_cli.tasks import Classification
-from mil_cli.training import Bag, evaluate, fit_pool
+from mil_cli.training import Bag, choose_architecture, evaluate, fit_pool
 
 from reference import fit_reference, predict_reference  # type: ignore[import-not-found]
 
@@ -202,7 +202,8 @@ def run_milcli(train: list[LabelledBag], test: list[LabelledBag], seed: int, opt
             features = torch.from_numpy(x)
             attention.append(fitted.model.bag(features)[1].numpy())
             instance.append(fitted.model.instance_scores(features)[:, 1].numpy())
-    return {"p": probs[:, 1], "attention": attention, "instance": instance, "seconds_per_epoch": seconds_per_epoch}
+    return {"p": probs[:, 1], "attention": attention, "instance": instance, "seconds_per_epoch": seconds_per_epoch,
+            "architecture": fitted.config.architecture, "choice": fitted.choice}
 
 
 def run_reference(train: list[LabelledBag], test: list[LabelledBag], seed: int, zscore: bool) -> dict:
@@ -225,7 +226,8 @@ def evaluate_repeat(row: Row, repeat: int, options: TrainOptions, with_reference
     """One repeat of a row: its folds' held-out predictions pooled into AUC, accuracy and the
     mean localisation of each patch score."""
     references = REFERENCES if with_reference else {}
-    pooled: dict[str, list] = {"y": [], "milcli": [], "epoch seconds": [], **{r: [] for r in references}}
+    pooled: dict[str, list] = {"y": [], "milcli": [], "epoch seconds": [], "architecture": [],
+                               **{r: [] for r in references}}
     loc: dict[str, list] = {"instance": [], "attention": [], **{f"{r} attention": [] for r in references}}
     for fold, (train, test) in enumerate(row.splits(repeat)):
         seed = fold_seed(repeat, fold)
@@ -239,9 +241,12 @@ def evaluate_repeat(row: Row, repeat: int, options: TrainOptions, with_reference
             theirs = run_reference(train, test, seed, zscore)
             pooled[name] += list(theirs["p"])
             loc[f"{name} attention"] += list(zip(theirs["attention"], test))
-        print(f"  {row.name} repeat {repeat} fold {fold} done", file=sys.stderr, flush=True)
+        pooled["architecture"].append(ours["architecture"])
+        print(f"  {row.name} repeat {repeat} fold {fold} done: {ours['architecture']} {ours['choice'] or ''}",
+              file=sys.stderr, flush=True)
     y = np.array(pooled["y"])
     result = {"milcli s/epoch": float(np.mean(pooled["epoch seconds"]))}
+    result |= {f"folds {name}": float(pooled["architecture"].count(name)) for name in sorted(set(pooled["architecture"]))}
     for who in ("milcli", *references):
         p = np.array(pooled[who])
         result[f"{who} auc"] = float(roc_auc_score(y, p))
@@ -276,6 +281,25 @@ def evaluate_row(row: Row, repeats: range, options: TrainOptions, with_reference
     return figures
 
 
+def print_choices(row: Row, repeats: range, options: TrainOptions) -> None:
+    """--model auto's family choice on each fold's training bags, exactly as a full run of
+    the row makes it (same bags, seed and inner folds), without the outer fit: where every
+    fold picks one family, the row's figures are that family's run with the same options."""
+    for repeat in repeats:
+        chosen, inner = [], {}
+        for fold, (train, _) in enumerate(row.splits(repeat)):
+            bags = as_bags(train, "b")
+            choice = choose_architecture(bags, BINARY.fitted([b.target for b in bags]),
+                                         replace(options, seed=fold_seed(repeat, fold)), DEVICE)
+            chosen.append(choice["chosen"])
+            for family, auc in choice.get("inner_auc", {}).items():
+                inner.setdefault(family, []).append(auc)
+            print(f"  {row.name} repeat {repeat} fold {fold}: {choice}", file=sys.stderr, flush=True)
+        aucs = ", ".join(f"{family} {np.mean(v):.3f}" for family, v in inner.items())
+        print(f"| {row.name} | {repeat} | " + ", ".join(f"{name} {chosen.count(name)}" for name in sorted(set(chosen)))
+              + f" of {len(chosen)} | {aucs} |", flush=True)
+
+
 def fmt(values: list[float]) -> str:
     values = np.array(values, dtype=float)
     return "n/a" if np.isnan(values).all() else f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
@@ -295,11 +319,20 @@ def main() -> None:
                              "(resumes long rows; use a fresh folder after changing milcli's code)")
     parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
                         help="override a TrainOptions or ModelConfig field, e.g. lr=2e-4 model.hidden_dim=128")
+    parser.add_argument("--choices-only", action="store_true",
+                        help="only the family --model auto would choose on each fold (no outer fit), and the "
+                             "inner cross-validation AUCs it chose by")
     args = parser.parse_args()
     set_quiet(True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     options = apply_overrides(TrainOptions(), args.set)
     print(f"milcli options: {options}")
+    repeats = range(args.first_repeat, args.first_repeat + args.repeats)
+    if args.choices_only:
+        print("| row | repeat | folds choosing | mean inner AUC |\n| --- | --- | --- | --- |")
+        for name in args.rows or list(ROWS):
+            print_choices(ROWS[name](args.cache), repeats, options)
+        return
     columns = ["row", "milcli AUC", "ref AUC", "ref (z) AUC", "milcli acc", "ref acc", "ref (z) acc", "loc instance",
                "loc attention", "loc ref attention", "loc ref (z) attention", "s/epoch", "s"]
     print("| " + " | ".join(columns) + " |")
@@ -308,7 +341,6 @@ def main() -> None:
     per_repeat: list[str] = []
     for name in args.rows or list(ROWS):
         start = time.perf_counter()
-        repeats = range(args.first_repeat, args.first_repeat + args.repeats)
         r = evaluate_row(ROWS[name](args.cache), repeats, options, not args.skip_reference, args.results)
         cells = [fmt(r.get(k, [np.nan])) for k in ("milcli auc", "reference auc", "reference z auc", "milcli acc",
                                                   "reference acc", "reference z acc", "loc instance", "loc attention",

@@ -171,7 +171,7 @@ Slides = Annotated[list[Path], typer.Argument(metavar="SLIDES", help="Slide file
 TRAIN_DEFAULTS = TrainOptions()
 MODEL_DEFAULTS = ModelConfig()
 QC_DEFAULTS = QCThresholds()
-ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, transformer-abmil, mean, max, noisy-and, clam-sb, clam-mb, dsmil, transmil, protomil or kme.")]
+ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, transformer-abmil, mean, max, noisy-and, clam-sb, clam-mb, dsmil, transmil, protomil or kme; auto: abmil or kme, whichever scores the higher AUC in a 3-fold cross-validation of the training slides (one head per recipe; classification on up to 300 slides, else abmil). The choice and its AUCs go to metrics.json.")]
 TaskName = Annotated[str, typer.Option("--task", help="classification (labels CSV column label: a class), regression (label: a number) or survival (columns time and event, 1 = event observed, 0 = censored).")]
 SurvivalLoss = Annotated[str, typer.Option(help="--task survival: cox (partial likelihood over batches of at least 32 slides, each holding events) or nll (discrete-time hazards in 4 intervals).")]
 Horizons = Annotated[Optional[str], typer.Option(help="--task survival: comma-separated times at which to measure the time-dependent AUC, in the labels' time unit (e.g. 12,36,60).", show_default="the quartiles of the event times")]
@@ -380,7 +380,10 @@ def _metrics_table(metrics: dict, task: str) -> Table:
 
 def _cv_table(summary: dict) -> Table:
     keys = metric_keys(summary.get("task", "classification"))
-    table = Table(title=f"{summary['folds']}-fold cross-validation x {summary['repeats']} (held-out folds)")
+    chosen = [m["architecture_choice"]["chosen"] for m in summary["per_fold"] if "architecture_choice" in m]
+    counts = "; --model auto chose " + ", ".join(f"{name} in {chosen.count(name)}" for name in sorted(set(chosen)))
+    table = Table(title=f"{summary['folds']}-fold cross-validation x {summary['repeats']} (held-out folds"
+                        f"{counts + f' of {len(chosen)} folds' if chosen else ''})")
     for column in ("repeat", "fold", "n", *(METRIC_NAMES[k] for k in keys)):
         table.add_column(column, justify="right")
     for m in summary["per_fold"]:

@@ -34,6 +34,7 @@ DEFAULT_INSTANCE_LOSS = 0.5  # abmil heads' patch-classifier share in the first 
 # z: each dimension to mean 0, sd 1 (clipped to +-clip); pooled: each dimension to mean 0, all divided by one
 # sd pooled over the dimensions (their relative scales kept); none: raw features
 SCALINGS = ("z", "pooled", "none")
+AUTO_ARCHITECTURE = "auto"  # --model auto: the head family chosen per cohort by inner cross-validation (training.py)
 
 
 @dataclass(frozen=True)

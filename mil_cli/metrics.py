@@ -66,10 +66,20 @@ def epochs_note(metrics: dict) -> str:
     recipes = len(set(metrics.get("recipes", [])))
     heads = f"{len(kept)} head(s)" + (f" ({recipes} recipes)" if recipes > 1 else "")
     if run and not any(run):
-        return f"{heads}, fitted in closed form"
-    if kept == run:
-        return f"{heads} x {run[0] if len(set(run)) == 1 else run} epochs"
-    return f"{heads}, epochs kept {kept} of {run} (early stopping)"
+        note = f"{heads}, fitted in closed form"
+    elif kept == run:
+        note = f"{heads} x {run[0] if len(set(run)) == 1 else run} epochs"
+    else:
+        note = f"{heads}, epochs kept {kept} of {run} (early stopping)"
+    return f"{choice_note(metrics['architecture_choice'])}; {note}" if "architecture_choice" in metrics else note
+
+
+def choice_note(choice: dict) -> str:
+    """'kme chosen (inner CV AUC kme 0.93, abmil 0.91)' from training.choose_architecture's record."""
+    if "inner_auc" not in choice:
+        return f"{choice['chosen']} ({choice['reason']})"
+    aucs = ", ".join(f"{family} {auc:.3f}" for family, auc in choice["inner_auc"].items())
+    return f"{choice['chosen']} chosen (inner CV AUC {aucs})"
 
 
 def summarise(per_fold: list[dict], keys: tuple[str, ...] = SUMMARY_KEYS) -> dict:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mil_cli.config import DEFAULT_INSTANCE_LOSS, TASK_NAMES, ModelConfig
+from mil_cli.config import AUTO_ARCHITECTURE, DEFAULT_INSTANCE_LOSS, TASK_NAMES, ModelConfig
 from mil_cli.errors import MilcliError
 
 
@@ -799,11 +799,14 @@ class SeedEnsemble(nn.Module):
 
 
 def check_architecture(name: str, task: str = "classification") -> None:
-    """MilcliError unless `name` is a head in MODELS that can learn `task`."""
-    if name not in MODELS:
-        raise MilcliError(f"--model {name}: expected one of {', '.join(MODELS)}")
+    """MilcliError unless `name` is a head in MODELS that can learn `task`, or 'auto' (which
+    resolves to one for any task, training.choose_architecture)."""
+    if name not in MODELS and name != AUTO_ARCHITECTURE:
+        raise MilcliError(f"--model {name}: expected {AUTO_ARCHITECTURE} or one of {', '.join(MODELS)}")
     if task not in TASK_NAMES:
         raise MilcliError(f"--task {task}: expected one of {', '.join(TASK_NAMES)}")
+    if name == AUTO_ARCHITECTURE:
+        return
     if task not in MODELS[name].tasks:
         able = [model for model, head in MODELS.items() if task in head.tasks]
         raise MilcliError(f"--model {name} predicts classes only; for --task {task} use {', '.join(able)}")
