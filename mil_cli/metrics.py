@@ -41,6 +41,22 @@ def auc(targets: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(targets, probs, multi_class="ovr", average="macro"))
 
 
+def auc_lead_confidence(targets: np.ndarray, first: np.ndarray, second: np.ndarray, seed: int = 0,
+                        resamples: int = BOOTSTRAP_SAMPLES) -> float:
+    """The share of class-stratified bootstrap resamples of the bags in which `first`'s
+    predictions (n, classes) have the higher AUC than `second`'s on the same bags (ties count
+    half): a paired measure of how sure a lead in AUC is."""
+    targets = np.asarray(targets)
+    rng = np.random.default_rng(seed)
+    strata = [np.flatnonzero(targets == c) for c in np.unique(targets)]
+    wins = 0.0
+    for _ in range(resamples):
+        rows = np.concatenate([rng.choice(members, len(members)) for members in strata])
+        lead = auc(targets[rows], first[rows]) - auc(targets[rows], second[rows])
+        wins += 1.0 if lead > 0 else 0.5 if lead == 0 else 0.0
+    return wins / resamples
+
+
 def classification_metrics(targets: np.ndarray, probs: np.ndarray) -> dict:
     """n, AUC, balanced accuracy, accuracy, F1 (positive class when binary, macro otherwise)
     and the confusion matrix (rows: true class, columns: predicted)."""
@@ -75,11 +91,12 @@ def epochs_note(metrics: dict) -> str:
 
 
 def choice_note(choice: dict) -> str:
-    """'kme chosen (inner CV AUC kme 0.93, abmil 0.91)' from training.choose_architecture's record."""
+    """'kme chosen (inner CV AUC abmil 0.91, kme 0.95; kme ahead in 97% of resamples)' from
+    training.choose_architecture's record."""
     if "inner_auc" not in choice:
         return f"{choice['chosen']} ({choice['reason']})"
     aucs = ", ".join(f"{family} {auc:.3f}" for family, auc in choice["inner_auc"].items())
-    return f"{choice['chosen']} chosen (inner CV AUC {aucs})"
+    return f"{choice['chosen']} chosen (inner CV AUC {aucs}; kme ahead in {choice['confidence']:.0%} of resamples)"
 
 
 def summarise(per_fold: list[dict], keys: tuple[str, ...] = SUMMARY_KEYS) -> dict:

@@ -816,6 +816,8 @@ def build_model(config: ModelConfig) -> MILHead:
     """The head `config` describes; an instance_loss left to milcli (None) builds with the
     default share (training gives each member its recipe's, training.ensemble_recipes)."""
     check_architecture(config.architecture, config.task)
+    if config.architecture == AUTO_ARCHITECTURE:
+        raise MilcliError(f"--model {AUTO_ARCHITECTURE} names no head until training chooses one (training.fit)")
     if config.instance_loss is None:
         config = replace(config, instance_loss=DEFAULT_INSTANCE_LOSS)
     return MODELS[config.architecture](config)

@@ -24,7 +24,7 @@ from mil_cli.slides import find_slides, no_slides_found, slide_id_from_path
 from mil_cli.stores import FeatureSource
 from mil_cli.tasks import make_task
 from mil_cli.tiling import TilingOptions, default_tiling_workers, tile_slides
-from mil_cli.config import TrainOptions
+from mil_cli.config import AUTO_ARCHITECTURE, TrainOptions
 from mil_cli.console import warn
 from mil_cli.training import save_checkpoint, train
 
@@ -75,6 +75,10 @@ def _model_matches(path: Path, options: TrainOptions) -> bool:
         return False
     wanted = asdict(options)
     head = {k: v for k, v in wanted.pop("model").items() if k not in ("in_dim", "n_classes")}
+    if head["architecture"] == AUTO_ARCHITECTURE:  # the file names the head chosen; auto's record is its choice
+        if "architecture_choice" not in config.get("metrics", {}):
+            return False
+        head.pop("architecture")
     return config.get("training") == wanted and all(config["model"].get(k) == v for k, v in head.items())
 
 

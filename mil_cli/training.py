@@ -27,6 +27,7 @@ from mil_cli.console import warn
 from mil_cli.devices import FLOAT16_MAX, keep_freed_memory, seed_everything, training_autocast
 from mil_cli.errors import InputError
 from mil_cli.labels import LabelTable, check_cohort, check_patients, read_labels
+from mil_cli.metrics import auc_lead_confidence
 from mil_cli.config import AUTO_ARCHITECTURE, DEFAULT_INSTANCE_LOSS, ModelConfig, TrainOptions
 from mil_cli.models import MODELS, MILHead, SeedEnsemble, build_model, check_architecture
 from mil_cli.stores import FeatureSource
@@ -311,19 +312,21 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
     return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs, recipes, task, records, choice)
 
 
-AUTO_FAMILIES = ("abmil", "kme")  # --model auto's candidates; the first is kept on a tie
+AUTO_FAMILIES = ("abmil", "kme")  # --model auto: the default family, and the one it may switch to
 AUTO_FOLDS = 3
+AUTO_CONFIDENCE = 0.95  # share of bootstrap resamples of the inner predictions in which kme's AUC must lead
 
 
 def choose_architecture(train_bags: list[Bag], task: Task, options: TrainOptions, device: torch.device) -> dict:
-    """--model auto: the AUTO_FAMILIES member whose out-of-fold AUC over an inner
-    AUTO_FOLDS-fold cross-validation of the training bags is highest (one head per recipe
-    each, so the estimate costs about 40 % of abmil's ensemble). Why: kme beat abmil's
-    ensemble on descriptor bags (musk1, musk2, elephant) and lost by 0.1-0.4 AUC wherever a
-    few patches carry the label (README); a choice between close families may go either
-    way, but the large gaps are what it must not get wrong. Classification on up to
-    RECIPE_ENSEMBLE_MAX_BAGS bags with AUTO_FOLDS of each class; otherwise abmil.
-    Returns {"chosen": name, "inner_auc": {name: AUC}} or {"chosen": "abmil", "reason": ...}."""
+    """--model auto: abmil, unless kme's out-of-fold AUC over an inner AUTO_FOLDS-fold
+    cross-validation of the training bags (one head per recipe each, so the estimate costs
+    about 40 % of abmil's ensemble) leads abmil's in at least AUTO_CONFIDENCE of bootstrap
+    resamples of those bags. Why: kme beat abmil's ensemble on descriptor bags (musk1, musk2,
+    elephant) and lost by 0.1-0.4 AUC wherever a few patches carry the label (README); on a
+    few dozen bags a plain comparison also picked kme on a near-chance row, so it must lead
+    beyond the noise. Classification on up to RECIPE_ENSEMBLE_MAX_BAGS bags with AUTO_FOLDS
+    patients of each class; otherwise abmil. Returns {"chosen": name, "inner_auc": {name:
+    AUC}, "confidence": share} or {"chosen": "abmil", "reason": ...}."""
     targets = [b.target for b in train_bags]
     if task.name != "classification":
         return {"chosen": AUTO_FAMILIES[0], "reason": f"kme does not learn {task.name}"}
@@ -332,15 +335,19 @@ def choose_architecture(train_bags: list[Bag], task: Task, options: TrainOptions
     if min(len({b.group for b in train_bags if b.target == c}) for c in range(task.n_outputs)) < AUTO_FOLDS:
         return {"chosen": AUTO_FAMILIES[0], "reason": f"a class has fewer than {AUTO_FOLDS} patients"}
     folds = group_folds(train_bags, AUTO_FOLDS, options.seed, task)
-    scores = {}
+    predictions = {}
     for family in AUTO_FAMILIES:
         family_options = replace(options, ensemble=1, model=replace(options.model, architecture=family))
-        predictions = np.zeros((len(train_bags), task.n_outputs))
+        predictions[family] = np.zeros((len(train_bags), task.n_outputs))
         for inner_train, inner_test in folds:
             fitted = fit([train_bags[i] for i in inner_train], [], task, family_options, device)
-            predictions[inner_test] = evaluate(fitted.model, [train_bags[i] for i in inner_test], device, fitted.task)[1]
-        scores[family] = task.metrics(targets, predictions)["auc"]
-    return {"chosen": max(AUTO_FAMILIES, key=lambda family: scores[family]), "inner_auc": scores}
+            predictions[family][inner_test] = evaluate(fitted.model, [train_bags[i] for i in inner_test], device,
+                                                       fitted.task)[1]
+    default, other = AUTO_FAMILIES
+    confidence = auc_lead_confidence(np.array(targets), predictions[other], predictions[default], options.seed)
+    return {"chosen": other if confidence >= AUTO_CONFIDENCE else default,
+            "inner_auc": {family: task.metrics(targets, p)["auc"] for family, p in predictions.items()},
+            "confidence": confidence}
 
 
 def group_folds(bags: list[Bag], folds: int, seed: int, task: Task) -> list[tuple[list[int], list[int]]]:

@@ -268,6 +268,21 @@ def test_auto_chooses_the_family_that_can_see_the_signal_and_fits_it_as_itself(b
                           evaluate(direct.model, test_bags, device, task)[1])
 
 
+def test_auc_lead_confidence_is_paired_and_one_sided() -> None:
+    from mil_cli.metrics import auc_lead_confidence
+
+    rng = np.random.default_rng(0)
+    targets = np.array([0, 1] * 30)
+    noise = rng.normal(size=60)
+    sharp, blurred = targets + 0.5 * noise, targets + 3.0 * noise  # same noise: a paired, certain lead
+    as_probs = lambda score: np.stack([1 - score, score], axis=1)  # noqa: E731
+    assert auc_lead_confidence(targets, as_probs(sharp), as_probs(blurred), resamples=200) == 1.0
+    assert auc_lead_confidence(targets, as_probs(blurred), as_probs(sharp), resamples=200) == 0.0
+    assert auc_lead_confidence(targets, as_probs(sharp), as_probs(sharp), resamples=200) == 0.5
+    unrelated = as_probs(targets + 3.0 * rng.normal(size=60))  # a lead within the noise
+    assert 0.05 < auc_lead_confidence(targets, as_probs(blurred), unrelated, resamples=200) < 0.95
+
+
 def test_auto_keeps_abmil_where_kme_cannot_be_weighed() -> None:
     """Regression (kme classifies only) and a class with fewer patients than inner folds: abmil,
     with the reason recorded."""
@@ -469,7 +484,8 @@ def test_left_to_milcli_every_recipe_trains_and_the_model_file_rebuilds_each_mem
     from mil_cli.inference import load_model
 
     feats, labels = synthetic_store(tmp_path, n_bags=24)
-    result = train(feats, labels, TrainOptions(epochs=2, ensemble=2), torch.device("cpu"))
+    abmil = ModelConfig(architecture="abmil")
+    result = train(feats, labels, TrainOptions(epochs=2, ensemble=2, model=abmil), torch.device("cpu"))
     recipes = result.checkpoint["config"]["recipes"]
     assert recipes == [[0.5, "z"]] * 2 + [[0.0, "none"]] * 2
     assert result.metrics["recipes"] == ["0.5 z"] * 2 + ["0.0 none"] * 2
@@ -493,12 +509,12 @@ def test_left_to_milcli_every_recipe_trains_and_the_model_file_rebuilds_each_mem
     def recipes_for(options: TrainOptions, n_bags: int = 24) -> list:
         return training.ensemble_recipes(options, Classification(["neg", "pos"]), n_bags)
 
-    assert recipes_for(TrainOptions(ensemble=1, standardise="none")) == [(0.5, "none"), (0.0, "none")]
-    assert recipes_for(TrainOptions(ensemble=1, model=ModelConfig(instance_loss=0.2))) == [(0.2, "z")]
-    assert recipes_for(TrainOptions(ensemble=1, standardise="pooled", model=ModelConfig(instance_loss=0.2))) == [
-        (0.2, "pooled")]
+    share = ModelConfig(architecture="abmil", instance_loss=0.2)
+    assert recipes_for(TrainOptions(ensemble=1, standardise="none", model=abmil)) == [(0.5, "none"), (0.0, "none")]
+    assert recipes_for(TrainOptions(ensemble=1, model=share)) == [(0.2, "z")]
+    assert recipes_for(TrainOptions(ensemble=1, standardise="pooled", model=share)) == [(0.2, "pooled")]
     assert recipes_for(TrainOptions(ensemble=2, model=ModelConfig(architecture="mean"))) == [(0.5, "z")] * 2
-    assert recipes_for(TrainOptions(ensemble=1), training.RECIPE_ENSEMBLE_MAX_BAGS + 1) == [(0.5, "z")]
+    assert recipes_for(TrainOptions(ensemble=1, model=abmil), training.RECIPE_ENSEMBLE_MAX_BAGS + 1) == [(0.5, "z")]
     with pytest.raises(MilcliError, match="--standardise"):
         TrainOptions(standardise="minmax")
 
@@ -507,7 +523,7 @@ def test_with_no_patch_classifier_share_it_is_a_probe_that_shapes_nothing() -> N
     """instance_loss 0: the patch classifier still learns (its scores localise) but its loss
     sends no gradient into the embedding or the attention, and the prediction ignores it."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(in_dim=DIM, instance_loss=0.0, dropout=0.0))
+    model = build_model(ModelConfig(architecture="abmil", in_dim=DIM, instance_loss=0.0, dropout=0.0))
     x, mask = torch.randn(4, 12, DIM), torch.ones(4, 12, dtype=torch.bool)
     targets = torch.tensor([0, 1, 0, 1])
     out = model(x, mask)
