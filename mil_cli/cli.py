@@ -381,9 +381,9 @@ def _metrics_table(metrics: dict, task: str) -> Table:
 def _cv_table(summary: dict) -> Table:
     keys = metric_keys(summary.get("task", "classification"))
     chosen = [m["architecture_choice"]["chosen"] for m in summary["per_fold"] if "architecture_choice" in m]
-    counts = "; --model auto chose " + ", ".join(f"{name} in {chosen.count(name)}" for name in sorted(set(chosen)))
-    table = Table(title=f"{summary['folds']}-fold cross-validation x {summary['repeats']} (held-out folds"
-                        f"{counts + f' of {len(chosen)} folds' if chosen else ''})")
+    counts = ", ".join(f"{name} in {chosen.count(name)}" for name in sorted(set(chosen)))
+    auto = f"; --model auto chose {counts} of {len(chosen)} folds" if chosen else ""
+    table = Table(title=f"{summary['folds']}-fold cross-validation x {summary['repeats']} (held-out folds{auto})")
     for column in ("repeat", "fold", "n", *(METRIC_NAMES[k] for k in keys)):
         table.add_column(column, justify="right")
     for m in summary["per_fold"]:
