@@ -51,21 +51,31 @@ NO_LOCKS_ADVICE = ("this filesystem does not support file locks (common on NFS a
                    "HDF5_USE_FILE_LOCKING=FALSE and let one milcli command write a store at a time")
 
 
-KILL_AT = "MILCLI_KILL_AT"  # tests of crash safety: "<point>:<n>", see fault_point
+KILL_AT = "MILCLI_KILL_AT"  # tests of crash safety: "<point>:<n>[:<arming file>]", see fault_point
 _reached: Counter[str] = Counter()
 
 
 def fault_point(point: str) -> None:
     """With MILCLI_KILL_AT=<point>:<n> in the environment, SIGKILL this process the n-th time
     it reaches `point`, so that tests kill a writer at a known moment (mid-write, between
-    slides) instead of by timing luck. Points: slide-writing (a slide's temporary file half
-    written), slide-written (just renamed into place), index-writing (the temporary index half
-    written), ray-embed-<slide id> (a Ray worker starting on that slide: it dies on it each time)."""
-    name, _, count = os.environ.get(KILL_AT, "").partition(":")
-    if name == point:
-        _reached[point] += 1
-        if _reached[point] == int(count or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
+    slides) instead of by timing luck. With a third field, an arming file's path, the kill
+    fires only in the process that removes that file first: one kill per arming, however
+    many processes (restarted Ray workers) reach the point. Points: slide-writing (a slide's
+    temporary file half written), slide-written (just renamed into place), index-writing (the
+    temporary index half written), ray-embed-<slide id> (a Ray worker starting on that slide)."""
+    name, _, rest = os.environ.get(KILL_AT, "").partition(":")
+    if name != point:
+        return
+    count, _, arming = rest.partition(":")
+    _reached[point] += 1
+    if _reached[point] != int(count or 1):
+        return
+    if arming:
+        try:
+            os.remove(arming)
+        except FileNotFoundError:
+            return  # not armed, or another process took the kill
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def lock_failure(message: str) -> str | None:

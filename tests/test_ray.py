@@ -1,5 +1,5 @@
 """Embedding and prediction through Ray: a real local cluster on loopback, 2 workers, features
-identical to the local path, a worker killed mid-slide, and `--ray local` in one process.
+identical to the local path, a worker killed on a slide, and `--ray local` in one process.
 Skipped when the `ray` extra is not installed."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -32,8 +33,8 @@ pytestmark = pytest.mark.xdist_group("ray")  # one worker runs these one after a
 ENV = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # a private test cluster
 
 
-def ray_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=ENV, capture_output=True,
+def ray_cli(*args: str, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], env=env, capture_output=True,
                           text=True, timeout=180)
 
 
@@ -80,20 +81,33 @@ def with_descendants(pids: list[int]) -> list[int]:
     return found
 
 
+KILLED_SLIDE = "slide_03"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str
+    arm_kill: Path  # while this file exists, the next worker to start on KILLED_SLIDE is killed (once)
+
+
 @pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[str]:
-    """A private Ray head on loopback with 2 CPUs. Torn down by killing the processes that name
-    its own temp folder and their descendants (not `ray stop`, which would also stop a Ray the
-    user runs on this machine)."""
+def ray_cluster() -> Iterator[Cluster]:
+    """A private Ray head on loopback with 2 CPUs, whose workers carry a fault point a test can
+    arm. Torn down by killing the processes that name its own temp folder and their descendants
+    (not `ray stop`, which would also stop a Ray the user runs on this machine)."""
+    from mil_cli.stores import KILL_AT
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     temp = tempfile.mkdtemp(prefix="milcli-ray-")  # short: Ray puts unix sockets under it
+    arm_kill = Path(temp) / "arm-kill"
     started = ray_cli("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-                      "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp)
+                      "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp,
+                      env=ENV | {KILL_AT: f"ray-embed-{KILLED_SLIDE}:1:{arm_kill}"})  # workers inherit it
     assert started.returncode == 0, started.stderr
     try:
-        yield f"127.0.0.1:{port}"
+        yield Cluster(f"127.0.0.1:{port}", arm_kill)
     finally:
         cluster = with_descendants(processes_mentioning(temp))
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -137,13 +151,14 @@ def test_an_address_where_no_ray_runs_fails_at_once(sample_run: Path, tmp_path: 
     assert time.monotonic() - start < 60 and not (tmp_path / "feats.h5").exists()
 
 
-def test_embed_on_a_local_cluster_matches_the_local_path(sample_run: Path, tmp_path: Path, ray_cluster: str) -> None:
+def test_embed_on_a_local_cluster_matches_the_local_path(sample_run: Path, tmp_path: Path,
+                                                        ray_cluster: Cluster) -> None:
     out = tmp_path / "feats.h5"
-    first = json.loads(finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster,
+    first = json.loads(finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster.address,
                                      "--ray-workers", "2", "--json", "-q")))
     assert first["counts"]["written_by_workers"] == 20  # they share this filesystem: no features through Ray
     assert_same_features(out, sample_run / "feats.h5")
-    rerun = json.loads(finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster, "--json",
+    rerun = json.loads(finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster.address, "--json",
                                      "-q")))
     assert rerun["done"] == [] and len(rerun["skipped"]) == 20  # resumable like the local path
 
@@ -160,22 +175,16 @@ def test_workers_that_cannot_see_the_store_send_features_back(tmp_path: Path) ->
     assert target.shared()
 
 
-def test_a_worker_killed_mid_slide_is_replaced_and_the_run_completes(sample_run: Path, tmp_path: Path,
-                                                                     ray_cluster: str) -> None:
+def test_a_worker_killed_on_a_slide_is_replaced_and_the_run_completes(sample_run: Path, tmp_path: Path,
+                                                                     ray_cluster: Cluster) -> None:
+    """The worker that starts on KILLED_SLIDE dies there (an armed fault point, not timing);
+    Ray restarts it, the slide is retried and every slide comes out as the local path's."""
+    ray_cluster.arm_kill.touch()
     out = tmp_path / "feats.h5"
-    process = milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster, "--ray-workers", "2", "-q")
-    # the deadline only bounds a hung run (at 120 s this failed once, on a machine loaded by other work)
-    start = time.monotonic()
-    deadline, killed = start + 600, None
-    while killed is None and time.monotonic() < deadline and process.poll() is None:
-        busy = processes_mentioning("ray::SlideWorker.embed")  # Ray's title while a method runs
-        if busy:
-            killed = busy[0]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
-    assert killed is not None, (f"no worker was caught embedding a slide in {time.monotonic() - start:.0f} s "
-                                f"(run exit status {process.poll()})")
-    finish(process)
+    report = json.loads(finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster.address,
+                                      "--ray-workers", "2", "--json", "-q")))
+    assert not ray_cluster.arm_kill.exists(), "no worker reached the fault point: nothing was killed"
+    assert report["failed"] == {} and len(report["done"]) == 20
     assert_same_features(out, sample_run / "feats.h5")
 
 
