@@ -96,7 +96,9 @@ def choice_note(choice: dict) -> str:
     if "inner_auc" not in choice:
         return f"{choice['chosen']} ({choice['reason']})"
     aucs = ", ".join(f"{family} {auc:.3f}" for family, auc in choice["inner_auc"].items())
-    return f"{choice['chosen']} chosen (inner CV AUC {aucs}; kme ahead in {choice['confidence']:.0%} of resamples)"
+    challenger = list(choice["inner_auc"])[-1]  # the default family comes first, the one auto may switch to last
+    return (f"{choice['chosen']} chosen (inner CV AUC {aucs}; {challenger} ahead in {choice['confidence']:.0%} "
+            "of resamples)")
 
 
 def summarise(per_fold: list[dict], keys: tuple[str, ...] = SUMMARY_KEYS) -> dict:
