@@ -39,7 +39,7 @@ AUTO_ARCHITECTURE = "auto"  # --model auto: the head family chosen per cohort by
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str = AUTO_ARCHITECTURE  # resolved to a head of models.MODELS when training (training.fit)
+    architecture: str = "abmil"  # or AUTO_ARCHITECTURE, resolved to a head of models.MODELS by training.fit
     in_dim: int = 1280
     n_classes: int = 2            # outputs: the classes, 1 for regression and Cox survival, hazard bins for nll
     task: str = "classification"  # what the outputs mean (tasks.py)

@@ -22,6 +22,7 @@ from mil_cli.labels import read_labels
 from mil_cli.tasks import Classification
 from mil_cli.config import ModelConfig, TrainOptions
 from mil_cli.models import MODELS, build_model, whole_bag
+from mil_cli.pipeline import _model_matches
 from mil_cli.metrics import classification_metrics
 from mil_cli.synthetic import digit_bags, write_digit_bags
 from mil_cli.training import Bag, choose_architecture, collate, evaluate, feature_statistics, fit, train
@@ -306,6 +307,9 @@ def test_auto_says_what_it_chose_in_the_table_and_metrics(tmp_path: Path) -> Non
     assert set(metrics["architecture_choice"]["inner_auc"]) == {"abmil", "kme"}
     said = " ".join(trained.stderr.split())
     assert f"{metrics['architecture']} chosen (inner CV AUC abmil" in said and "; kme ahead in" in said
+    auto = TrainOptions(epochs=3, ensemble=1, model=ModelConfig(architecture="auto"))
+    assert _model_matches(tmp_path / "m.pt", auto)  # `run` keeps it on a rerun though the file names the head chosen
+    assert not _model_matches(tmp_path / "m.pt", replace(auto, epochs=4))
     crossed = invoke("train", "--features", feats, "--labels", labels, "--out", tmp_path / "cv", "--model", "auto",
                      "--folds", "2", "--repeats", "1", "--epochs", "3", "--ensemble", "1", "--device", "cpu")
     assert crossed.exit_code == 0, crossed.stderr
