@@ -158,8 +158,8 @@ def test_embed_on_a_local_cluster_matches_the_local_path(sample_run: Path, tmp_p
                                      "--ray-workers", "2", "--json", "-q")))
     assert first["counts"]["written_by_workers"] == 20  # they share this filesystem: no features through Ray
     assert_same_features(out, sample_run / "feats.h5")
-    rerun = json.loads(finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster.address, "--json",
-                                     "-q")))
+    rerun = json.loads(finish(milcli("embed", sample_run / "tiles.h5", "--out", out, "--ray", ray_cluster.address,
+                                     "--json", "-q")))
     assert rerun["done"] == [] and len(rerun["skipped"]) == 20  # resumable like the local path
 
 
