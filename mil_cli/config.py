@@ -35,11 +35,12 @@ DEFAULT_INSTANCE_LOSS = 0.5  # abmil heads' patch-classifier share in the first 
 # sd pooled over the dimensions (their relative scales kept); none: raw features
 SCALINGS = ("z", "pooled", "none")
 AUTO_ARCHITECTURE = "auto"  # --model auto: the head family chosen per cohort by inner cross-validation (training.py)
+FAMILY_JOIN = "+"  # --model abmil+kme: an ensemble of both families' heads, each family weighing half
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str = "abmil"  # or AUTO_ARCHITECTURE, resolved to a head of models.MODELS by training.fit
+    architecture: str = "abmil"  # a head of models.MODELS, heads joined by FAMILY_JOIN (a mix), or AUTO_ARCHITECTURE
     in_dim: int = 1280
     n_classes: int = 2            # outputs: the classes, 1 for regression and Cox survival, hazard bins for nll
     task: str = "classification"  # what the outputs mean (tasks.py)

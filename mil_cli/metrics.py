@@ -78,15 +78,19 @@ def classification_metrics(targets: np.ndarray, probs: np.ndarray) -> dict:
 
 def epochs_note(metrics: dict) -> str:
     """One line on how the model's members were trained, from training's `epochs_summary`."""
-    kept, run = metrics.get("best_epochs", []), metrics.get("epochs_run", [])
     recipes = len(set(metrics.get("recipes", [])))
-    heads = f"{len(kept)} head(s)" + (f" ({recipes} recipes)" if recipes > 1 else "")
-    if run and not any(run):
+    heads = f"{len(metrics.get('best_epochs', []))} head(s)" + (f" ({recipes} recipes)" if recipes > 1 else "")
+    trained = [(k, r) for k, r in zip(metrics.get("best_epochs", []), metrics.get("epochs_run", [])) if r]
+    closed = len(metrics.get("epochs_run", [])) - len(trained)  # closed-form members run no epochs
+    kept, run = [k for k, _ in trained], [r for _, r in trained]
+    if not trained:
         note = f"{heads}, fitted in closed form"
     elif kept == run:
         note = f"{heads} x {run[0] if len(set(run)) == 1 else run} epochs"
     else:
         note = f"{heads}, epochs kept {kept} of {run} (early stopping)"
+    if trained and closed:
+        note += f" ({closed} of them fitted in closed form)"
     return f"{choice_note(metrics['architecture_choice'])}; {note}" if "architecture_choice" in metrics else note
 
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mil_cli.config import AUTO_ARCHITECTURE, DEFAULT_INSTANCE_LOSS, TASK_NAMES, ModelConfig
+from mil_cli.config import AUTO_ARCHITECTURE, DEFAULT_INSTANCE_LOSS, FAMILY_JOIN, TASK_NAMES, ModelConfig
 from mil_cli.errors import MilcliError
 
 
@@ -770,8 +770,8 @@ MODELS: dict[str, type[MILHead]] = {
 
 
 class SeedEnsemble(nn.Module):
-    """Heads of one architecture trained on the same bags from different seeds, answering as
-    one: class probabilities, attention and patch scores are the members' means (the logits
+    """Heads trained on the same bags from different seeds (recipes, head families), answering
+    as one: class probabilities, attention and patch scores are the members' means (the logits
     are the log of the mean probabilities; for other tasks the mean of the members' outputs).
     On small cohorts a single head's result swings with its seed; the mean of a few does not."""
 
@@ -779,7 +779,7 @@ class SeedEnsemble(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.config = members[0].config
-        self.additive = members[0].additive
+        self.additive = all(member.additive for member in members)  # a mix's patch scores add up if each's do
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
         outs = [member(features, mask) for member in self.members]
@@ -799,25 +799,31 @@ class SeedEnsemble(nn.Module):
 
 
 def check_architecture(name: str, task: str = "classification") -> None:
-    """MilcliError unless `name` is a head in MODELS that can learn `task`, or 'auto' (which
-    resolves to one for any task, training.choose_architecture)."""
-    if name not in MODELS and name != AUTO_ARCHITECTURE:
-        raise MilcliError(f"--model {name}: expected {AUTO_ARCHITECTURE} or one of {', '.join(MODELS)}")
+    """MilcliError unless `name` is a head in MODELS that can learn `task`, a mix of such heads
+    joined by FAMILY_JOIN (`abmil+kme`), or 'auto' (which resolves to one for any task,
+    training.choose_architecture)."""
     if task not in TASK_NAMES:
         raise MilcliError(f"--task {task}: expected one of {', '.join(TASK_NAMES)}")
     if name == AUTO_ARCHITECTURE:
         return
-    if task not in MODELS[name].tasks:
-        able = [model for model, head in MODELS.items() if task in head.tasks]
-        raise MilcliError(f"--model {name} predicts classes only; for --task {task} use {', '.join(able)}")
+    families = name.split(FAMILY_JOIN)
+    for family in families:
+        if family not in MODELS:
+            raise MilcliError(f"--model {name}: expected {AUTO_ARCHITECTURE}, one of {', '.join(MODELS)}, "
+                              f"or heads joined by {FAMILY_JOIN} (e.g. abmil{FAMILY_JOIN}kme)")
+        if task not in MODELS[family].tasks:
+            able = [model for model, head in MODELS.items() if task in head.tasks]
+            raise MilcliError(f"--model {family} predicts classes only; for --task {task} use {', '.join(able)}")
+    if len(set(families)) < len(families):
+        raise MilcliError(f"--model {name}: a head named twice (--ensemble sets how many of each)")
 
 
 def build_model(config: ModelConfig) -> MILHead:
     """The head `config` describes; an instance_loss left to milcli (None) builds with the
     default share (training gives each member its recipe's, training.ensemble_recipes)."""
     check_architecture(config.architecture, config.task)
-    if config.architecture == AUTO_ARCHITECTURE:
-        raise MilcliError(f"--model {AUTO_ARCHITECTURE} names no head until training chooses one (training.fit)")
+    if config.architecture not in MODELS:
+        raise MilcliError(f"--model {config.architecture} names no single head (training.fit builds each member)")
     if config.instance_loss is None:
         config = replace(config, instance_loss=DEFAULT_INSTANCE_LOSS)
     return MODELS[config.architecture](config)

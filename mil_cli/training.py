@@ -28,16 +28,16 @@ from mil_cli.devices import FLOAT16_MAX, keep_freed_memory, seed_everything, tra
 from mil_cli.errors import InputError
 from mil_cli.labels import LabelTable, check_cohort, check_patients, read_labels
 from mil_cli.metrics import auc_lead_confidence
-from mil_cli.config import AUTO_ARCHITECTURE, DEFAULT_INSTANCE_LOSS, ModelConfig, TrainOptions
+from mil_cli.config import AUTO_ARCHITECTURE, DEFAULT_INSTANCE_LOSS, FAMILY_JOIN, ModelConfig, TrainOptions
 from mil_cli.models import MODELS, MILHead, SeedEnsemble, build_model, check_architecture
 from mil_cli.stores import FeatureSource
 from mil_cli.tasks import Task, make_task
 
 MODEL_FORMAT = "milcli-model"
 # 2: a seed ensemble of heads holding their feature scaling; 3: and each head's recipe, [share, standardised];
-# 4: recipes name their scaling, [share, "z"]
-MODEL_FORMAT_VERSION = 4
-READABLE_FORMAT_VERSIONS = (2, 3, 4)
+# 4: recipes name their scaling, [share, "z"]; 5: and their head family, [share, "z", "abmil"] (--model auto mixes)
+MODEL_FORMAT_VERSION = 5
+READABLE_FORMAT_VERSIONS = (2, 3, 4, 5)
 
 
 @dataclass
@@ -237,6 +237,7 @@ class Fitted:
     task: Task                   # fitted to the training targets (a regression's scale, survival bins)
     records: list[dict]          # per member: what its head's last step recorded (protomil: its prototypes' origins)
     choice: dict = field(default_factory=dict)  # --model auto: the family chosen and why (choose_architecture)
+    architectures: list[str] = field(default_factory=list)  # per member: its head family (models.MODELS)
 
 
 MEMBER_SEED_STEP = 100_003  # member m of a recipe trains from seed + m * this (member 0 from the seed itself)
@@ -283,71 +284,107 @@ def ensemble_recipes(options: TrainOptions, task: Task, n_bags: int) -> list[Rec
 def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOptions,
         device: torch.device) -> Fitted:
     """Train `options.ensemble` fresh heads from different seeds for each of the ensemble's
-    recipes (ensemble_recipes) and join them."""
+    recipes (ensemble_recipes) and join them. A mix of head families (`abmil+kme`) trains each
+    family's members (member_plan); --model auto first chooses one (choose_architecture)."""
     keep_freed_memory()
     train_bags = on_device(train_bags, device)
     task = task.fitted([b.target for b in train_bags])
-    choice = {}
-    if options.model.architecture == AUTO_ARCHITECTURE:
+    choice, name = {}, options.model.architecture
+    if name == AUTO_ARCHITECTURE:
         choice = choose_architecture(train_bags, task, options, device)
-        options = replace(options, model=replace(options.model, architecture=choice["chosen"]))
-    recipes = ensemble_recipes(options, task, len(train_bags))
-    config = ModelConfig(**{**asdict(options.model), "in_dim": int(train_bags[0].features.shape[1]),
-                            "n_classes": task.n_outputs, "task": task.name})
-    statistics = {scaling: feature_statistics(train_bags, scaling) for scaling in {s for _, s in recipes} - {"none"}}
-    if val_bags and MODELS[config.architecture].closed_form:
+        name = choice["chosen"]
+    families = name.split(FAMILY_JOIN)
+    plan = member_plan(options, task, len(train_bags), families)
+    config = ModelConfig(**{**asdict(options.model), "architecture": name,
+                            "in_dim": int(train_bags[0].features.shape[1]), "n_classes": task.n_outputs,
+                            "task": task.name})
+    scalings = {scaling for _, (_, scaling), _ in plan} - {"none"}
+    statistics = {scaling: feature_statistics(train_bags, scaling) for scaling in scalings}
+    if val_bags and all(MODELS[family].closed_form for family in families):
         warn(f"--model {config.architecture} is fitted in closed form, without early stopping: "
              f"the {len(val_bags)} validation bag(s) only get scored")
     members, histories, best_epochs, records = [], [], [], []
-    for m, (share, scaling) in enumerate(recipes):
-        seed = options.seed + (m % options.ensemble) * MEMBER_SEED_STEP
+    for architecture, (share, scaling), index in plan:
         clip = options.clip if scaling == "z" else float("inf")
         head, history, best_epoch, record = fit_head(
-            train_bags, val_bags, replace(config, instance_loss=share), task,
-            (*statistics[scaling], clip) if scaling in statistics else None, replace(options, seed=seed), device)
+            train_bags, val_bags, replace(config, architecture=architecture, instance_loss=share), task,
+            (*statistics[scaling], clip) if scaling in statistics else None,
+            replace(options, seed=options.seed + index * MEMBER_SEED_STEP), device)
         members.append(head)
         histories.append(history)
         best_epochs.append(best_epoch)
         records.append(record)
-    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs, recipes, task, records, choice)
+    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs, [recipe for _, recipe, _ in plan],
+                  task, records, choice, [architecture for architecture, _, _ in plan])
 
 
-AUTO_FAMILIES = ("abmil", "kme")  # --model auto: the default family, and the one it may switch to
+def member_plan(options: TrainOptions, task: Task, n_bags: int, families: list[str]) -> list[tuple[str, Recipe, int]]:
+    """(head family, recipe, seed index) of each member: each family's ensemble_recipes, member
+    m of a family training from seed index m % its heads per recipe. Mixed families weigh
+    equally in the ensemble's mean, so each trains as many heads as the one with most (kme,
+    one recipe, trains 2 x --ensemble heads beside abmil's two recipes)."""
+    recipes = {family: ensemble_recipes(with_family(options, family), task, n_bags) for family in families}
+    heads = max(len(r) for r in recipes.values())
+    plan = []
+    for family, family_recipes in recipes.items():
+        per_recipe = options.ensemble * heads // len(family_recipes)
+        if per_recipe != options.ensemble:
+            family_recipes = ensemble_recipes(replace(with_family(options, family), ensemble=per_recipe), task, n_bags)
+        plan += [(family, recipe, m % per_recipe) for m, recipe in enumerate(family_recipes)]
+    return plan
+
+
+def with_family(options: TrainOptions, family: str) -> TrainOptions:
+    return replace(options, model=replace(options.model, architecture=family))
+
+
+AUTO_FAMILIES = ("abmil", "kme")  # --model auto: abmil alone, or mixed with kme (AUTO_MIX)
+AUTO_MIX = FAMILY_JOIN.join(AUTO_FAMILIES)
 AUTO_FOLDS = 3
-AUTO_CONFIDENCE = 0.95  # share of bootstrap resamples of the inner predictions in which kme's AUC must lead
+AUTO_CONFIDENCE = 0.8  # share of bootstrap resamples of the inner predictions in which the mix's AUC must lead
 
 
 def choose_architecture(train_bags: list[Bag], task: Task, options: TrainOptions, device: torch.device) -> dict:
-    """--model auto: abmil, unless kme's out-of-fold AUC over an inner AUTO_FOLDS-fold
-    cross-validation of the training bags (one head per recipe each, so the estimate costs
-    about 40 % of abmil's ensemble) leads abmil's in at least AUTO_CONFIDENCE of bootstrap
-    resamples of those bags. Why: kme beat abmil's ensemble on descriptor bags (musk1, musk2,
-    elephant) and lost by 0.1-0.4 AUC wherever a few patches carry the label (README); on a
-    few dozen bags a plain comparison also picked kme on a near-chance row, so it must lead
-    beyond the noise. Classification on up to RECIPE_ENSEMBLE_MAX_BAGS bags with AUTO_FOLDS
-    patients of each class; otherwise abmil. Returns {"chosen": name, "inner_auc": {name:
-    AUC}, "confidence": share} or {"chosen": "abmil", "reason": ...}."""
+    """--model auto: abmil, unless the abmil+kme mix's out-of-fold AUC over an inner
+    AUTO_FOLDS-fold cross-validation of the training bags (one head per recipe each, so the
+    estimate costs about 40 % of abmil's ensemble) leads abmil's in at least AUTO_CONFIDENCE
+    of bootstrap resamples of those bags. Why: kme beat abmil's ensemble on descriptor bags
+    (musk1, musk2, elephant) and lost by 0.1-0.4 AUC wherever a few patches carry the label;
+    the half-and-half mix kept most of kme's gain there and, chosen by this gate, cost nothing
+    elsewhere, while choosing kme alone between close families swung by fold (README).
+    Classification on up to RECIPE_ENSEMBLE_MAX_BAGS bags with AUTO_FOLDS patients of each
+    class; otherwise abmil. Returns {"chosen": name, "inner_auc": {name: AUC},
+    "confidence": share} or {"chosen": "abmil", "reason": ...}."""
     targets = [b.target for b in train_bags]
+    default = AUTO_FAMILIES[0]
     if task.name != "classification":
-        return {"chosen": AUTO_FAMILIES[0], "reason": f"kme does not learn {task.name}"}
+        return {"chosen": default, "reason": f"kme does not learn {task.name}"}
     if len(train_bags) > RECIPE_ENSEMBLE_MAX_BAGS:
-        return {"chosen": AUTO_FAMILIES[0], "reason": f"more than {RECIPE_ENSEMBLE_MAX_BAGS} training bags"}
+        return {"chosen": default, "reason": f"more than {RECIPE_ENSEMBLE_MAX_BAGS} training bags"}
     if min(len({b.group for b in train_bags if b.target == c}) for c in range(task.n_outputs)) < AUTO_FOLDS:
-        return {"chosen": AUTO_FAMILIES[0], "reason": f"a class has fewer than {AUTO_FOLDS} patients"}
+        return {"chosen": default, "reason": f"a class has fewer than {AUTO_FOLDS} patients"}
+    predictions = inner_predictions(train_bags, task, options, device, AUTO_FAMILIES)
+    predictions[AUTO_MIX] = sum(predictions.values()) / len(AUTO_FAMILIES)  # as the mixed ensemble averages
+    confidence = auc_lead_confidence(np.array(targets), predictions[AUTO_MIX], predictions[default], options.seed)
+    return {"chosen": AUTO_MIX if confidence >= AUTO_CONFIDENCE else default,
+            "inner_auc": {name: task.metrics(targets, p)["auc"] for name, p in predictions.items()},
+            "confidence": confidence}
+
+
+def inner_predictions(train_bags: list[Bag], task: Task, options: TrainOptions, device: torch.device,
+                      families: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Each family's out-of-fold class probabilities (bags, classes) over an inner
+    AUTO_FOLDS-fold cross-validation of `train_bags`, one head per recipe."""
     folds = group_folds(train_bags, AUTO_FOLDS, options.seed, task)
     predictions = {}
-    for family in AUTO_FAMILIES:
-        family_options = replace(options, ensemble=1, model=replace(options.model, architecture=family))
+    for family in families:
+        family_options = replace(with_family(options, family), ensemble=1)
         predictions[family] = np.zeros((len(train_bags), task.n_outputs))
         for inner_train, inner_test in folds:
             fitted = fit([train_bags[i] for i in inner_train], [], task, family_options, device)
             predictions[family][inner_test] = evaluate(fitted.model, [train_bags[i] for i in inner_test], device,
                                                        fitted.task)[1]
-    default, other = AUTO_FAMILIES
-    confidence = auc_lead_confidence(np.array(targets), predictions[other], predictions[default], options.seed)
-    return {"chosen": other if confidence >= AUTO_CONFIDENCE else default,
-            "inner_auc": {family: task.metrics(targets, p)["auc"] for family, p in predictions.items()},
-            "confidence": confidence}
+    return predictions
 
 
 def group_folds(bags: list[Bag], folds: int, seed: int, task: Task) -> list[tuple[list[int], list[int]]]:
@@ -500,7 +537,7 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
             "backbone": data.backbone,
             "feature_dim": fitted.config.in_dim,
             "training": {k: v for k, v in asdict(options).items() if k != "model"},
-            "recipes": [list(recipe) for recipe in fitted.recipes],
+            "recipes": [[*recipe, architecture] for recipe, architecture in zip(fitted.recipes, fitted.architectures)],
             "metrics": metrics,
             "history": fitted.histories,
             "members": fitted.records,
@@ -516,18 +553,20 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
 def build_ensemble(config: dict) -> SeedEnsemble:
     """The untrained heads a model file's config describes, for its state_dict to load into
     (their standardisation is in the state_dict; format 2 files record no recipes: every
-    member has the model's share)."""
+    member has the model's share; before format 5 every member is the model's architecture)."""
     model = config["model"]
-    shares = ([share for share, _ in config["recipes"]] if "recipes" in config
-              else [model["instance_loss"]] * int(config["ensemble"]))
-    return SeedEnsemble([build_model(ModelConfig(**{**model, "instance_loss": share})) for share in shares])
+    recipes = config.get("recipes") or [[model["instance_loss"]]] * int(config["ensemble"])
+    return SeedEnsemble([build_model(ModelConfig(**{**model, "instance_loss": recipe[0],
+                                                    "architecture": (recipe[2:] or [model["architecture"]])[0]}))
+                         for recipe in recipes])
 
 
 def epochs_summary(fitted: Fitted) -> dict:
     """The epochs each member ran and kept, and its recipe, for metrics.json and the tables."""
     summary = {"architecture": fitted.config.architecture, "ensemble": len(fitted.best_epochs),
                "best_epochs": fitted.best_epochs, "epochs_run": [len(h) for h in fitted.histories],
-               "recipes": [recipe_name(r) for r in fitted.recipes]}
+               "recipes": [f"{family} {recipe_name(r)}" if FAMILY_JOIN in fitted.config.architecture else recipe_name(r)
+                           for r, family in zip(fitted.recipes, fitted.architectures)]}
     return summary | ({"architecture_choice": fitted.choice} if fitted.choice else {})
 
 

@@ -25,7 +25,8 @@ from mil_cli.models import MODELS, build_model, whole_bag
 from mil_cli.pipeline import _model_matches
 from mil_cli.metrics import classification_metrics
 from mil_cli.synthetic import digit_bags, write_digit_bags
-from mil_cli.training import Bag, choose_architecture, collate, evaluate, feature_statistics, fit, train
+from mil_cli.training import (AUTO_CONFIDENCE, Bag, choose_architecture, collate, evaluate, feature_statistics, fit,
+                              train)
 
 DIM = 16
 
@@ -250,23 +251,69 @@ def key_bags(n_bags: int, seed: int) -> list[Bag]:
     return bags
 
 
-@pytest.mark.parametrize("bags_of, expected", [(spread_bags, "kme"), (key_bags, "abmil")])
-def test_auto_chooses_the_family_that_can_see_the_signal_and_fits_it_as_itself(bags_of, expected: str) -> None:
+@pytest.mark.parametrize("bags_of, expected", [(spread_bags, "abmil+kme"), (key_bags, "abmil")])
+def test_auto_mixes_in_kme_where_it_sees_the_signal_and_fits_the_choice_as_itself(bags_of, expected: str) -> None:
     """How widely instances spread is what kme's embedding sees and abmil misses; a 1-3 in 8-15
     key instance the other way round. The inner cross-validation must tell (margins of 0.19 and
-    0.24 AUC measured), and the model it returns is exactly that family's fit."""
+    0.24 AUC measured), and the model it returns is exactly the chosen family's (or mix's) fit."""
     task, device = Classification(["0", "1"]), torch.device("cpu")
     train_bags, test_bags = bags_of(48, seed=0), bags_of(20, seed=1)
     options = TrainOptions(epochs=10, seed=0, ensemble=1, model=ModelConfig(architecture="auto"))
     fitted = fit(train_bags, [], task, options, device)
     choice = fitted.choice
     assert choice["chosen"] == expected == fitted.config.architecture
-    loser = "abmil" if expected == "kme" else "kme"
-    assert choice["inner_auc"][expected] >= choice["inner_auc"][loser] + 0.1, choice
+    inner = choice["inner_auc"]
+    winner, loser = ("kme", "abmil") if expected == "abmil+kme" else ("abmil", "kme")
+    assert inner[winner] >= inner[loser] + 0.1, choice
+    assert (choice["confidence"] >= AUTO_CONFIDENCE) is (expected == "abmil+kme"), choice
     direct = fit(train_bags, [], task, replace(options, model=ModelConfig(architecture=expected)), device)
     assert direct.choice == {}
     assert np.array_equal(evaluate(fitted.model, test_bags, device, task)[1],
                           evaluate(direct.model, test_bags, device, task)[1])
+
+
+def test_a_mix_of_families_weighs_each_half_and_its_model_file_rebuilds_every_member(tmp_path: Path) -> None:
+    """--model abmil+kme: abmil's recipe ensemble and as many kme heads (from seeds of their
+    own), each family half of the mean; the model file names each member's family and
+    predict rebuilds the very ensemble."""
+    from mil_cli import training
+    from mil_cli.inference import load_model
+
+    task, device = Classification(["0", "1"]), torch.device("cpu")
+    train_bags, test_bags = spread_bags(24, seed=0), spread_bags(10, seed=1)
+    options = TrainOptions(epochs=2, seed=3, ensemble=1)
+    mixed = fit(train_bags, [], task, replace(options, model=ModelConfig(architecture="abmil+kme")), device)
+    assert mixed.architectures == ["abmil", "abmil", "kme", "kme"]
+    abmil = fit(train_bags, [], task, options, device)
+    kme = fit(train_bags, [], task, replace(options, ensemble=2, model=ModelConfig(architecture="kme")), device)
+    halves = [evaluate(f.model, test_bags, device, task)[1] for f in (abmil, kme)]
+    assert np.allclose(evaluate(mixed.model, test_bags, device, task)[1], np.mean(halves, axis=0), atol=1e-6)
+    kme_heads = [m.classifier.weight for m in mixed.model.members[2:]]
+    assert not torch.equal(*kme_heads)  # two seeds, not one head twice
+
+    feats, labels = synthetic_store(tmp_path, n_bags=16)
+    result = train(feats, labels, replace(options, model=ModelConfig(architecture="abmil+kme")), device)
+    config = result.checkpoint["config"]
+    assert config["model"]["architecture"] == result.metrics["architecture"] == "abmil+kme"
+    assert config["recipes"] == [[0.5, "z", "abmil"], [0.0, "none", "abmil"], [0.5, "z", "kme"], [0.5, "z", "kme"]]
+    assert result.metrics["recipes"] == ["abmil 0.5 z", "abmil 0.0 none", "kme 0.5 z", "kme 0.5 z"]
+    path = tmp_path / "model.pt"
+    training.save_checkpoint(result.checkpoint, path)
+    loaded = load_model(path, device)
+    assert [type(m).__name__ for m in loaded.module.members] == ["AttentionMIL"] * 2 + ["KernelMeanMIL"] * 2
+    x = torch.from_numpy(stores.FeatureSource(feats).load("bag_003").features)
+    with torch.inference_mode():
+        assert torch.allclose(loaded.module.bag(x)[0], result.model.bag(x)[0])
+
+
+@pytest.mark.parametrize("name, says", [("abmil+foo", "or heads joined by +"), ("kme+kme", "a head named twice")])
+def test_a_mix_that_names_no_heads_is_refused(name: str, says: str) -> None:
+    from mil_cli.models import check_architecture
+
+    with pytest.raises(MilcliError, match=says):
+        check_architecture(name)
+    with pytest.raises(MilcliError, match="--model kme predicts classes only"):
+        check_architecture("abmil+kme", "regression")
 
 
 def test_auc_lead_confidence_is_paired_and_one_sided() -> None:
@@ -304,9 +351,9 @@ def test_auto_says_what_it_chose_in_the_table_and_metrics(tmp_path: Path) -> Non
     assert trained.exit_code == 0, trained.stderr
     metrics = json.loads(trained.stdout.splitlines()[-1])["metrics"]
     assert metrics["architecture_choice"]["chosen"] == metrics["architecture"]
-    assert set(metrics["architecture_choice"]["inner_auc"]) == {"abmil", "kme"}
+    assert set(metrics["architecture_choice"]["inner_auc"]) == {"abmil", "kme", "abmil+kme"}
     said = " ".join(trained.stderr.split())
-    assert f"{metrics['architecture']} chosen (inner CV AUC abmil" in said and "; kme ahead in" in said
+    assert f"{metrics['architecture']} chosen (inner CV AUC abmil" in said and "; abmil+kme ahead in" in said
     auto = TrainOptions(epochs=3, ensemble=1, model=ModelConfig(architecture="auto"))
     assert _model_matches(tmp_path / "m.pt", auto)  # `run` keeps it on a rerun though the file names the head chosen
     assert not _model_matches(tmp_path / "m.pt", replace(auto, epochs=4))
@@ -413,20 +460,22 @@ def test_a_model_file_of_another_format_is_refused_in_one_line(tmp_path: Path) -
     assert result.exit_code == 2 and "model format 1" in result.stderr and "train it again" in result.stderr
 
 
-def test_format_2_and_3_model_files_still_load(tmp_path: Path) -> None:
+def test_format_2_3_and_4_model_files_still_load(tmp_path: Path) -> None:
     """Files from before the recipe ensemble (format 2: no `recipes`, every head with the
-    share the file records) and from before named scalings (format 3: recipes as [share,
-    standardised]) load and predict as they did."""
+    share the file records), from before named scalings (format 3: recipes as [share,
+    standardised]) and from before mixed families (format 4: [share, scaling]) load and
+    predict as they did."""
     from mil_cli.inference import load_model
 
     feats, labels = synthetic_store(tmp_path, n_bags=12)
     result = train(feats, labels, TrainOptions(epochs=2, ensemble=2, model=ModelConfig(instance_loss=0.0)),
                    torch.device("cpu"))
-    assert result.checkpoint["config"]["recipes"] == [[0.0, "z"]] * 2
+    assert result.checkpoint["config"]["recipes"] == [[0.0, "z", "abmil"]] * 2
     format_2 = {k: v for k, v in result.checkpoint["config"].items() if k != "recipes"}
     format_3 = {**result.checkpoint["config"], "recipes": [[0.0, True]] * 2}
+    format_4 = {**result.checkpoint["config"], "recipes": [[0.0, "z"]] * 2}
     x = torch.from_numpy(stores.FeatureSource(feats).load("bag_001").features)
-    for version, config in ((2, format_2), (3, format_3)):
+    for version, config in ((2, format_2), (3, format_3), (4, format_4)):
         path = tmp_path / f"format{version}.pt"
         torch.save({**result.checkpoint, "format_version": version, "config": config}, path)
         loaded = load_model(path, torch.device("cpu"))
@@ -492,10 +541,10 @@ def test_left_to_milcli_every_recipe_trains_and_the_model_file_rebuilds_each_mem
     abmil = ModelConfig(architecture="abmil")
     result = train(feats, labels, TrainOptions(epochs=2, ensemble=2, model=abmil), torch.device("cpu"))
     recipes = result.checkpoint["config"]["recipes"]
-    assert recipes == [[0.5, "z"]] * 2 + [[0.0, "none"]] * 2
+    assert recipes == [[0.5, "z", "abmil"]] * 2 + [[0.0, "none", "abmil"]] * 2
     assert result.metrics["recipes"] == ["0.5 z"] * 2 + ["0.0 none"] * 2
     state = result.checkpoint["state_dict"]
-    for m, (share, scaling) in enumerate(recipes):
+    for m, (share, scaling, _) in enumerate(recipes):
         assert result.model.members[m].config.instance_loss == share
         std = state[f"members.{m}.feature_std"]
         assert bool((std == 1).all()) is (scaling == "none")  # synthetic sd is never 1
@@ -503,7 +552,7 @@ def test_left_to_milcli_every_recipe_trains_and_the_model_file_rebuilds_each_mem
     path = tmp_path / "model.pt"
     training.save_checkpoint(result.checkpoint, path)
     loaded = load_model(path, torch.device("cpu"))
-    assert [m.config.instance_loss for m in loaded.module.members] == [share for share, _ in recipes]
+    assert [m.config.instance_loss for m in loaded.module.members] == [share for share, _, _ in recipes]
     with torch.inference_mode():
         x = torch.from_numpy(stores.FeatureSource(feats).load("bag_003").features)
         assert torch.allclose(loaded.module.bag(x)[0], result.model.bag(x)[0])
