@@ -82,12 +82,15 @@ def rules(fold: dict, seed: int) -> dict[str, tuple[list[float], str]]:
            "auto (kme at 0.95)": (kme, "kme") if kme_lead >= 0.95 else (abmil, "abmil")}
     for gate in GATES:
         out[f"mix at {gate}"] = (mix, "mix") if mix_lead >= gate else (abmil, "abmil")
+    inner = {"abmil": inner_abmil, "mix": (inner_abmil + inner_kme) / 2, "kme": inner_kme}
+    best = max(inner, key=lambda name: roc_auc_score(y, inner[name][:, 1]))
+    out["best inner AUC"] = ({"abmil": abmil, "mix": mix, "kme": kme}[best], best)
     return out
 
 
 def table(rows: list[str], results: Path) -> None:
     print("| row (repeats) | " + " | ".join(["abmil", "kme", "mix", "auto (kme at 0.95)",
-                                             *(f"mix at {g}" for g in GATES)]) + " |")
+                                             *(f"mix at {g}" for g in GATES), "best inner AUC"]) + " |")
     for name in rows:
         files = sorted(results.glob(f"{name}-repeat*.json"))
         if not files:
@@ -110,7 +113,7 @@ def table(rows: list[str], results: Path) -> None:
         cells = []
         for rule, s in scores.items():
             auc, acc = np.mean(s, 0)
-            mixed = taken[rule].count("mix") + taken[rule].count("kme") if rule.startswith(("mix at", "auto")) else 0
+            mixed = taken[rule].count("mix") + taken[rule].count("kme") if rule.startswith(("mix at", "auto", "best")) else 0
             cells.append(f"{auc:.3f} / {acc:.3f}" + (f" ({mixed}/{len(taken[rule])})" if mixed else ""))
         print(f"| {name} ({len(files)}) | " + " | ".join(cells) + " |")
 

@@ -331,6 +331,23 @@ def test_auc_lead_confidence_is_paired_and_one_sided() -> None:
     assert 0.05 < auc_lead_confidence(targets, as_probs(blurred), unrelated, resamples=200) < 0.95
 
 
+def test_auc_lead_confidence_counts_what_roc_auc_score_counts_on_each_resample() -> None:
+    """All resamples' AUCs at once (mid-ranks) are scikit-learn's, resample by resample."""
+    from mil_cli.metrics import auc_lead_confidence
+
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, 2, 40)
+    first, second = rng.random(40), rng.random(40) + 0.3 * targets  # continuous: no exact ties
+    as_probs = lambda score: np.stack([1 - score, score], axis=1)  # noqa: E731
+    draw = np.random.default_rng(7)
+    strata = [np.flatnonzero(targets == c) for c in (0, 1)]
+    wins = 0
+    for _ in range(300):
+        rows = np.concatenate([draw.choice(members, len(members)) for members in strata])
+        wins += roc_auc_score(targets[rows], first[rows]) > roc_auc_score(targets[rows], second[rows])
+    assert auc_lead_confidence(targets, as_probs(first), as_probs(second), seed=7, resamples=300) == wins / 300
+
+
 def test_auto_keeps_abmil_where_kme_cannot_be_weighed() -> None:
     """Regression (kme classifies only) and a class with fewer patients than inner folds: abmil,
     with the reason recorded."""
