@@ -171,7 +171,7 @@ Slides = Annotated[list[Path], typer.Argument(metavar="SLIDES", help="Slide file
 TRAIN_DEFAULTS = TrainOptions()
 MODEL_DEFAULTS = ModelConfig()
 QC_DEFAULTS = QCThresholds()
-ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, transformer-abmil, mean, max, noisy-and, clam-sb, clam-mb, dsmil, transmil, protomil or kme; heads joined by + (abmil+kme) train each family's heads, each family weighing half of the mean; auto: abmil, or abmil+kme where that mix's AUC in a 3-fold cross-validation of the training slides (one head per recipe) leads abmil's in 80 % of bootstrap resamples (classification on up to 300 slides; else abmil). The choice and its AUCs go to metrics.json.")]
+ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, transformer-abmil, mean, max, noisy-and, clam-sb, clam-mb, dsmil, transmil, protomil or kme; heads joined by + (abmil+kme) train each family's heads, each family weighing half of the mean. auto (the default): a 3-fold cross-validation of the training slides (one head per recipe of abmil and kme) takes kme where its AUC leads abmil's in 80 % of bootstrap resamples, else abmil+kme where that mix's does, else abmil; a challenger below 0.7 inner AUC is never taken (classification on up to 300 slides; else abmil). About 40 % more training time. The choice and its AUCs go to metrics.json.")]
 TaskName = Annotated[str, typer.Option("--task", help="classification (labels CSV column label: a class), regression (label: a number) or survival (columns time and event, 1 = event observed, 0 = censored).")]
 SurvivalLoss = Annotated[str, typer.Option(help="--task survival: cox (partial likelihood over batches of at least 32 slides, each holding events) or nll (discrete-time hazards in 4 intervals).")]
 Horizons = Annotated[Optional[str], typer.Option(help="--task survival: comma-separated times at which to measure the time-dependent AUC, in the labels' time unit (e.g. 12,36,60).", show_default="the quartiles of the event times")]
@@ -433,7 +433,7 @@ def train(
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Train a MIL head (gated attention by default; --model auto lets a 3-fold inner cross-validation mix in kme where that is better) on a feature store and a labels CSV.
+    """Train a MIL head on a feature store and a labels CSV: by default (--model auto) gated attention, or kme or the two mixed where a 3-fold inner cross-validation shows it better.
 
     The rule for small cohorts: every training slide trains (no inner validation split unless the labels' split column names 'val' slides or --val-fraction is set) for exactly --epochs epochs with a cosine learning-rate decay, and --ensemble heads from different seeds (per recipe, see --instance-loss) are averaged. Early stopping on 10-20 validation slides is noise and costs a fifth of the data; benchmarks/panel.py has the evidence.
     """

@@ -40,7 +40,8 @@ FAMILY_JOIN = "+"  # --model abmil+kme: an ensemble of both families' heads, eac
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str = "abmil"  # a head of models.MODELS, heads joined by FAMILY_JOIN (a mix), or AUTO_ARCHITECTURE
+    architecture: str = AUTO_ARCHITECTURE  # resolved by training.fit; or a head of models.MODELS, or heads joined
+                                           # by FAMILY_JOIN (a mix)
     in_dim: int = 1280
     n_classes: int = 2            # outputs: the classes, 1 for regression and Cox survival, hazard bins for nll
     task: str = "classification"  # what the outputs mean (tasks.py)

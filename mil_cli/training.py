@@ -27,7 +27,7 @@ from mil_cli.console import warn
 from mil_cli.devices import FLOAT16_MAX, keep_freed_memory, seed_everything, training_autocast
 from mil_cli.errors import InputError
 from mil_cli.labels import LabelTable, check_cohort, check_patients, read_labels
-from mil_cli.metrics import auc_lead_confidence
+from mil_cli.metrics import auc, auc_lead_confidence
 from mil_cli.config import AUTO_ARCHITECTURE, DEFAULT_INSTANCE_LOSS, FAMILY_JOIN, ModelConfig, TrainOptions
 from mil_cli.models import MODELS, MILHead, SeedEnsemble, build_model, check_architecture
 from mil_cli.stores import FeatureSource
@@ -338,24 +338,28 @@ def with_family(options: TrainOptions, family: str) -> TrainOptions:
     return replace(options, model=replace(options.model, architecture=family))
 
 
-AUTO_FAMILIES = ("abmil", "kme")  # --model auto: abmil alone, or mixed with kme (AUTO_MIX)
+AUTO_FAMILIES = ("abmil", "kme")  # --model auto: abmil, kme, or the two mixed (AUTO_MIX)
 AUTO_MIX = FAMILY_JOIN.join(AUTO_FAMILIES)
 AUTO_FOLDS = 3
-AUTO_CONFIDENCE = 0.8  # share of bootstrap resamples of the inner predictions in which the mix's AUC must lead
+AUTO_CHALLENGERS = ("kme", AUTO_MIX)  # in the order auto weighs them against abmil
+AUTO_CONFIDENCE = 0.8  # share of bootstrap resamples of the inner predictions in which a challenger's AUC must lead
+AUTO_MIN_AUC = 0.7  # ... and the inner AUC it must reach: below it no family learns enough to choose by
 
 
 def choose_architecture(train_bags: list[Bag], task: Task, options: TrainOptions, device: torch.device) -> dict:
-    """--model auto: abmil, unless the abmil+kme mix's out-of-fold AUC over an inner
-    AUTO_FOLDS-fold cross-validation of the training bags (one head per recipe each, so the
-    estimate costs about 40 % of abmil's ensemble) leads abmil's in at least AUTO_CONFIDENCE
-    of bootstrap resamples of those bags. Why: kme beat abmil's ensemble on descriptor bags
-    (musk1, musk2, elephant) and lost by 0.1-0.4 AUC wherever a few patches carry the label;
-    the half-and-half mix kept most of kme's gain there and, chosen by this gate, cost nothing
-    elsewhere, while choosing kme alone between close families swung by fold (README).
-    Classification on up to RECIPE_ENSEMBLE_MAX_BAGS bags with AUTO_FOLDS patients of each
-    class; otherwise abmil. Returns {"chosen": name, "inner_auc": {name: AUC},
-    "confidence": share} or {"chosen": "abmil", "reason": ...}."""
-    targets = [b.target for b in train_bags]
+    """--model auto: from an inner AUTO_FOLDS-fold cross-validation of the training bags (one
+    head per recipe of each family, so the estimate costs about 40 % of abmil's ensemble),
+    kme where its out-of-fold AUC leads abmil's in at least AUTO_CONFIDENCE of class-
+    stratified bootstrap resamples of those bags; else the abmil+kme mix (the two families'
+    mean probability) where its AUC does; else abmil. A challenger whose inner AUC is below
+    AUTO_MIN_AUC is never taken. Why: on descriptor bags (musk1, musk2, elephant) kme and the
+    mix beat abmil's ensemble, while wherever a few patches carry the label kme alone lost by
+    0.1-0.4 AUC; near chance (inner AUCs of 0.48-0.55) the bootstrap was sure of leads that
+    were noise (README, benchmarks/family_mix.py). Classification on up to
+    RECIPE_ENSEMBLE_MAX_BAGS bags with AUTO_FOLDS patients of each class; otherwise abmil.
+    Returns {"chosen": name, "inner_auc": {name: AUC}, "confidence": {name: share}} or
+    {"chosen": "abmil", "reason": ...}."""
+    targets = np.array([b.target for b in train_bags])
     default = AUTO_FAMILIES[0]
     if task.name != "classification":
         return {"chosen": default, "reason": f"kme does not learn {task.name}"}
@@ -363,12 +367,20 @@ def choose_architecture(train_bags: list[Bag], task: Task, options: TrainOptions
         return {"chosen": default, "reason": f"more than {RECIPE_ENSEMBLE_MAX_BAGS} training bags"}
     if min(len({b.group for b in train_bags if b.target == c}) for c in range(task.n_outputs)) < AUTO_FOLDS:
         return {"chosen": default, "reason": f"a class has fewer than {AUTO_FOLDS} patients"}
-    predictions = inner_predictions(train_bags, task, options, device, AUTO_FAMILIES)
-    predictions[AUTO_MIX] = sum(predictions.values()) / len(AUTO_FAMILIES)  # as the mixed ensemble averages
-    confidence = auc_lead_confidence(np.array(targets), predictions[AUTO_MIX], predictions[default], options.seed)
-    return {"chosen": AUTO_MIX if confidence >= AUTO_CONFIDENCE else default,
-            "inner_auc": {name: task.metrics(targets, p)["auc"] for name, p in predictions.items()},
-            "confidence": confidence}
+    return choose_from_inner(targets, inner_predictions(train_bags, task, options, device, AUTO_FAMILIES),
+                             options.seed)
+
+
+def choose_from_inner(targets: np.ndarray, predictions: dict[str, np.ndarray], seed: int) -> dict:
+    """choose_architecture's rule on each family's inner out-of-fold probabilities."""
+    default = AUTO_FAMILIES[0]
+    predictions = {**predictions, AUTO_MIX: sum(predictions.values()) / len(predictions)}  # as the mix averages
+    aucs = {name: auc(targets, p) for name, p in predictions.items()}
+    confidence = {name: auc_lead_confidence(targets, predictions[name], predictions[default], seed)
+                  for name in AUTO_CHALLENGERS}
+    chosen = next((name for name in AUTO_CHALLENGERS
+                   if confidence[name] >= AUTO_CONFIDENCE and aucs[name] >= AUTO_MIN_AUC), default)
+    return {"chosen": chosen, "inner_auc": aucs, "confidence": confidence}
 
 
 def inner_predictions(train_bags: list[Bag], task: Task, options: TrainOptions, device: torch.device,
