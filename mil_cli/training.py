@@ -294,7 +294,9 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
         choice = choose_architecture(train_bags, task, options, device)
         name = choice["chosen"]
     families = name.split(FAMILY_JOIN)
-    plan = member_plan(options, task, len(train_bags), families)
+    # auto's kme trains as many heads alone as in the mix (abmil's count), as the rule was measured
+    sized_as = families + [f for f in AUTO_FAMILIES if f not in families] if "inner_auc" in choice else families
+    plan = member_plan(options, task, len(train_bags), families, sized_as)
     config = ModelConfig(**{**asdict(options.model), "architecture": name,
                             "in_dim": int(train_bags[0].features.shape[1]), "n_classes": task.n_outputs,
                             "task": task.name})
@@ -318,15 +320,16 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
                   task, records, choice, [architecture for architecture, _, _ in plan])
 
 
-def member_plan(options: TrainOptions, task: Task, n_bags: int, families: list[str]) -> list[tuple[str, Recipe, int]]:
+def member_plan(options: TrainOptions, task: Task, n_bags: int, families: list[str],
+                sized_as: list[str]) -> list[tuple[str, Recipe, int]]:
     """(head family, recipe, seed index) of each member: each family's ensemble_recipes, member
-    m of a family training from seed index m % its heads per recipe. Mixed families weigh
-    equally in the ensemble's mean, so each trains as many heads as the one with most (kme,
-    one recipe, trains 2 x --ensemble heads beside abmil's two recipes)."""
-    recipes = {family: ensemble_recipes(with_family(options, family), task, n_bags) for family in families}
-    heads = max(len(r) for r in recipes.values())
+    m of a family training from seed index m % its heads per recipe. Each family trains as
+    many heads as the one of `sized_as` with most, so mixed families weigh equally in the
+    ensemble's mean (kme, one recipe, trains 2 x --ensemble heads beside abmil's two)."""
+    heads = max(len(ensemble_recipes(with_family(options, family), task, n_bags)) for family in sized_as)
     plan = []
-    for family, family_recipes in recipes.items():
+    for family in families:
+        family_recipes = ensemble_recipes(with_family(options, family), task, n_bags)
         per_recipe = options.ensemble * heads // len(family_recipes)
         if per_recipe != options.ensemble:
             family_recipes = ensemble_recipes(replace(with_family(options, family), ensemble=per_recipe), task, n_bags)
