@@ -275,8 +275,8 @@ def test_auto_chooses_the_family_that_can_see_the_signal_and_fits_it_as_itself(b
 
 
 def test_auto_takes_kme_when_surely_better_the_mix_when_it_leads_else_abmil() -> None:
-    """The rule on inner predictions: kme alone needs a lead over abmil in 80 % of resamples;
-    the mix, a lead in half of them; errors of two families that differ make their mean rank
+    """The rule on inner predictions: kme alone needs a lead over abmil in 95 % of resamples;
+    the mix, in 80 %; errors of two families that differ make their mean rank
     better than either (here each family sees one half of the bags' signal)."""
     rng = np.random.default_rng(0)
     targets = np.array([0, 1] * 40)
@@ -291,7 +291,7 @@ def test_auto_takes_kme_when_surely_better_the_mix_when_it_leads_else_abmil() ->
     choice = choose_from_inner(targets, {"abmil": as_probs(abmil), "kme": as_probs(kme)}, 0)
     assert choice["chosen"] == "abmil+kme", choice
     assert choice["inner_auc"]["abmil+kme"] > max(choice["inner_auc"]["abmil"], choice["inner_auc"]["kme"]) + 0.1
-    assert choice["confidence"]["kme"] < 0.8 <= choice["confidence"]["abmil+kme"]
+    assert choice["confidence"]["kme"] < 0.95 and choice["confidence"]["abmil+kme"] >= 0.8
 
 
 def test_a_mix_of_families_weighs_each_half_and_its_model_file_rebuilds_every_member(tmp_path: Path) -> None:
