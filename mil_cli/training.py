@@ -355,12 +355,12 @@ def choose_architecture(train_bags: list[Bag], task: Task, options: TrainOptions
     head per recipe of each family, so the estimate costs about 40 % of abmil's ensemble),
     kme where its out-of-fold AUC leads abmil's in at least 95 % of class-stratified
     bootstrap resamples of those bags; else the abmil+kme mix (the two families' mean
-    probability) where its AUC does in at least 80 %; else abmil (AUTO_CONFIDENCE). A challenger whose inner AUC is below
-    AUTO_MIN_AUC is never taken. Why: on descriptor bags (musk1, musk2, elephant) kme and the
-    mix beat abmil's ensemble, while wherever a few patches carry the label kme alone lost by
-    0.1-0.4 AUC, and kme taken at 80 % cost ucsb-breast 0.03 accuracy; near chance (inner
-    AUCs of 0.48-0.55) the bootstrap was sure of leads that were noise (README,
-    benchmarks/family_mix.py). Classification on up to
+    probability) where its AUC does in at least 80 %; else abmil (AUTO_CONFIDENCE). A
+    challenger whose inner AUC is below AUTO_MIN_AUC is never taken. Why: on descriptor bags
+    (musk1, musk2, elephant) kme and the mix beat abmil's ensemble, while wherever a few
+    patches carry the label kme alone lost by 0.1-0.4 AUC, and kme taken at 80 % cost
+    ucsb-breast 0.03 accuracy; near chance (inner AUCs of 0.48-0.55) the bootstrap was sure
+    of leads that were noise (README, benchmarks/family_mix.py). Classification on up to
     RECIPE_ENSEMBLE_MAX_BAGS bags with AUTO_FOLDS patients of each class; otherwise abmil.
     Returns {"chosen": name, "inner_auc": {name: AUC}, "confidence": {name: share}} or
     {"chosen": "abmil", "reason": ...}."""
