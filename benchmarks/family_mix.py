@@ -23,7 +23,6 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 
 from mil_cli.config import TrainOptions
 from mil_cli.console import set_quiet
-from mil_cli.metrics import auc_lead_confidence
 from mil_cli.training import AUTO_MIX, choose_from_inner, evaluate, fit, inner_predictions
 
 from panel import BINARY, DEVICE, ROWS, as_bags, fold_seed  # type: ignore[import-not-found]
@@ -82,10 +81,10 @@ def choices(fold: dict, seed: int) -> dict[str, str]:
     y = np.array(fold["inner y"])
     inner = {"abmil": two_columns(fold["inner abmil"]), "kme": two_columns(fold["inner kme"])}
     inner["mix"] = (inner["abmil"] + inner["kme"]) / 2
-    kme_lead = auc_lead_confidence(y, inner["kme"], inner["abmil"], seed)
-    mix_lead = auc_lead_confidence(y, inner["mix"], inner["abmil"], seed)
-    shipped = choose_from_inner(y, {"abmil": inner["abmil"], "kme": inner["kme"]}, seed)["chosen"]
-    taken = {"abmil": "abmil", "kme": "kme", "mix": "mix", "auto": "mix" if shipped == AUTO_MIX else shipped,
+    shipped = choose_from_inner(y, {"abmil": inner["abmil"], "kme": inner["kme"]}, seed)
+    kme_lead, mix_lead = shipped["confidence"]["kme"], shipped["confidence"][AUTO_MIX]  # leads over abmil
+    chosen = shipped["chosen"]
+    taken = {"abmil": "abmil", "kme": "kme", "mix": "mix", "auto": "mix" if chosen == AUTO_MIX else chosen,
              "kme at 0.95 (old auto)": "kme" if kme_lead >= 0.95 else "abmil"}
     for gate in GATES:
         taken[f"mix at {gate}"] = "mix" if mix_lead >= gate else "abmil"

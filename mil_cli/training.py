@@ -324,12 +324,13 @@ def member_plan(options: TrainOptions, task: Task, n_bags: int, families: list[s
                 sized_as: list[str]) -> list[tuple[str, Recipe, int]]:
     """(head family, recipe, seed index) of each member: each family's ensemble_recipes, member
     m of a family training from seed index m % its heads per recipe. Each family trains as
-    many heads as the one of `sized_as` with most, so mixed families weigh equally in the
+    many heads as the one of `sized_as` (which holds `families`) with most, so mixed families weigh equally in the
     ensemble's mean (kme, one recipe, trains 2 x --ensemble heads beside abmil's two)."""
-    heads = max(len(ensemble_recipes(with_family(options, family), task, n_bags)) for family in sized_as)
+    recipes = {family: ensemble_recipes(with_family(options, family), task, n_bags) for family in sized_as}
+    heads = max(len(r) for r in recipes.values())
     plan = []
     for family in families:
-        family_recipes = ensemble_recipes(with_family(options, family), task, n_bags)
+        family_recipes = recipes[family]
         per_recipe = options.ensemble * heads // len(family_recipes)
         if per_recipe != options.ensemble:
             family_recipes = ensemble_recipes(replace(with_family(options, family), ensemble=per_recipe), task, n_bags)
