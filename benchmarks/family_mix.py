@@ -23,12 +23,13 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 
 from mil_cli.config import TrainOptions
 from mil_cli.console import set_quiet
-from mil_cli.training import AUTO_MIX, choose_from_inner, evaluate, fit, inner_predictions
+from mil_cli.metrics import auc_lead_confidence
+from mil_cli.training import AUTO_MIN_AUC, choose_from_inner, evaluate, fit, inner_predictions
 
 from panel import BINARY, DEVICE, ROWS, as_bags, fold_seed  # type: ignore[import-not-found]
 
 FAMILIES = ("abmil", "kme")
-GATES = (0.5, 0.8, 0.95)  # confidence that the mix's (or kme's) inner AUC leads abmil's, above which it is taken
+GATES = (0.5, 0.8)  # confidence that the mix's inner AUC leads abmil's, above which a rejected rule takes it
 
 
 def family_options(options: TrainOptions, family: str, seed: int) -> TrainOptions:
@@ -76,36 +77,37 @@ def two_columns(p: list[float]) -> np.ndarray:
     return np.stack([1 - p, p], 1)
 
 
-def choices(fold: dict, seed: int) -> dict[str, str]:
-    """The family ("abmil", "kme" or "mix") each rule takes on a fold, from its inner predictions."""
+def choices(fold: dict, seed: int) -> dict[str, float]:
+    """The weight of kme (0: abmil alone, 1: kme alone, else a blend) each rule takes on a fold,
+    from its inner predictions: the shipped auto (choose_from_inner), and earlier or rejected
+    rules gating kme or the 50/50 mix on the bootstrap confidence that its inner AUC leads abmil's."""
     y = np.array(fold["inner y"])
     inner = {"abmil": two_columns(fold["inner abmil"]), "kme": two_columns(fold["inner kme"])}
-    inner["mix"] = (inner["abmil"] + inner["kme"]) / 2
-    shipped = choose_from_inner(y, {"abmil": inner["abmil"], "kme": inner["kme"]}, seed)
-    kme_lead, mix_lead = shipped["confidence"]["kme"], shipped["confidence"][AUTO_MIX]  # leads over abmil
-    chosen = shipped["chosen"]
-    taken = {"abmil": "abmil", "kme": "kme", "mix": "mix", "auto": "mix" if chosen == AUTO_MIX else chosen,
-             "kme at 0.95 (old auto)": "kme" if kme_lead >= 0.95 else "abmil"}
-    for gate in GATES:
-        taken[f"mix at {gate}"] = "mix" if mix_lead >= gate else "abmil"
-    taken["best inner AUC"] = max(inner, key=lambda name: roc_auc_score(y, inner[name][:, 1]))
-    for kme_gate in GATES[1:]:
-        for mix_gate in GATES[:2]:
-            taken[f"kme at {kme_gate}, else mix at {mix_gate}"] = ("kme" if kme_lead >= kme_gate else
-                                                                  "mix" if mix_lead >= mix_gate else "abmil")
+    mix = (inner["abmil"] + inner["kme"]) / 2
+    aucs = {0.0: roc_auc_score(y, inner["abmil"][:, 1]), 0.5: roc_auc_score(y, mix[:, 1]),
+            1.0: roc_auc_score(y, inner["kme"][:, 1])}
+    kme_lead = auc_lead_confidence(y, inner["kme"], inner["abmil"], seed) if aucs[1.0] >= AUTO_MIN_AUC else 0.0
+    mix_lead = auc_lead_confidence(y, mix, inner["abmil"], seed) if aucs[0.5] >= AUTO_MIN_AUC else 0.0
+    taken = {"abmil": 0.0, "kme": 1.0, "mix": 0.5, "auto": choose_from_inner(y, inner)["kme_weight"],
+             "kme at 0.95, else mix at 0.8 (auto before)": 1.0 if kme_lead >= 0.95 else 0.5 if mix_lead >= 0.8 else 0.0,
+             "kme at 0.95 (auto before that)": 1.0 if kme_lead >= 0.95 else 0.0,
+             "best inner AUC of the three": max(aucs, key=aucs.__getitem__)}
+    for gate in GATES[:2]:
+        taken[f"mix at {gate}"] = 0.5 if mix_lead >= gate else 0.0
     return taken
 
 
 def table(rows: list[str], results: Path) -> None:
     """Pooled AUC / accuracy of each rule, mean over the saved repeats, and how many folds took
-    another family than abmil; for repeats saved without outer fits, only those counts."""
+    kme alone or in a blend; for repeats saved without outer fits, only those counts."""
     header = False
     for name in rows:
-        files = sorted(results.glob(f"{name}-repeat*.json"))
+        files = [path for path in sorted(results.glob(f"{name}-repeat*.json"))  # an inner-only repeat run in full too
+                 if not (path.stem.endswith("-inner") and path.with_name(path.name.replace("-inner", "")).exists())]
         if not files:
             continue
         scores: dict[str, list[tuple[float, float]]] = {}
-        taken: dict[str, list[str]] = {}
+        taken: dict[str, list[float]] = {}
         for path in files:
             repeat = int(path.stem.split("repeat", 1)[1].removesuffix("-inner"))
             folds = json.loads(path.read_text())["folds"]
@@ -113,22 +115,22 @@ def table(rows: list[str], results: Path) -> None:
             y: list[int] = []
             for f, fold in enumerate(folds):
                 y += fold["test y"]
-                for rule, family in choices(fold, fold_seed(repeat, f)).items():
-                    taken.setdefault(rule, []).append(family)
+                for rule, weight in choices(fold, fold_seed(repeat, f)).items():
+                    taken.setdefault(rule, []).append(weight)
                     if "test abmil" in fold:
-                        p = {"abmil": np.array(fold["test abmil"]), "kme": np.array(fold["test kme"])}
-                        p["mix"] = (p["abmil"] + p["kme"]) / 2
-                        pooled.setdefault(rule, []).extend(p[family])
+                        blend = (1 - weight) * np.array(fold["test abmil"]) + weight * np.array(fold["test kme"])
+                        pooled.setdefault(rule, []).extend(blend)
             for rule, p in pooled.items():
                 scores.setdefault(rule, []).append((roc_auc_score(y, p), accuracy_score(y, np.array(p) >= 0.5)))
         if not header:
             print("| row (repeats) | " + " | ".join(taken) + " |\n|" + " --- |" * (len(taken) + 1))
             header = True
         cells = []
-        for rule, families in taken.items():
-            other = len(families) - families.count("abmil")
+        for rule, weights in taken.items():
+            other = sum(w > 0 for w in weights)
             figure = "{:.3f} / {:.3f}".format(*np.mean(scores[rule], 0)) if rule in scores else "-"
-            cells.append(figure + (f" ({other}/{len(families)})" if other and rule not in (*FAMILIES, "mix") else ""))
+            counts = f" ({other}/{len(weights)}, kme {np.mean(weights):.2f})" if rule == "auto" else f" ({other}/{len(weights)})"
+            cells.append(figure + (counts if other and rule not in (*FAMILIES, "mix") else ""))
         print(f"| {name} ({len(files)}) | " + " | ".join(cells) + " |")
 
 

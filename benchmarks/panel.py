@@ -44,6 +44,7 @@ from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
 from mil_cli.console import set_quiet
+from mil_cli.metrics import choice_label
 from mil_cli.synthetic import LabelledBag, digit_bags, key_instance_bags
 from mil_cli.config import TrainOptions
 from mil_cli.tasks import Classification
@@ -291,11 +292,11 @@ def print_choices(row: Row, repeats: range, options: TrainOptions) -> None:
             bags = as_bags(train, "b")
             choice = choose_architecture(bags, BINARY.fitted([b.target for b in bags]),
                                          replace(options, seed=fold_seed(repeat, fold)), DEVICE)
-            chosen.append(choice["chosen"])
-            for family, auc in choice.get("inner_auc", {}).items():
-                inner.setdefault(family, []).append(auc)
+            chosen.append(choice_label(choice))
+            for weight, brier in choice.get("inner_brier", {}).items():
+                inner.setdefault(weight, []).append(brier)
             print(f"  {row.name} repeat {repeat} fold {fold}: {choice}", file=sys.stderr, flush=True)
-        aucs = ", ".join(f"{family} {np.mean(v):.3f}" for family, v in inner.items())
+        aucs = "inner Brier by kme weight: " + ", ".join(f"{w} {np.mean(v):.3f}" for w, v in inner.items())
         print(f"| {row.name} | {repeat} | " + ", ".join(f"{name} {chosen.count(name)}" for name in sorted(set(chosen)))
               + f" of {len(chosen)} | {aucs} |", flush=True)
 
@@ -329,7 +330,7 @@ def main() -> None:
     print(f"milcli options: {options}")
     repeats = range(args.first_repeat, args.first_repeat + args.repeats)
     if args.choices_only:
-        print("| row | repeat | folds choosing | mean inner AUC |\n| --- | --- | --- | --- |")
+        print("| row | repeat | folds choosing | mean inner Brier score |\n| --- | --- | --- | --- |")
         for name in args.rows or list(ROWS):
             print_choices(ROWS[name](args.cache), repeats, options)
         return

@@ -171,7 +171,7 @@ Slides = Annotated[list[Path], typer.Argument(metavar="SLIDES", help="Slide file
 TRAIN_DEFAULTS = TrainOptions()
 MODEL_DEFAULTS = ModelConfig()
 QC_DEFAULTS = QCThresholds()
-ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, transformer-abmil, mean, max, noisy-and, clam-sb, clam-mb, dsmil, transmil, protomil or kme; heads joined by + (abmil+kme) train each family's heads, each family weighing half of the mean. auto (the default): a 3-fold cross-validation of the training slides (one head per recipe of abmil and kme) takes kme where its AUC leads abmil's in 95 % of bootstrap resamples, else abmil+kme where that mix's does in 80 %, else abmil; a challenger below 0.7 inner AUC is never taken (classification on up to 300 slides; else abmil). About 40 % more training time. The choice and its AUCs go to metrics.json.")]
+ModelName = Annotated[str, typer.Option("--model", help="MIL head: abmil, abmil-plain, transformer-abmil, mean, max, noisy-and, clam-sb, clam-mb, dsmil, transmil, protomil or kme; heads joined by + (abmil+kme) train each family's heads, each family weighing half of the mean. auto (the default): a 3-fold cross-validation of the training slides (one head per recipe of abmil and kme) blends their out-of-fold probabilities with kme weighing 0, 0.25, 0.5, 0.75 or 1 and takes the blend with the lowest Brier score (0: abmil, 1: kme, else abmil+kme so weighted); a blend with kme below 0.7 inner AUC is never taken (classification on up to 300 slides; else abmil). About 40 % more training time. The choice, its Brier scores and AUCs go to metrics.json.")]
 TaskName = Annotated[str, typer.Option("--task", help="classification (labels CSV column label: a class), regression (label: a number) or survival (columns time and event, 1 = event observed, 0 = censored).")]
 SurvivalLoss = Annotated[str, typer.Option(help="--task survival: cox (partial likelihood over batches of at least 32 slides, each holding events) or nll (discrete-time hazards in 4 intervals).")]
 Horizons = Annotated[Optional[str], typer.Option(help="--task survival: comma-separated times at which to measure the time-dependent AUC, in the labels' time unit (e.g. 12,36,60).", show_default="the quartiles of the event times")]
@@ -379,8 +379,10 @@ def _metrics_table(metrics: dict, task: str) -> Table:
 
 
 def _cv_table(summary: dict) -> Table:
+    from mil_cli.metrics import choice_label
+
     keys = metric_keys(summary.get("task", "classification"))
-    chosen = [m["architecture_choice"]["chosen"] for m in summary["per_fold"] if "architecture_choice" in m]
+    chosen = [choice_label(m["architecture_choice"]) for m in summary["per_fold"] if "architecture_choice" in m]
     counts = ", ".join(f"{name} in {chosen.count(name)}" for name in sorted(set(chosen)))
     auto = f"; --model auto chose {counts} of {len(chosen)} folds" if chosen else ""
     table = Table(title=f"{summary['folds']}-fold cross-validation x {summary['repeats']} (held-out folds{auto})")

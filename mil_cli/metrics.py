@@ -106,14 +106,20 @@ def epochs_note(metrics: dict) -> str:
 
 
 def choice_note(choice: dict) -> str:
-    """'abmil+kme chosen (inner CV AUC abmil 0.910, kme 0.930, abmil+kme 0.950; ahead of abmil
-    in: kme 70%, abmil+kme 97% of resamples)' from training.choose_architecture's record."""
-    if "inner_auc" not in choice:
+    """'abmil+kme chosen, kme weighing 0.75 (inner CV by kme weight 0 / 0.25 / 0.5 / 0.75 / 1:
+    Brier 0.130 / ... , AUC 0.910 / ...)' from training.choose_architecture's record."""
+    if "kme_weight" not in choice:
         return f"{choice['chosen']} ({choice['reason']})"
-    aucs = ", ".join(f"{family} {auc:.3f}" for family, auc in choice["inner_auc"].items())
-    leads = ", ".join(f"{name} {share:.0%}" for name, share in choice["confidence"].items())
-    default = next(iter(choice["inner_auc"]))  # the default family comes first
-    return f"{choice['chosen']} chosen (inner CV AUC {aucs}; ahead of {default} in: {leads} of resamples)"
+    weights = " / ".join(choice["inner_brier"])
+    briers = " / ".join(f"{b:.3f}" for b in choice["inner_brier"].values())
+    aucs = " / ".join(f"{a:.3f}" for a in choice["inner_auc"].values())
+    return (f"{choice_label(choice)} chosen (inner CV by kme weight {weights}: Brier {briers}, AUC {aucs})")
+
+
+def choice_label(choice: dict) -> str:
+    """'abmil', 'kme', or 'abmil+kme (kme 0.75)': the head --model auto chose."""
+    mixed = 0 < choice.get("kme_weight", 0) < 1
+    return f"{choice['chosen']} (kme {choice['kme_weight']:g})" if mixed else choice["chosen"]
 
 
 def summarise(per_fold: list[dict], keys: tuple[str, ...] = SUMMARY_KEYS) -> dict:

@@ -771,31 +771,40 @@ MODELS: dict[str, type[MILHead]] = {
 
 class SeedEnsemble(nn.Module):
     """Heads trained on the same bags from different seeds (recipes, head families), answering
-    as one: class probabilities, attention and patch scores are the members' means (the logits
-    are the log of the mean probabilities; for other tasks the mean of the members' outputs).
-    On small cohorts a single head's result swings with its seed; the mean of a few does not."""
+    as one: class probabilities, attention and patch scores are the members' weighted means
+    (the logits are the log of the mean probabilities; for other tasks the mean of the members'
+    outputs). On small cohorts a single head's result swings with its seed; the mean of a few
+    does not. `weights` (equal when None) let a mix of families weigh each family as chosen."""
 
-    def __init__(self, members: list[MILHead]) -> None:
+    def __init__(self, members: list[MILHead], weights: list[float] | None = None) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.config = members[0].config
         self.additive = all(member.additive for member in members)  # a mix's patch scores add up if each's do
+        weights = torch.ones(len(members)) if weights is None else torch.tensor(weights, dtype=torch.float32)
+        # not in the state_dict: the model file records each member's weight beside its recipe
+        self.register_buffer("weights", weights / weights.sum(), persistent=False)
+
+    def mean(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The members' weighted mean of one output each (the first dimension of every output)."""
+        stacked = torch.stack(outputs)
+        return (self.weights.to(stacked.dtype).view(-1, *[1] * (stacked.dim() - 1)) * stacked).sum(0)
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> MILOutput:
         outs = [member(features, mask) for member in self.members]
-        attention = torch.stack([o.attention for o in outs]).mean(0)
+        attention = self.mean([o.attention for o in outs])
         if self.config.task != "classification":
-            return MILOutput(torch.stack([o.logits.float() for o in outs]).mean(0), attention, outs[0].embeddings)
-        probs = torch.stack([torch.softmax(o.logits.float(), -1) for o in outs]).mean(0)
+            return MILOutput(self.mean([o.logits.float() for o in outs]), attention, outs[0].embeddings)
+        probs = self.mean([torch.softmax(o.logits.float(), -1) for o in outs])
         return MILOutput(torch.log(probs.clamp(min=1e-12)), attention, outs[0].embeddings)
 
     bag = MILHead.bag  # one bag (N, D) -> (C,) logits, (N,) attention, through this forward
 
     def patch_scores(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member.patch_scores(features) for member in self.members]).mean(0)
+        return self.mean([member.patch_scores(features) for member in self.members])
 
     def instance_scores(self, features: torch.Tensor) -> torch.Tensor:
-        return torch.stack([member.instance_scores(features) for member in self.members]).mean(0)
+        return self.mean([member.instance_scores(features) for member in self.members])
 
 
 def check_architecture(name: str, task: str = "classification") -> None:

@@ -27,7 +27,7 @@ from mil_cli.console import warn
 from mil_cli.devices import FLOAT16_MAX, keep_freed_memory, seed_everything, training_autocast
 from mil_cli.errors import InputError
 from mil_cli.labels import LabelTable, check_cohort, check_patients, read_labels
-from mil_cli.metrics import auc, auc_lead_confidence
+from mil_cli.metrics import auc
 from mil_cli.config import AUTO_ARCHITECTURE, DEFAULT_INSTANCE_LOSS, FAMILY_JOIN, ModelConfig, TrainOptions
 from mil_cli.models import MODELS, MILHead, SeedEnsemble, build_model, check_architecture
 from mil_cli.stores import FeatureSource
@@ -35,9 +35,10 @@ from mil_cli.tasks import Task, make_task
 
 MODEL_FORMAT = "milcli-model"
 # 2: a seed ensemble of heads holding their feature scaling; 3: and each head's recipe, [share, standardised];
-# 4: recipes name their scaling, [share, "z"]; 5: and their head family, [share, "z", "abmil"] (--model auto mixes)
-MODEL_FORMAT_VERSION = 5
-READABLE_FORMAT_VERSIONS = (2, 3, 4, 5)
+# 4: recipes name their scaling, [share, "z"]; 5: and their head family, [share, "z", "abmil"] (--model auto mixes);
+# 6: and their weight in the ensemble's mean, [share, "z", "abmil", 0.05] (auto weighs the families)
+MODEL_FORMAT_VERSION = 6
+READABLE_FORMAT_VERSIONS = (2, 3, 4, 5, 6)
 
 
 @dataclass
@@ -238,6 +239,7 @@ class Fitted:
     records: list[dict]          # per member: what its head's last step recorded (protomil: its prototypes' origins)
     choice: dict = field(default_factory=dict)  # --model auto: the family chosen and why (choose_architecture)
     architectures: list[str] = field(default_factory=list)  # per member: its head family (models.MODELS)
+    weights: list[float] = field(default_factory=list)  # per member: its weight in the ensemble's mean (sum 1)
 
 
 MEMBER_SEED_STEP = 100_003  # member m of a recipe trains from seed + m * this (member 0 from the seed itself)
@@ -285,7 +287,8 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
         device: torch.device) -> Fitted:
     """Train `options.ensemble` fresh heads from different seeds for each of the ensemble's
     recipes (ensemble_recipes) and join them. A mix of head families (`abmil+kme`) trains each
-    family's members (member_plan); --model auto first chooses one (choose_architecture)."""
+    family's members (member_plan), each family weighing the same; --model auto first chooses
+    the families and their weights (choose_architecture)."""
     keep_freed_memory()
     train_bags = on_device(train_bags, device)
     task = task.fitted([b.target for b in train_bags])
@@ -295,8 +298,12 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
         name = choice["chosen"]
     families = name.split(FAMILY_JOIN)
     # auto's kme trains as many heads alone as in the mix (abmil's count), as the rule was measured
-    sized_as = families + [f for f in AUTO_FAMILIES if f not in families] if "inner_auc" in choice else families
+    sized_as = families + [f for f in AUTO_FAMILIES if f not in families] if "kme_weight" in choice else families
     plan = member_plan(options, task, len(train_bags), families, sized_as)
+    family_weights = ({"abmil": 1 - choice["kme_weight"], "kme": choice["kme_weight"]} if "kme_weight" in choice
+                      else dict.fromkeys(families, 1 / len(families)))
+    members_of = {family: sum(1 for f, _, _ in plan if f == family) for family in families}
+    weights = [family_weights[family] / members_of[family] for family, _, _ in plan]
     config = ModelConfig(**{**asdict(options.model), "architecture": name,
                             "in_dim": int(train_bags[0].features.shape[1]), "n_classes": task.n_outputs,
                             "task": task.name})
@@ -316,8 +323,9 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
         histories.append(history)
         best_epochs.append(best_epoch)
         records.append(record)
-    return Fitted(SeedEnsemble(members).eval(), config, histories, best_epochs, [recipe for _, recipe, _ in plan],
-                  task, records, choice, [architecture for architecture, _, _ in plan])
+    return Fitted(SeedEnsemble(members, weights).eval(), config, histories, best_epochs,
+                  [recipe for _, recipe, _ in plan], task, records, choice, [architecture for architecture, _, _ in plan],
+                  weights)
 
 
 def member_plan(options: TrainOptions, task: Task, n_bags: int, families: list[str],
@@ -342,29 +350,27 @@ def with_family(options: TrainOptions, family: str) -> TrainOptions:
     return replace(options, model=replace(options.model, architecture=family))
 
 
-AUTO_FAMILIES = ("abmil", "kme")  # --model auto: abmil, kme, or the two mixed (AUTO_MIX)
+AUTO_FAMILIES = ("abmil", "kme")  # --model auto: abmil, kme, or the two mixed (AUTO_MIX) at one of AUTO_KME_WEIGHTS
 AUTO_MIX = FAMILY_JOIN.join(AUTO_FAMILIES)
 AUTO_FOLDS = 3
-# the share of bootstrap resamples of the inner predictions in which a challenger's AUC must lead abmil's,
-# in the order auto weighs them: kme alone needs more evidence than the mix, whose wrong pick costs half as much
-AUTO_CONFIDENCE = {"kme": 0.95, AUTO_MIX: 0.8}
-AUTO_MIN_AUC = 0.7  # ... and the inner AUC it must reach: below it no family learns enough to choose by
+AUTO_KME_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # kme's share of the ensemble's mean that auto chooses from
+AUTO_MIN_AUC = 0.7  # the inner AUC a blend with kme must reach: below it no family learns enough to choose by
 
 
 def choose_architecture(train_bags: list[Bag], task: Task, options: TrainOptions, device: torch.device) -> dict:
     """--model auto: from an inner AUTO_FOLDS-fold cross-validation of the training bags (one
-    head per recipe of each family, so the estimate costs about 40 % of abmil's ensemble),
-    kme where its out-of-fold AUC leads abmil's in at least 95 % of class-stratified
-    bootstrap resamples of those bags; else the abmil+kme mix (the two families' mean
-    probability) where its AUC does in at least 80 %; else abmil (AUTO_CONFIDENCE). A
-    challenger whose inner AUC is below AUTO_MIN_AUC is never taken. Why: on descriptor bags
-    (musk1, musk2, elephant) kme and the mix beat abmil's ensemble, while wherever a few
-    patches carry the label kme alone lost by 0.1-0.4 AUC, and kme taken at 80 % cost
-    ucsb-breast 0.03 accuracy; near chance (inner AUCs of 0.48-0.55) the bootstrap was sure
-    of leads that were noise (README, benchmarks/family_mix.py). Classification on up to
+    head per recipe of each family, so the estimate costs about 40 % of abmil's ensemble), the
+    weight of kme in a blend with abmil (AUTO_KME_WEIGHTS, 0 = abmil alone, 1 = kme alone)
+    whose out-of-fold probabilities score the lowest Brier score; a blend with kme whose inner
+    AUC is below AUTO_MIN_AUC is never taken. Why: on descriptor bags (musk1, musk2, elephant,
+    ucsb-breast) kme or a blend beat abmil's ensemble, while wherever a few patches carry the
+    label kme alone lost by 0.1-0.4 AUC; the Brier score (a proper score: calibration and
+    ranking) told these apart on every panel row measured, where AUC gates at a bootstrap
+    confidence took blends on digits-50 and near-chance rows wrongly, or missed them on
+    ucsb-breast and elephant (README, benchmarks/family_mix.py). Classification on up to
     RECIPE_ENSEMBLE_MAX_BAGS bags with AUTO_FOLDS patients of each class; otherwise abmil.
-    Returns {"chosen": name, "inner_auc": {name: AUC}, "confidence": {name: share}} or
-    {"chosen": "abmil", "reason": ...}."""
+    Returns {"chosen": name, "kme_weight": w, "inner_brier": {w: score}, "inner_auc": {w: AUC}}
+    or {"chosen": "abmil", "reason": ...}."""
     targets = np.array([b.target for b in train_bags])
     default = AUTO_FAMILIES[0]
     if task.name != "classification":
@@ -373,20 +379,21 @@ def choose_architecture(train_bags: list[Bag], task: Task, options: TrainOptions
         return {"chosen": default, "reason": f"more than {RECIPE_ENSEMBLE_MAX_BAGS} training bags"}
     if min(len({b.group for b in train_bags if b.target == c}) for c in range(task.n_outputs)) < AUTO_FOLDS:
         return {"chosen": default, "reason": f"a class has fewer than {AUTO_FOLDS} patients"}
-    return choose_from_inner(targets, inner_predictions(train_bags, task, options, device, AUTO_FAMILIES),
-                             options.seed)
+    return choose_from_inner(targets, inner_predictions(train_bags, task, options, device, AUTO_FAMILIES))
 
 
-def choose_from_inner(targets: np.ndarray, predictions: dict[str, np.ndarray], seed: int) -> dict:
-    """choose_architecture's rule on each family's inner out-of-fold probabilities."""
-    default = AUTO_FAMILIES[0]
-    predictions = {**predictions, AUTO_MIX: sum(predictions.values()) / len(predictions)}  # as the mix averages
-    aucs = {name: auc(targets, p) for name, p in predictions.items()}
-    confidence = {name: auc_lead_confidence(targets, predictions[name], predictions[default], seed)
-                  for name in AUTO_CONFIDENCE}
-    chosen = next((name for name, gate in AUTO_CONFIDENCE.items()
-                   if confidence[name] >= gate and aucs[name] >= AUTO_MIN_AUC), default)
-    return {"chosen": chosen, "inner_auc": aucs, "confidence": confidence}
+def choose_from_inner(targets: np.ndarray, predictions: dict[str, np.ndarray]) -> dict:
+    """choose_architecture's rule on each family's inner out-of-fold class probabilities."""
+    abmil, kme = (predictions[family] for family in AUTO_FAMILIES)
+    blends = {w: (1 - w) * abmil + w * kme for w in AUTO_KME_WEIGHTS}
+    onehot = np.eye(abmil.shape[1])[targets]
+    brier = {w: float(((p - onehot) ** 2).sum(1).mean()) for w, p in blends.items()}
+    aucs = {w: auc(targets, p) for w, p in blends.items()}
+    allowed = [w for w in AUTO_KME_WEIGHTS if w == 0 or aucs[w] >= AUTO_MIN_AUC]
+    weight = min(allowed, key=lambda w: (brier[w], w))  # a tie goes to less kme
+    chosen = {0.0: AUTO_FAMILIES[0], 1.0: AUTO_FAMILIES[1]}.get(weight, AUTO_MIX)
+    return {"chosen": chosen, "kme_weight": weight, "inner_brier": {f"{w:g}": b for w, b in brier.items()},
+            "inner_auc": {f"{w:g}": a for w, a in aucs.items()}}
 
 
 def inner_predictions(train_bags: list[Bag], task: Task, options: TrainOptions, device: torch.device,
@@ -555,7 +562,8 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
             "backbone": data.backbone,
             "feature_dim": fitted.config.in_dim,
             "training": {k: v for k, v in asdict(options).items() if k != "model"},
-            "recipes": [[*recipe, architecture] for recipe, architecture in zip(fitted.recipes, fitted.architectures)],
+            "recipes": [[*recipe, architecture, weight]
+                        for recipe, architecture, weight in zip(fitted.recipes, fitted.architectures, fitted.weights)],
             "metrics": metrics,
             "history": fitted.histories,
             "members": fitted.records,
@@ -571,12 +579,14 @@ def make_checkpoint(fitted: Fitted, data: LabelledBags, options: TrainOptions, m
 def build_ensemble(config: dict) -> SeedEnsemble:
     """The untrained heads a model file's config describes, for its state_dict to load into
     (their standardisation is in the state_dict; format 2 files record no recipes: every
-    member has the model's share; before format 5 every member is the model's architecture)."""
+    member has the model's share; before format 5 every member is the model's architecture,
+    before format 6 every member weighs the same)."""
     model = config["model"]
     recipes = config.get("recipes") or [[model["instance_loss"]]] * int(config["ensemble"])
-    return SeedEnsemble([build_model(ModelConfig(**{**model, "instance_loss": recipe[0],
-                                                    "architecture": (recipe[2:] or [model["architecture"]])[0]}))
-                         for recipe in recipes])
+    members = [build_model(ModelConfig(**{**model, "instance_loss": recipe[0],
+                                          "architecture": (recipe[2:] or [model["architecture"]])[0]}))
+               for recipe in recipes]
+    return SeedEnsemble(members, [recipe[3] for recipe in recipes] if all(len(r) > 3 for r in recipes) else None)
 
 
 def epochs_summary(fitted: Fitted) -> dict:

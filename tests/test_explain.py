@@ -26,7 +26,7 @@ def test_contributions_sum_to_the_logit(sample_run: Path) -> None:
     model = load_model(sample_run / "model.pt", torch.device("cpu"))
     data = FeatureSource(sample_run / "feats.h5").load("slide_00")
     x = torch.from_numpy(data.features)
-    assert model.config["recipes"] == [[0.5, "z", "abmil"]] * 5 + [[0.0, "none", "abmil"]] * 5  # 5 heads per recipe
+    assert model.config["recipes"] == [[0.5, "z", "abmil", 0.1]] * 5 + [[0.0, "none", "abmil", 0.1]] * 5  # 5 heads per recipe
     with torch.inference_mode():
         _, attention = model.module.bag(x)
         assert attention.sum().item() == pytest.approx(1.0, abs=1e-5)

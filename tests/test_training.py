@@ -23,7 +23,7 @@ from mil_cli.tasks import Classification
 from mil_cli.config import ModelConfig, TrainOptions
 from mil_cli.models import MODELS, build_model, whole_bag
 from mil_cli.pipeline import _model_matches
-from mil_cli.metrics import classification_metrics
+from mil_cli.metrics import choice_label, classification_metrics
 from mil_cli.synthetic import digit_bags, write_digit_bags
 from mil_cli.training import (Bag, choose_architecture, choose_from_inner, collate, evaluate, feature_statistics,
                               fit, train)
@@ -263,7 +263,7 @@ def test_auto_chooses_the_family_that_can_see_the_signal_and_fits_it_as_itself(b
     fitted = fit(train_bags, [], task, options, device)
     choice = fitted.choice
     assert choice["chosen"] == expected == fitted.config.architecture
-    inner = choice["inner_auc"]
+    inner = {family: choice["inner_auc"][weight] for family, weight in (("abmil", "0"), ("kme", "1"))}
     loser = "abmil" if expected == "kme" else "kme"
     assert inner[expected] >= inner[loser] + 0.1, choice
     heads = 2 if expected == "kme" else 1  # auto's kme trains as many heads as abmil's two recipes
@@ -274,24 +274,64 @@ def test_auto_chooses_the_family_that_can_see_the_signal_and_fits_it_as_itself(b
                           evaluate(direct.model, test_bags, device, task)[1])
 
 
-def test_auto_takes_kme_when_surely_better_the_mix_when_it_leads_else_abmil() -> None:
-    """The rule on inner predictions: kme alone needs a lead over abmil in 95 % of resamples;
-    the mix, in 80 %; errors of two families that differ make their mean rank
-    better than either (here each family sees one half of the bags' signal)."""
+def test_auto_weighs_kme_by_the_inner_brier_score_and_never_blends_near_chance() -> None:
+    """The rule on inner predictions: the kme weight whose blend scores the lowest Brier score;
+    a family that is sure and right takes all the weight, errors of two families that differ
+    (here each family sees one half of the bags' signal) a blend; a blend whose inner AUC is
+    below AUTO_MIN_AUC is refused even where its Brier score is lower."""
+    from mil_cli.training import AUTO_KME_WEIGHTS, AUTO_MIN_AUC
+
     rng = np.random.default_rng(0)
     targets = np.array([0, 1] * 40)
-    noise = lambda: rng.normal(size=80)  # noqa: E731
-    as_probs = lambda score: np.stack([1 - score, score], axis=1)  # noqa: E731
-    sharp, blurred = targets + 0.3 * noise(), targets + 2.0 * noise()
-    assert choose_from_inner(targets, {"abmil": as_probs(blurred), "kme": as_probs(sharp)}, 0)["chosen"] == "kme"
-    assert choose_from_inner(targets, {"abmil": as_probs(sharp), "kme": as_probs(blurred)}, 0)["chosen"] == "abmil"
+    noise = lambda scale: scale * rng.normal(size=80)  # noqa: E731
+    as_probs = lambda p: np.stack([1 - p, p], axis=1)  # noqa: E731
+    sharp = np.clip(np.where(targets == 1, 0.9, 0.1) + noise(0.05), 0, 1)
+    blurred = np.clip(0.5 + 0.2 * (targets - 0.5) + noise(0.3), 0, 1)
+    assert choose_from_inner(targets, {"abmil": as_probs(blurred), "kme": as_probs(sharp)})["chosen"] == "kme"
+    choice = choose_from_inner(targets, {"abmil": as_probs(sharp), "kme": as_probs(blurred)})
+    assert choice["chosen"] == "abmil" and choice["kme_weight"] == 0.0
+    assert list(choice["inner_brier"]) == [f"{w:g}" for w in AUTO_KME_WEIGHTS]
     half = np.arange(80) < 40  # abmil sees the first half's bags, kme the second's
-    abmil = np.where(half, targets, 0.5) + 0.1 * noise()
-    kme = np.where(half, 0.5, targets) + 0.1 * noise()
-    choice = choose_from_inner(targets, {"abmil": as_probs(abmil), "kme": as_probs(kme)}, 0)
-    assert choice["chosen"] == "abmil+kme", choice
-    assert choice["inner_auc"]["abmil+kme"] > max(choice["inner_auc"]["abmil"], choice["inner_auc"]["kme"]) + 0.1
-    assert choice["confidence"]["kme"] < 0.95 and choice["confidence"]["abmil+kme"] >= 0.8
+    abmil = np.clip(np.where(half, targets, 0.5) + noise(0.1), 0, 1)
+    kme = np.clip(np.where(half, 0.5, targets) + noise(0.1), 0, 1)
+    choice = choose_from_inner(targets, {"abmil": as_probs(abmil), "kme": as_probs(kme)})
+    assert choice["chosen"] == "abmil+kme" and choice["kme_weight"] == 0.5, choice
+    brier = choice["inner_brier"]
+    assert brier["0.5"] < min(brier["0"], brier["1"]) - 0.05
+    # near chance: abmil guesses boldly, kme hedges; kme's Brier score is far lower, yet no blend learns
+    bold, hedged = rng.integers(0, 2, 80).astype(float), 0.5 + noise(0.01)
+    choice = choose_from_inner(targets, {"abmil": as_probs(bold), "kme": as_probs(hedged)})
+    assert choice["inner_brier"]["1"] < choice["inner_brier"]["0"] - 0.2
+    assert max(choice["inner_auc"][k] for k in ("0.25", "0.5", "0.75", "1")) < AUTO_MIN_AUC
+    assert choice["chosen"] == "abmil" and choice["kme_weight"] == 0.0
+
+
+def test_an_ensemble_weighs_its_members_as_the_model_file_says(tmp_path: Path) -> None:
+    """A weighted ensemble (auto's blend of families) answers with its members' weighted mean,
+    and its model file (format 6: each recipe carries the member's weight) rebuilds it; a file
+    without weights (format 5) weighs the members equally."""
+    from mil_cli import training
+    from mil_cli.inference import load_model
+
+    feats, labels = synthetic_store(tmp_path, n_bags=12)
+    result = train(feats, labels, TrainOptions(epochs=2, ensemble=2, model=ModelConfig(instance_loss=0.0)),
+                   torch.device("cpu"))
+    assert result.checkpoint["config"]["recipes"] == [[0.0, "z", "abmil", 0.5]] * 2
+    x = torch.from_numpy(stores.FeatureSource(feats).load("bag_001").features)
+    members = result.model.members
+    with torch.inference_mode():
+        probs = [torch.softmax(m.bag(x)[0], -1) for m in members]
+        attention = [m.bag(x)[1] for m in members]
+    config = {**result.checkpoint["config"], "recipes": [[0.0, "z", "abmil", 0.2], [0.0, "z", "abmil", 0.8]]}
+    for version, recipes, weights in ((6, config["recipes"], (0.2, 0.8)), (5, [[0.0, "z", "abmil"]] * 2, (0.5, 0.5))):
+        path = tmp_path / f"format{version}.pt"
+        training.save_checkpoint({**result.checkpoint, "format_version": version,
+                                  "config": {**config, "recipes": recipes}}, path)
+        loaded = load_model(path, torch.device("cpu"))
+        with torch.inference_mode():
+            logits, weighted_attention = loaded.module.bag(x)[:2]
+        assert torch.allclose(torch.exp(logits), weights[0] * probs[0] + weights[1] * probs[1], atol=1e-6)
+        assert torch.allclose(weighted_attention, weights[0] * attention[0] + weights[1] * attention[1], atol=1e-6)
 
 
 def test_a_mix_of_families_weighs_each_half_and_its_model_file_rebuilds_every_member(tmp_path: Path) -> None:
@@ -312,12 +352,21 @@ def test_a_mix_of_families_weighs_each_half_and_its_model_file_rebuilds_every_me
     assert np.allclose(evaluate(mixed.model, test_bags, device, task)[1], np.mean(halves, axis=0), atol=1e-6)
     kme_heads = [m.classifier.weight for m in mixed.model.members[2:]]
     assert not torch.equal(*kme_heads)  # two seeds, not one head twice
+    # auto's blend: the same members, each family weighing as chosen
+    blend = {"chosen": "abmil+kme", "kme_weight": 0.75}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training, "choose_architecture", lambda *_: blend)
+        blended = fit(train_bags, [], task, replace(options, model=ModelConfig(architecture="auto")), device)
+    assert blended.weights == [0.125, 0.125, 0.375, 0.375] and blended.choice == blend
+    assert np.allclose(evaluate(blended.model, test_bags, device, task)[1], 0.25 * halves[0] + 0.75 * halves[1],
+                       atol=1e-6)
 
     feats, labels = synthetic_store(tmp_path, n_bags=16)
     result = train(feats, labels, replace(options, model=ModelConfig(architecture="abmil+kme")), device)
     config = result.checkpoint["config"]
     assert config["model"]["architecture"] == result.metrics["architecture"] == "abmil+kme"
-    assert config["recipes"] == [[0.5, "z", "abmil"], [0.0, "none", "abmil"], [0.5, "z", "kme"], [0.5, "z", "kme"]]
+    assert config["recipes"] == [[0.5, "z", "abmil", 0.25], [0.0, "none", "abmil", 0.25], [0.5, "z", "kme", 0.25],
+                                 [0.5, "z", "kme", 0.25]]
     assert result.metrics["recipes"] == ["abmil 0.5 z", "abmil 0.0 none", "kme 0.5 z", "kme 0.5 z"]
     path = tmp_path / "model.pt"
     training.save_checkpoint(result.checkpoint, path)
@@ -390,9 +439,9 @@ def test_auto_says_what_it_chose_in_the_table_and_metrics(tmp_path: Path) -> Non
     assert trained.exit_code == 0, trained.stderr
     metrics = json.loads(trained.stdout.splitlines()[-1])["metrics"]
     assert metrics["architecture_choice"]["chosen"] == metrics["architecture"]
-    assert set(metrics["architecture_choice"]["inner_auc"]) == {"abmil", "kme", "abmil+kme"}
+    assert set(metrics["architecture_choice"]["inner_brier"]) == {"0", "0.25", "0.5", "0.75", "1"}
     said = " ".join(trained.stderr.split())
-    assert f"{metrics['architecture']} chosen (inner CV AUC abmil" in said and "; ahead of abmil in: kme" in said
+    assert " chosen (inner CV by kme weight 0 / 0.25 / 0.5 / 0.75 / 1: Brier " in said and ", AUC " in said
     auto = TrainOptions(epochs=3, ensemble=1, model=ModelConfig(architecture="auto"))
     assert _model_matches(tmp_path / "m.pt", auto)  # `run` keeps it on a rerun though the file names the head chosen
     assert not _model_matches(tmp_path / "m.pt", replace(auto, epochs=4))
@@ -400,7 +449,7 @@ def test_auto_says_what_it_chose_in_the_table_and_metrics(tmp_path: Path) -> Non
                      "--folds", "2", "--repeats", "1", "--epochs", "3", "--ensemble", "1", "--device", "cpu")
     assert crossed.exit_code == 0, crossed.stderr
     per_fold = json.loads((tmp_path / "cv" / "metrics.json").read_text())["per_fold"]
-    chosen = [fold["architecture_choice"]["chosen"] for fold in per_fold]
+    chosen = [choice_label(fold["architecture_choice"]) for fold in per_fold]  # a blend names kme's weight
     counts = ", ".join(f"{name} in {chosen.count(name)}" for name in sorted(set(chosen)))
     assert f"--model auto chose {counts} of 2 folds" in " ".join(crossed.stderr.split())
 
@@ -509,7 +558,7 @@ def test_format_2_3_and_4_model_files_still_load(tmp_path: Path) -> None:
     feats, labels = synthetic_store(tmp_path, n_bags=12)
     result = train(feats, labels, TrainOptions(epochs=2, ensemble=2, model=ModelConfig(instance_loss=0.0)),
                    torch.device("cpu"))
-    assert result.checkpoint["config"]["recipes"] == [[0.0, "z", "abmil"]] * 2
+    assert result.checkpoint["config"]["recipes"] == [[0.0, "z", "abmil", 0.5]] * 2
     format_2 = {k: v for k, v in result.checkpoint["config"].items() if k != "recipes"}
     format_3 = {**result.checkpoint["config"], "recipes": [[0.0, True]] * 2}
     format_4 = {**result.checkpoint["config"], "recipes": [[0.0, "z"]] * 2}
@@ -580,10 +629,10 @@ def test_left_to_milcli_every_recipe_trains_and_the_model_file_rebuilds_each_mem
     abmil = ModelConfig(architecture="abmil")
     result = train(feats, labels, TrainOptions(epochs=2, ensemble=2, model=abmil), torch.device("cpu"))
     recipes = result.checkpoint["config"]["recipes"]
-    assert recipes == [[0.5, "z", "abmil"]] * 2 + [[0.0, "none", "abmil"]] * 2
+    assert recipes == [[0.5, "z", "abmil", 0.25]] * 2 + [[0.0, "none", "abmil", 0.25]] * 2
     assert result.metrics["recipes"] == ["0.5 z"] * 2 + ["0.0 none"] * 2
     state = result.checkpoint["state_dict"]
-    for m, (share, scaling, _) in enumerate(recipes):
+    for m, (share, scaling, _, _) in enumerate(recipes):
         assert result.model.members[m].config.instance_loss == share
         std = state[f"members.{m}.feature_std"]
         assert bool((std == 1).all()) is (scaling == "none")  # synthetic sd is never 1
@@ -591,7 +640,7 @@ def test_left_to_milcli_every_recipe_trains_and_the_model_file_rebuilds_each_mem
     path = tmp_path / "model.pt"
     training.save_checkpoint(result.checkpoint, path)
     loaded = load_model(path, torch.device("cpu"))
-    assert [m.config.instance_loss for m in loaded.module.members] == [share for share, _, _ in recipes]
+    assert [m.config.instance_loss for m in loaded.module.members] == [recipe[0] for recipe in recipes]
     with torch.inference_mode():
         x = torch.from_numpy(stores.FeatureSource(feats).load("bag_003").features)
         assert torch.allclose(loaded.module.bag(x)[0], result.model.bag(x)[0])
