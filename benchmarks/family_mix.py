@@ -38,15 +38,20 @@ def family_options(options: TrainOptions, family: str, seed: int) -> TrainOption
     return replace(options, seed=seed, ensemble=heads, model=replace(options.model, architecture=family))
 
 
-def run_fold(train: list, test: list, seed: int, options: TrainOptions, outer: bool = True) -> dict:
-    """One fold's inner out-of-fold predictions of both families, and (`outer`) their
-    ensembles' held-out predictions."""
+def run_fold(train: list, test: list, seed: int, options: TrainOptions, outer: bool = True,
+             saved: dict | None = None) -> dict:
+    """One fold's inner out-of-fold predictions of both families (or those `saved` by an
+    inner-only run of it), and (`outer`) their ensembles' held-out predictions."""
     bags, test_bags = as_bags(train, "b"), as_bags(test, "t")
     task = BINARY.fitted([b.target for b in bags])
-    inner = inner_predictions(bags, task, replace(options, seed=seed), DEVICE, FAMILIES)
     fold = {"inner y": [b.target for b in bags], "test y": [b.target for b in test_bags]}
+    if saved is None:
+        inner = inner_predictions(bags, task, replace(options, seed=seed), DEVICE, FAMILIES)
+        saved = {f"inner {family}": inner[family][:, 1].tolist() for family in FAMILIES}
+    elif saved["inner y"] != fold["inner y"]:
+        raise ValueError("the saved inner predictions are of other training bags")
     for family in FAMILIES:
-        fold[f"inner {family}"] = inner[family][:, 1].tolist()
+        fold[f"inner {family}"] = saved[f"inner {family}"]
         if outer:
             fitted = fit(bags, [], BINARY, family_options(options, family, seed), DEVICE)
             fold[f"test {family}"] = evaluate(fitted.model, test_bags, DEVICE, fitted.task)[1][:, 1].tolist()
@@ -55,7 +60,7 @@ def run_fold(train: list, test: list, seed: int, options: TrainOptions, outer: b
 
 def run(rows: list[str], repeats: range, results: Path, cache: Path, outer: bool) -> None:
     """Each repeat of each row into results/ROW-repeatN.json (ROW-repeatN-inner.json without
-    the outer fits); a repeat already there is kept."""
+    the outer fits, whose inner predictions a later full run reuses); a repeat already there is kept."""
     options = TrainOptions()
     for name in rows:
         row = ROWS[name](cache)
@@ -63,9 +68,11 @@ def run(rows: list[str], repeats: range, results: Path, cache: Path, outer: bool
             path = results / f"{name}-repeat{repeat}{'' if outer else '-inner'}.json"
             if path.exists():
                 continue
+            inner_only = results / f"{name}-repeat{repeat}-inner.json"
+            saved = json.loads(inner_only.read_text())["folds"] if outer and inner_only.exists() else None
             start, folds = time.perf_counter(), []
             for fold, (train, test) in enumerate(row.splits(repeat)):
-                folds.append(run_fold(train, test, fold_seed(repeat, fold), options, outer))
+                folds.append(run_fold(train, test, fold_seed(repeat, fold), options, outer, saved and saved[fold]))
                 print(f"  {name} repeat {repeat} fold {fold} done ({time.perf_counter() - start:.0f} s)",
                       file=sys.stderr, flush=True)
             results.mkdir(parents=True, exist_ok=True)
