@@ -277,8 +277,8 @@ def test_auto_chooses_the_family_that_can_see_the_signal_and_fits_it_as_itself(b
 def test_auto_weighs_kme_by_the_inner_brier_score_and_never_blends_near_chance() -> None:
     """The rule on inner predictions: the kme weight whose blend scores the lowest Brier score;
     a family that is sure and right takes all the weight, errors of two families that differ
-    (here each family sees one half of the bags' signal) a blend; a blend whose inner AUC is
-    below AUTO_MIN_AUC is refused even where its Brier score is lower."""
+    (here each family sees one half of the bags' signal) a blend; a kme whose own inner AUC is
+    below AUTO_MIN_AUC is not blended in even where a blend's Brier score is lower."""
     from mil_cli.training import AUTO_KME_WEIGHTS, AUTO_MIN_AUC
 
     rng = np.random.default_rng(0)
@@ -298,11 +298,13 @@ def test_auto_weighs_kme_by_the_inner_brier_score_and_never_blends_near_chance()
     assert choice["chosen"] == "abmil+kme" and choice["kme_weight"] == 0.5, choice
     brier = choice["inner_brier"]
     assert brier["0.5"] < min(brier["0"], brier["1"]) - 0.05
-    # near chance: abmil guesses boldly, kme hedges; kme's Brier score is far lower, yet no blend learns
-    bold, hedged = rng.integers(0, 2, 80).astype(float), 0.5 + noise(0.01)
+    # abmil right but overconfident, kme hedging near 0.5 and seeing nothing: a quarter of kme
+    # lowers the Brier score by pulling abmil towards 0.5, yet kme learns nothing to blend in
+    bold = np.where(rng.random(80) < 0.85, targets, 1 - targets).astype(float)
+    hedged = 0.5 + noise(0.01)
     choice = choose_from_inner(targets, {"abmil": as_probs(bold), "kme": as_probs(hedged)})
-    assert choice["inner_brier"]["1"] < choice["inner_brier"]["0"] - 0.2
-    assert max(choice["inner_auc"][k] for k in ("0.25", "0.5", "0.75", "1")) < AUTO_MIN_AUC
+    assert choice["inner_brier"]["0.25"] < choice["inner_brier"]["0"] - 0.03
+    assert choice["inner_auc"]["1"] < AUTO_MIN_AUC <= choice["inner_auc"]["0"]
     assert choice["chosen"] == "abmil" and choice["kme_weight"] == 0.0
 
 
