@@ -105,8 +105,8 @@ def choices(fold: dict, seed: int) -> dict[str, float]:
 
 
 def table(rows: list[str], results: Path) -> None:
-    """Pooled AUC / accuracy of each rule, mean over the saved repeats, and how many folds took
-    kme alone or in a blend; for repeats saved without outer fits, only those counts."""
+    """Pooled AUC / accuracy of each rule, mean over the repeats saved with outer fits ("scored"),
+    and how many folds of all saved repeats ("chosen") took kme alone or in a blend."""
     header = False
     for name in rows:
         files = [path for path in sorted(results.glob(f"{name}-repeat*.json"))  # an inner-only repeat run in full too
@@ -138,7 +138,8 @@ def table(rows: list[str], results: Path) -> None:
             figure = "{:.3f} / {:.3f}".format(*np.mean(scores[rule], 0)) if rule in scores else "-"
             counts = f" ({other}/{len(weights)}, kme {np.mean(weights):.2f})" if rule == "auto" else f" ({other}/{len(weights)})"
             cells.append(figure + (counts if other and rule not in (*FAMILIES, "mix") else ""))
-        print(f"| {name} ({len(files)}) | " + " | ".join(cells) + " |")
+        scored = len(next(iter(scores.values()), []))
+        print(f"| {name} ({scored} scored, {len(files)} chosen) | " + " | ".join(cells) + " |")
 
 
 def main() -> None:

@@ -297,9 +297,7 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
         choice = choose_architecture(train_bags, task, options, device)
         name = choice["chosen"]
     families = name.split(FAMILY_JOIN)
-    # auto's kme trains as many heads alone as in the mix (abmil's count), as the rule was measured
-    sized_as = families + [f for f in AUTO_FAMILIES if f not in families] if "kme_weight" in choice else families
-    plan = member_plan(options, task, len(train_bags), families, sized_as)
+    plan = member_plan(options, task, len(train_bags), families)
     family_weights = ({"abmil": 1 - choice["kme_weight"], "kme": choice["kme_weight"]} if "kme_weight" in choice
                       else dict.fromkeys(families, 1 / len(families)))
     members_of = {family: sum(1 for f, _, _ in plan if f == family) for family in families}
@@ -328,13 +326,12 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
                   weights)
 
 
-def member_plan(options: TrainOptions, task: Task, n_bags: int, families: list[str],
-                sized_as: list[str]) -> list[tuple[str, Recipe, int]]:
+def member_plan(options: TrainOptions, task: Task, n_bags: int, families: list[str]) -> list[tuple[str, Recipe, int]]:
     """(head family, recipe, seed index) of each member: each family's ensemble_recipes, member
     m of a family training from seed index m % its heads per recipe. Each family trains as
-    many heads as the one of `sized_as` (which holds `families`) with most, so mixed families weigh equally in the
-    ensemble's mean (kme, one recipe, trains 2 x --ensemble heads beside abmil's two)."""
-    recipes = {family: ensemble_recipes(with_family(options, family), task, n_bags) for family in sized_as}
+    many heads as the one with most (kme, one recipe, trains 2 x --ensemble heads beside
+    abmil's two), so a family's weight is spread over as many seeds as the other's."""
+    recipes = {family: ensemble_recipes(with_family(options, family), task, n_bags) for family in families}
     heads = max(len(r) for r in recipes.values())
     plan = []
     for family in families:
@@ -350,25 +347,26 @@ def with_family(options: TrainOptions, family: str) -> TrainOptions:
     return replace(options, model=replace(options.model, architecture=family))
 
 
-AUTO_FAMILIES = ("abmil", "kme")  # --model auto: abmil, kme, or the two mixed (AUTO_MIX) at one of AUTO_KME_WEIGHTS
+AUTO_FAMILIES = ("abmil", "kme")  # --model auto: abmil, or the two mixed (AUTO_MIX) at one of AUTO_KME_WEIGHTS
 AUTO_MIX = FAMILY_JOIN.join(AUTO_FAMILIES)
 AUTO_FOLDS = 3
-AUTO_KME_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)  # kme's share of the ensemble's mean that auto chooses from
+AUTO_KME_WEIGHTS = (0.0, 0.25, 0.5, 0.75)  # kme's share of the ensemble's mean that auto chooses from: never all
 AUTO_MIN_AUC = 0.7  # the inner AUC kme must reach alone to be blended in at all
 
 
 def choose_architecture(train_bags: list[Bag], task: Task, options: TrainOptions, device: torch.device) -> dict:
     """--model auto: from an inner AUTO_FOLDS-fold cross-validation of the training bags (one
     head per recipe of each family, so the estimate costs about 40 % of abmil's ensemble), the
-    weight of kme in a blend with abmil (AUTO_KME_WEIGHTS, 0 = abmil alone, 1 = kme alone)
-    whose out-of-fold probabilities score the lowest Brier score; where kme's own inner AUC is
-    below AUTO_MIN_AUC, abmil alone. Why: on descriptor bags (musk1, musk2, elephant,
-    ucsb-breast) kme or a blend beat abmil's ensemble, while wherever a few patches carry the
-    label kme alone lost by 0.1-0.4 AUC; the Brier score (a proper score: calibration and
-    ranking) tells these apart where AUC gates at a bootstrap confidence missed the blends on
-    elephant and ucsb-breast. The floor: a quarter of a kme that learns nothing still lowers the
-    Brier score of an overconfident abmil by pulling it towards 0.5, and cost key-1536d-w20
-    0.015 accuracy (README, benchmarks/family_mix.py). Classification on up to
+    weight of kme in a blend with abmil (AUTO_KME_WEIGHTS, 0 = abmil alone) whose out-of-fold
+    probabilities score the lowest Brier score; where kme's own inner AUC is below
+    AUTO_MIN_AUC, abmil alone. Why: on descriptor bags (musk1, musk2, elephant, ucsb-breast,
+    protein) blends beat abmil's ensemble, while wherever a few patches carry the label kme
+    alone lost by 0.1-0.4 AUC; the Brier score (a proper score: calibration and ranking) tells
+    these apart where AUC gates at a bootstrap confidence missed the blends on elephant and
+    ucsb-breast. The floor: a quarter of a kme that learns nothing still lowers the Brier score
+    of an overconfident abmil by pulling it towards 0.5 (it cost key-1536d-w20 0.015
+    accuracy). Never kme alone: on 48 bags its inner AUC passed the floor by chance and kme
+    alone cost a fold of key-1024d-w10 what a quarter of abmil kept (README, benchmarks/family_mix.py). Classification on up to
     RECIPE_ENSEMBLE_MAX_BAGS bags with AUTO_FOLDS patients of each class; otherwise abmil.
     Returns {"chosen": name, "kme_weight": w, "inner_brier": {w: score}, "inner_auc": {w: AUC}}
     or {"chosen": "abmil", "reason": ...}."""
@@ -386,13 +384,13 @@ def choose_architecture(train_bags: list[Bag], task: Task, options: TrainOptions
 def choose_from_inner(targets: np.ndarray, predictions: dict[str, np.ndarray]) -> dict:
     """choose_architecture's rule on each family's inner out-of-fold class probabilities."""
     abmil, kme = (predictions[family] for family in AUTO_FAMILIES)
-    blends = {w: (1 - w) * abmil + w * kme for w in AUTO_KME_WEIGHTS}
+    blends = {w: (1 - w) * abmil + w * kme for w in (*AUTO_KME_WEIGHTS, 1.0)}  # and kme alone: the floor's AUC
     onehot = np.eye(abmil.shape[1])[targets]
     brier = {w: float(((p - onehot) ** 2).sum(1).mean()) for w, p in blends.items()}
     aucs = {w: auc(targets, p) for w, p in blends.items()}
     allowed = AUTO_KME_WEIGHTS if aucs[1.0] >= AUTO_MIN_AUC else (0.0,)
     weight = min(allowed, key=lambda w: (brier[w], w))  # a tie goes to less kme
-    chosen = {0.0: AUTO_FAMILIES[0], 1.0: AUTO_FAMILIES[1]}.get(weight, AUTO_MIX)
+    chosen = AUTO_MIX if weight else AUTO_FAMILIES[0]
     return {"chosen": chosen, "kme_weight": weight, "inner_brier": {f"{w:g}": b for w, b in brier.items()},
             "inner_auc": {f"{w:g}": a for w, a in aucs.items()}}
 
