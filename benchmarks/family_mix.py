@@ -99,7 +99,7 @@ def choices(fold: dict, seed: int) -> dict[str, float]:
              "kme at 0.95, else mix at 0.8 (auto before)": 1.0 if kme_lead >= 0.95 else 0.5 if mix_lead >= 0.8 else 0.0,
              "kme at 0.95 (auto before that)": 1.0 if kme_lead >= 0.95 else 0.0,
              "best inner AUC of the three": max(aucs, key=aucs.__getitem__)}
-    for gate in GATES[:2]:
+    for gate in GATES:
         taken[f"mix at {gate}"] = 0.5 if mix_lead >= gate else 0.0
     return taken
 
@@ -136,7 +136,7 @@ def table(rows: list[str], results: Path) -> None:
         for rule, weights in taken.items():
             other = sum(w > 0 for w in weights)
             figure = "{:.3f} / {:.3f}".format(*np.mean(scores[rule], 0)) if rule in scores else "-"
-            counts = f" ({other}/{len(weights)}, kme {np.mean(weights):.2f})" if rule == "auto" else f" ({other}/{len(weights)})"
+            counts = f" ({other}/{len(weights)}" + (f", kme {np.mean(weights):.2f})" if rule == "auto" else ")")
             cells.append(figure + (counts if other and rule not in (*FAMILIES, "mix") else ""))
         scored = len(next(iter(scores.values()), []))
         print(f"| {name} ({scored} scored, {len(files)} chosen) | " + " | ".join(cells) + " |")

@@ -435,7 +435,7 @@ def train(
     quiet: Quiet = False,
     as_json: AsJson = False,
 ) -> None:
-    """Train a MIL head on a feature store and a labels CSV: by default (--model auto) gated attention, or kme or the two mixed where a 3-fold inner cross-validation shows it better.
+    """Train a MIL head on a feature store and a labels CSV: by default (--model auto) gated attention, or a blend of it with kme where a 3-fold inner cross-validation shows it better.
 
     The rule for small cohorts: every training slide trains (no inner validation split unless the labels' split column names 'val' slides or --val-fraction is set) for exactly --epochs epochs with a cosine learning-rate decay, and --ensemble heads from different seeds (per recipe, see --instance-loss) are averaged. Early stopping on 10-20 validation slides is noise and costs a fifth of the data; benchmarks/panel.py has the evidence.
     """

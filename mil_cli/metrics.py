@@ -106,8 +106,8 @@ def epochs_note(metrics: dict) -> str:
 
 
 def choice_note(choice: dict) -> str:
-    """'abmil+kme chosen, kme weighing 0.75 (inner CV by kme weight 0 / 0.25 / 0.5 / 0.75 / 1:
-    Brier 0.130 / ... , AUC 0.910 / ...)' from training.choose_architecture's record."""
+    """'abmil+kme (kme 0.75) chosen (inner CV by kme weight 0 / 0.25 / 0.5 / 0.75 / 1: Brier
+    0.130 / ..., AUC 0.910 / ...)' from training.choose_architecture's record."""
     if "kme_weight" not in choice:
         return f"{choice['chosen']} ({choice['reason']})"
     weights = " / ".join(choice["inner_brier"])

@@ -322,8 +322,8 @@ def fit(train_bags: list[Bag], val_bags: list[Bag], task: Task, options: TrainOp
         best_epochs.append(best_epoch)
         records.append(record)
     return Fitted(SeedEnsemble(members, weights).eval(), config, histories, best_epochs,
-                  [recipe for _, recipe, _ in plan], task, records, choice, [architecture for architecture, _, _ in plan],
-                  weights)
+                  [recipe for _, recipe, _ in plan], task, records, choice,
+                  [architecture for architecture, _, _ in plan], weights)
 
 
 def member_plan(options: TrainOptions, task: Task, n_bags: int, families: list[str]) -> list[tuple[str, Recipe, int]]:
@@ -334,8 +334,7 @@ def member_plan(options: TrainOptions, task: Task, n_bags: int, families: list[s
     recipes = {family: ensemble_recipes(with_family(options, family), task, n_bags) for family in families}
     heads = max(len(r) for r in recipes.values())
     plan = []
-    for family in families:
-        family_recipes = recipes[family]
+    for family, family_recipes in recipes.items():
         per_recipe = options.ensemble * heads // len(family_recipes)
         if per_recipe != options.ensemble:
             family_recipes = ensemble_recipes(replace(with_family(options, family), ensemble=per_recipe), task, n_bags)
@@ -366,8 +365,9 @@ def choose_architecture(train_bags: list[Bag], task: Task, options: TrainOptions
     ucsb-breast. The floor: a quarter of a kme that learns nothing still lowers the Brier score
     of an overconfident abmil by pulling it towards 0.5 (it cost key-1536d-w20 0.015
     accuracy). Never kme alone: on 48 bags its inner AUC passed the floor by chance and kme
-    alone cost a fold of key-1024d-w10 what a quarter of abmil kept (README, benchmarks/family_mix.py). Classification on up to
-    RECIPE_ENSEMBLE_MAX_BAGS bags with AUTO_FOLDS patients of each class; otherwise abmil.
+    alone cost a fold of key-1024d-w10 what a quarter of abmil kept (README,
+    benchmarks/family_mix.py). Classification on up to RECIPE_ENSEMBLE_MAX_BAGS bags with
+    AUTO_FOLDS patients of each class; otherwise abmil.
     Returns {"chosen": name, "kme_weight": w, "inner_brier": {w: score}, "inner_auc": {w: AUC}}
     or {"chosen": "abmil", "reason": ...}."""
     targets = np.array([b.target for b in train_bags])
