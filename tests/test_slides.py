@@ -120,6 +120,18 @@ def test_tissue_on_real_slide_covers_the_section() -> None:
     assert not mask[:20, :20].any()  # the glass corner
 
 
+def test_crop_from_inside_the_tissue_is_all_tissue(tmp_path: Path) -> None:
+    """An image with no glass (a crop, as image-level cohorts are): Otsu would split its pale
+    stroma from its nuclei and drop a fifth of it; every 32-px patch of it must be kept."""
+    with open_slide(TEST_DATA / "TCGA-CR-7395-01A-01-TS1.svs") as slide:
+        crop = slide.read_region((3124, 1041), 0, (512, 512))[..., :3]
+    assert tissue_mask(crop, None).mean() > 0.95
+    Image.fromarray(crop).save(tmp_path / "crop.png")
+    with pytest.warns(UserWarning, match="no resolution"):
+        tiled = tile_slide(tmp_path / "crop.png", TilingOptions(patch_size=32))
+    assert len(tiled.coords) >= 0.97 * (512 // 32) ** 2
+
+
 def test_grid_keeps_only_patches_with_enough_tissue() -> None:
     mask = np.zeros((10, 10), dtype=bool)
     mask[:5, :5] = True  # top-left quarter of a 100 x 100 slide
