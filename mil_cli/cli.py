@@ -525,7 +525,7 @@ def explain(
     top_pct: Annotated[Optional[float], typer.Option(min=0.1, max=100.0, help="--map attention: regions instead at the level of this top attention percentile of the patches.", show_default="off")] = None,
     scale: Annotated[str, typer.Option(help="--map attention: rank (percentile ranks among the fewest patches holding 99 % of the attention; the rest 0) or raw (attention weights).")] = "rank",
     smooth: Annotated[float, typer.Option(min=0.0, help="Gaussian smoothing of the maps, sigma in patches (0: none).")] = 0.0,
-    width: Annotated[Optional[int], typer.Option(min=64, help="Width of the map PNGs in px.", show_default="thumbnail width")] = None,
+    width: Annotated[Optional[int], typer.Option(min=64, help="Width of the map PNGs in px.", show_default="thumbnail width, at least 512")] = None,
     prototypes: Annotated[bool, typer.Option("--prototypes", help="Also prototypes.png/.csv: the closest highly attended patches of each class in the training slides.")] = False,
     viewer: Annotated[bool, typer.Option("--viewer/--no-viewer", help="Also viewer.html: the slide zoomable (offline, OpenSeadragon) down to the tiling resolution with the heatmap and evidence maps as overlays, the regions outlined, and a patch's values on click. Reads the slide file again.")] = True,
     viewer_mb: Annotated[float, typer.Option(min=1.0, help="The viewer's size budget per slide, in MB: 256-px JPEG tiles (about 20 kB each) only where there is tissue. 100 MB hold about 60 mm² of tissue at 0.5 µm/px (240 mm² at 1 µm/px); a slide with more tissue is shown down to half (a quarter...) of the tiling resolution instead.")] = VIEWER_BUDGET_MB,

@@ -67,7 +67,7 @@ class ExplainOptions:
     alpha: float = 0.6        # heatmap opacity over tissue
     scale: str = "rank"       # heatmap values: percentile ranks, or raw attention weights
     smooth: float = 0.0       # Gaussian smoothing of the maps, sigma in patches (0: none)
-    width: int | None = None  # heatmap / evidence PNG width in px (None: the thumbnail's)
+    width: int | None = None  # heatmap / evidence PNG width in px (None: the thumbnail's, at least 512)
     viewer: bool = True       # viewer.html: the slide zoomable with the maps over it (viewer.py)
     viewer_mb: float = VIEWER_BUDGET_MB  # its tiles' size budget per slide
     refine: bool = False      # refined_<k>.png / refined.csv: the patch map at a quarter-patch step (refine.py)

@@ -15,6 +15,7 @@ TEXT = (34, 34, 34)
 MARGIN = 8
 BAR_HEIGHT = 12
 MIN_WIDTH = 360  # a map narrower than this still gets a legible title and colour bar
+MIN_PICTURE_WIDTH = 512  # without a width, a smaller thumbnail (a small crop) is enlarged to this, pixels as blocks
 TYPE_WIDTH = 600  # text is sized for an image this wide; wider ones scale it up (the report shows them at ~580 px)
 PNG = {"compress_level": 1}  # zlib's fastest: PNGs ~20 % larger, written several times faster
 
@@ -60,14 +61,15 @@ def map_image(thumbnail: np.ndarray, grid: np.ndarray, colour_map: str, limits: 
               width: int | None, title: str, label: str, outlines: list | None = None,
               downsample: float = 1.0, outline_colour: str = "#00e5ff") -> Image.Image:
     """`grid` (one cell per thumbnail pixel, NaN transparent) blended over the thumbnail at
-    `alpha`, `width` px wide, `outlines` (polygons of rings in level-0 px) drawn on top, the
-    title above and a labelled colour bar below."""
+    `alpha`, `width` px wide (default: the thumbnail's, at least MIN_PICTURE_WIDTH), `outlines`
+    (polygons of rings in level-0 px) drawn on top, the title above and a labelled colour bar
+    below."""
     colours = colour_table(colour_map)[colour_steps(grid, limits), :3].astype(np.uint16)
     weight = round(alpha * 256)
     blended = (thumbnail[..., :3].astype(np.uint16) * (256 - weight) + colours * weight) >> 8
     blended = np.where(np.isfinite(grid)[..., None], blended, thumbnail[..., :3]).astype(np.uint8)
     picture = Image.fromarray(blended)
-    scale = (width or picture.width) / picture.width
+    scale = (width or max(picture.width, MIN_PICTURE_WIDTH)) / picture.width
     if scale != 1:
         size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
         picture = picture.resize(size, Image.NEAREST if scale > 1 else Image.BILINEAR)

@@ -366,3 +366,18 @@ def test_refine_grids_keep_to_their_patch_budget() -> None:
     for budget in (1, 10, 100, 400):
         grid = stride_grid((96.0, 96.0, 900.0, 900.0), 256, 64, images, budget)
         assert 0 < len(grid) <= budget
+
+
+def test_small_crop_map_is_enlarged_to_be_seen() -> None:
+    """A 128 x 96 image (a crop of 32-px patches) is drawn 512 px wide unless a width is given."""
+    from mil_cli.render import MARGIN, MIN_PICTURE_WIDTH, map_image
+
+    thumbnail = np.full((96, 128, 3), 200, dtype=np.uint8)
+    grid = np.full((96, 128), np.nan)
+    grid[:32, :32] = 1.0  # one patch, painted
+    enlarged = map_image(thumbnail, grid, "inferno", (0.0, 1.0), 1.0, None, "crop", "P")
+    assert enlarged.width == MIN_PICTURE_WIDTH + 2 * MARGIN
+    pixels = np.asarray(enlarged.convert("RGB")).astype(int)
+    yellow = (pixels[..., 0] > 240) & (pixels[..., 1] > 240) & (pixels[..., 2] < 190)  # inferno at 1
+    assert yellow[:, MARGIN + 2].sum() == 4 * 32  # the patch, 4 x its 32 px tall (the bar starts dark)
+    assert map_image(thumbnail, grid, "inferno", (0.0, 1.0), 1.0, 200, "crop", "P").width == 360
