@@ -10,7 +10,7 @@ Rows:
 - sample-data: the 20 sample slides, tiled and embedded with the default backbone (cached).
 - hard-slides: generated slides with small tumours, distractors and stain differences between
   sites (benchmarks/hard_slides.py), with ground-truth masks; stratified 5-fold CV.
-- digit-images: 100 small images, each a bag of 32-px cells (digit bags drawn in H&E colours,
+- digit-images-N: N small images, each a bag of 32-px cells (digit bags drawn in H&E colours,
   benchmarks/digit_images.py), tiled at --patch-size 32 and embedded with the default backbone,
   with ground-truth masks of the 9s; stratified 5-fold CV.
 - musk1, musk2, elephant, ucsb-breast, protein, birds, web-1, corel-dogs: the classic public
@@ -135,12 +135,13 @@ def hard_slides_row(cache: Path) -> Row:
     return slide_row("hard-slides", folder / "slides", labels, folder / "masks", folder)
 
 
-def digit_images_row(cache: Path) -> Row:
+def digit_images_row(cache: Path, n_bags: int) -> Row:
     from digit_images import CELL, generate  # type: ignore[import-not-found]
 
-    folder = cache / "digit-images"
-    labels = generate(folder)
-    return slide_row("digit-images", folder / "slides", labels, folder / "masks", folder, patch_size=CELL)
+    name = f"digit-images-{n_bags}"
+    folder = cache / name
+    labels = generate(folder, n_bags)
+    return slide_row(name, folder / "slides", labels, folder / "masks", folder, patch_size=CELL)
 
 
 PUBLIC_MIL_SETS = {"musk1": "musk1", "musk2": "musk2", "elephant": "elephant", "ucsb-breast": "ucsb_breast_cancer",
@@ -190,7 +191,7 @@ ROWS: dict[str, Callable[[Path], Row]] = {
                                            mean_size=60),
     "sample-data": sample_data_row,
     "hard-slides": hard_slides_row,
-    "digit-images": digit_images_row,
+    **{f"digit-images-{n}": (lambda n: lambda cache: digit_images_row(cache, n))(n) for n in (100, 200)},
     **{name: (lambda name: lambda cache: public_mil_row(name))(name) for name in PUBLIC_MIL_SETS},
 }
 
