@@ -18,7 +18,6 @@ embedded features (OUT_DIR/feats.h5) and on each cell's pixels shrunk to 8 x 8 g
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import h5py
@@ -33,7 +32,7 @@ from sklearn.preprocessing import StandardScaler
 
 from mil_cli.synthetic import digit_bags
 
-from hard_slides import SITE_TINTS, gen  # type: ignore[import-not-found]
+from hard_slides import SITE_TINTS, gen, write_labels  # type: ignore[import-not-found]
 
 CELL = 32
 COLUMNS = 4
@@ -77,12 +76,7 @@ def generate(out: Path, n_bags: int = 100) -> Path:
             if label:
                 Image.fromarray(mask).save(out / "masks" / f"{slide_id}.png")
         rows.append({"slide_id": slide_id, "label": "tumour" if label else "normal", "site": site})
-    labels = out / "labels.csv"
-    with open(labels, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["slide_id", "label", "site"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return labels
+    return write_labels(out, rows)
 
 
 def probe(folder: Path) -> dict[str, float]:

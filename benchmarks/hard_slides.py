@@ -80,6 +80,11 @@ def generate(out: Path, n_slides: int = 60) -> Path:
             if positive:
                 Image.fromarray(tumour).save(out / "masks" / f"{slide_id}.png", optimize=True)
         rows.append({"slide_id": slide_id, "label": "tumour" if positive else "normal", "site": site})
+    return write_labels(out, rows)
+
+
+def write_labels(out: Path, rows: list[dict]) -> Path:
+    """out/labels.csv with slide_id, label and site columns; returns its path."""
     labels = out / "labels.csv"
     with open(labels, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["slide_id", "label", "site"])
