@@ -132,6 +132,15 @@ def test_crop_from_inside_the_tissue_is_all_tissue(tmp_path: Path) -> None:
     assert len(tiled.coords) >= 0.97 * (512 // 32) ** 2
 
 
+def test_tinted_glass_is_still_glass() -> None:
+    image = he_like_image(4, (300, 400))
+    glass = (image == 240).all(axis=2)
+    image[glass] = (235, 228, 210)  # yellowish glass, saturation 0.11
+    mask = tissue_mask(image, 8.0)
+    assert not mask[:30, :30].any() and mask[150, 200]
+    assert 0.2 < mask.mean() < 0.5
+
+
 def test_grid_keeps_only_patches_with_enough_tissue() -> None:
     mask = np.zeros((10, 10), dtype=bool)
     mask[:5, :5] = True  # top-left quarter of a 100 x 100 slide
