@@ -9,7 +9,8 @@ kept only where the paler class is glass (median saturation at most GLASS_MAX_SA
 glass measures 0.00-0.02 on the test slides and sample data, the paler class of glass-free
 crops from inside their tissue 0.19-0.35; the margin leaves room for tinted glass: a yellowish
 (235, 228, 210) is 0.11); otherwise everything above the floor is tissue. Near-black pixels
-(scanner borders, folds) are never tissue. Object and hole sizes are physical (µm²) when the resolution is known.
+(scanner borders, folds) are never tissue. Object and hole sizes are physical (µm²) when the
+resolution is known.
 
 Pen ink (the marks pathologists draw on the glass) is saturated too, so it would pass as
 tissue; it is found first and kept out. The rules work in CIELAB (D65), by hue angle
