@@ -12,7 +12,8 @@ Rows:
   sites (benchmarks/hard_slides.py), with ground-truth masks; stratified 5-fold CV.
 - digit-images-N: N small images, each a bag of 32-px cells (digit bags drawn in H&E colours,
   benchmarks/digit_images.py), tiled at --patch-size 32 and embedded with the default backbone,
-  with ground-truth masks of the 9s; stratified 5-fold CV.
+  with ground-truth masks of the 9s; stratified 5-fold CV. Added after the defaults were chosen:
+  out of sample.
 - musk1, musk2, elephant, ucsb-breast, protein, birds, web-1, corel-dogs: the classic public
   MIL benchmark sets (real data: molecules, image segments, 58 breast-cancer histology images
   cut into 32-px patches, 75 web-page bags of 5,863-d word features...), as bundled by the
