@@ -30,9 +30,11 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from mil_cli.evaluation import patch_mask_fraction
 from mil_cli.synthetic import digit_bags
 
 from hard_slides import SITE_TINTS, gen, write_labels  # type: ignore[import-not-found]
+from panel import TUMOUR_SHARE  # type: ignore[import-not-found]
 
 CELL = 32
 COLUMNS = 4
@@ -86,18 +88,19 @@ def probe(folder: Path) -> dict[str, float]:
         for slide_id in sorted(store["slides"]):
             group = store["slides"][slide_id]
             features.append(group["features"][:])
+            coords = group["coords"][:]
             grey = Image.open(folder / "slides" / f"{slide_id}.png").convert("L")
-            mask_path = folder / "masks" / f"{slide_id}.png"
-            mask = np.array(Image.open(mask_path)).astype(bool) if mask_path.exists() else None
-            for x, y in group["coords"][:]:
+            for x, y in coords:
                 cell = grey.crop((x, y, x + CELL, y + CELL)).resize((8, 8), Image.BILINEAR)
                 pixels.append(np.asarray(cell, dtype=np.float32).ravel())
-                key.append(mask is not None and bool(mask[y + CELL // 2, x + CELL // 2]))
-    aucs = {}
+            mask_path = folder / "masks" / f"{slide_id}.png"  # key cells as the panel labels them
+            key.append(patch_mask_fraction(np.array(Image.open(mask_path)).astype(bool), coords, CELL) >= TUMOUR_SHARE
+                       if mask_path.exists() else np.zeros(len(coords), dtype=bool))
+    labels, aucs = np.concatenate(key), {}
     for name, x in (("features", np.concatenate(features)), ("8 x 8 grey pixels", np.array(pixels))):
         model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-        p = cross_val_predict(model, x, key, cv=5, method="predict_proba")[:, 1]
-        aucs[name] = float(roc_auc_score(key, p))
+        p = cross_val_predict(model, x, labels, cv=5, method="predict_proba")[:, 1]
+        aucs[name] = float(roc_auc_score(labels, p))
     return aucs
 
 
