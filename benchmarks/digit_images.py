@@ -8,11 +8,11 @@ images go through milcli's own tile (`--patch-size 32`, no mpp: native pixels) a
 would: the path that image-level cohorts with 32-px patches take.
 
     python benchmarks/digit_images.py OUT_DIR [--bags 100]
-    python benchmarks/digit_images.py OUT_DIR --probe   # after panel.py embedded OUT_DIR
+    python benchmarks/digit_images.py OUT_DIR --probe [--backbone NAME]  # after panel.py embedded OUT_DIR
 
 `--probe` asks whether the encoder or the MIL head is the limit: a logistic regression trained
 on the instance labels (which MIL never sees), 5-fold cross-validated over all cells, on the
-embedded features (OUT_DIR/feats.h5) and on each cell's pixels shrunk to 8 x 8 grey.
+features panel.py embedded with the backbone and on each cell's pixels shrunk to 8 x 8 grey.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from mil_cli.evaluation import patch_mask_fraction
 from mil_cli.synthetic import digit_bags
 
 from hard_slides import SITE_TINTS, gen, write_labels  # type: ignore[import-not-found]
-from panel import TUMOUR_SHARE  # type: ignore[import-not-found]
+from panel import EMBEDDING, TUMOUR_SHARE, features_path  # type: ignore[import-not-found]
 
 CELL = 32
 COLUMNS = 4
@@ -84,7 +84,7 @@ def generate(out: Path, n_bags: int = 100) -> Path:
 def probe(folder: Path) -> dict[str, float]:
     """Instance-probe AUC (key cell or not) on the embedded features and on 8 x 8 grey pixels."""
     features, pixels, key = [], [], []
-    with h5py.File(folder / "feats.h5", "r") as store:
+    with h5py.File(features_path(folder), "r") as store:
         for slide_id in sorted(store["slides"]):
             group = store["slides"][slide_id]
             features.append(group["features"][:])
@@ -109,8 +109,10 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--bags", type=int, default=100)
     parser.add_argument("--probe", action="store_true", help="instance-probe AUCs of an embedded OUT_DIR")
+    parser.add_argument("--backbone", default=EMBEDDING["backbone"], help="whose features --probe reads")
     args = parser.parse_args()
     if args.probe:
+        EMBEDDING["backbone"] = args.backbone
         for name, auc in probe(args.out).items():
             print(f"instance probe on {name}: AUC {auc:.3f}")
     else:

@@ -49,6 +49,7 @@ import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
+from mil_cli.backbones import DEFAULT_BACKBONE
 from mil_cli.console import set_quiet
 from mil_cli.metrics import choice_label
 from mil_cli.synthetic import LabelledBag, digit_bags, key_instance_bags
@@ -62,6 +63,7 @@ BINARY = Classification(["0", "1"])
 
 Split = tuple[list[LabelledBag], list[LabelledBag]]
 DEVICE = torch.device("cpu")
+EMBEDDING = {"backbone": DEFAULT_BACKBONE}  # the encoder of the image rows (--backbone)
 
 
 @dataclass
@@ -95,8 +97,9 @@ TUMOUR_SHARE = 0.25  # a patch is a key instance when at least this share of it 
 
 
 def slide_row(name: str, slides: Path, labels_path: Path, masks: Path, cache: Path, patch_size: int = 256) -> Row:
-    """Tile (at `patch_size`) and embed a slide folder with milcli's defaults (once; kept in
-    `cache`), then cross-validate its bags; patches are labelled from the ground-truth masks."""
+    """Tile (at `patch_size`) and embed a slide folder with milcli's defaults and the panel's
+    backbone (once; kept in `cache`), then cross-validate its bags; patches are labelled from
+    the ground-truth masks."""
     from PIL import Image
 
     from mil_cli.backbones import get_backbone
@@ -108,9 +111,12 @@ def slide_row(name: str, slides: Path, labels_path: Path, masks: Path, cache: Pa
 
     cache.mkdir(parents=True, exist_ok=True)
     tile_slides([slides], cache / "tiles.h5", TilingOptions(patch_size=patch_size))
-    embed_store(cache / "tiles.h5", cache / "feats.h5", get_backbone("efficientnet-lite0"), DEVICE)
+    features = features_path(cache)
+    report = embed_store(cache / "tiles.h5", features, get_backbone(EMBEDDING["backbone"]), DEVICE)
+    if report.failed:
+        raise SystemExit(f"row {name}: " + "; ".join(f"{s}: {why}" for s, why in report.failed.items()))
     table = read_labels(labels_path, Classification())
-    source = FeatureSource(cache / "feats.h5")
+    source = FeatureSource(features)
     bags = []
     for slide_id in sorted(table.rows):
         data = source.load(slide_id)
@@ -121,6 +127,11 @@ def slide_row(name: str, slides: Path, labels_path: Path, masks: Path, cache: Pa
             key = patch_mask_fraction(mask, data.coords, int(data.attrs["patch_size_level0"])) >= TUMOUR_SHARE
         bags.append((data.features.astype(np.float32), int(table.rows[slide_id].target == "tumour"), key))
     return Row(name, cross_validation(lambda repeat: bags))
+
+
+def features_path(folder: Path) -> Path:
+    """Where an image row's features from the panel's backbone are kept."""
+    return folder / f"feats-{EMBEDDING['backbone']}.h5"
 
 
 def sample_data_row(cache: Path) -> Row:
@@ -291,7 +302,8 @@ def evaluate_row(row: Row, repeats: range, options: TrainOptions, with_reference
     repeat already saved is read back instead of rerun, so long rows resume and repeats add up
     across runs. The key does not cover milcli's code: use a fresh folder after changing it."""
     figures: dict[str, list[float]] = {}
-    key = results_key(options, f" reference={with_reference}")
+    key = results_key(options, f" reference={with_reference}"
+                           + (f" backbone={EMBEDDING['backbone']}" if EMBEDDING["backbone"] != DEFAULT_BACKBONE else ""))
     for repeat in repeats:
         saved = results / f"{row.name}-repeat{repeat}-{key}.json" if results else None
         if saved is not None and saved.exists():
@@ -341,6 +353,7 @@ def main() -> None:
                         help="number of the first repeat (its folds and seeds), to run repeats in parallel processes")
     parser.add_argument("--cache", type=Path, default=Path("runs/panel-cache"),
                         help="where generated and embedded slide sets are kept between runs")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="the encoder that embeds the image rows")
     parser.add_argument("--skip-reference", action="store_true", help="milcli only (for sweeps over its options)")
     parser.add_argument("--results", type=Path, default=None,
                         help="keep each finished repeat here and reuse it on the next run with the same options "
@@ -354,7 +367,8 @@ def main() -> None:
     set_quiet(True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     options = apply_overrides(TrainOptions(), args.set)
-    print(f"milcli options: {options}")
+    EMBEDDING["backbone"] = args.backbone
+    print(f"milcli options: {options}; image rows embedded with {args.backbone}")
     repeats = range(args.first_repeat, args.first_repeat + args.repeats)
     if args.choices_only:
         print("| row | repeat | folds choosing | mean inner Brier score |\n| --- | --- | --- | --- |")

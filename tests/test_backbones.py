@@ -53,8 +53,9 @@ def embeds_to_declared_dim(backbone, weights=None) -> None:
     assert torch.isfinite(features).all()
 
 
-def test_default_backbone_gives_its_declared_dim() -> None:
-    embeds_to_declared_dim(get_backbone(DEFAULT_BACKBONE))
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite0-mid"])
+def test_bundled_backbones_give_their_declared_dim(name: str) -> None:
+    embeds_to_declared_dim(get_backbone(name))
 
 
 def test_resnet50_trunc_loads_a_local_weight_file(tmp_path) -> None:
