@@ -150,8 +150,9 @@ def _check_attrs(where: Path, stored: dict, expected: dict) -> None:
     stored = IMPLIED_ATTRS | stored
     for key, value in expected.items():
         if key in stored and stored[key] != value:
+            keep = f"pass --backbone {stored[key]} to add to it, " if key == "backbone" else ""
             raise InputError(where, f"was made with {key}={stored[key]!r}, not {value!r}; "
-                                    f"choose another --out or pass --overwrite")
+                                    f"{keep}choose another --out or pass --overwrite")
 
 
 def _reason(exc: BaseException) -> str:

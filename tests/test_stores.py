@@ -99,6 +99,9 @@ def test_a_store_that_holds_no_slide_does_not_block_the_next_run(tmp_path: Path)
     with pytest.raises(InputError, match="was made with weights='mine.pt'"):
         with stores.StoreWriter(feats, stores.FEATURES_FORMAT, {"backbone": "resnet50-trunc", "weights": "default"}):
             pass
+    with pytest.raises(InputError, match="'resnet50-trunc', not 'uni'; pass --backbone resnet50-trunc to add to it"):
+        with stores.StoreWriter(feats, stores.FEATURES_FORMAT, {"backbone": "uni", "weights": "mine.pt"}):
+            pass  # e.g. a run folder from before the default backbone changed
 
 
 def test_an_index_without_its_slide_folder_is_one_clear_error(tmp_path: Path) -> None:
