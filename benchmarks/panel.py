@@ -49,7 +49,7 @@ import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from mil_cli.backbones import DEFAULT_BACKBONE
+from mil_cli.config import DEFAULT_BACKBONE
 from mil_cli.console import set_quiet
 from mil_cli.metrics import choice_label
 from mil_cli.synthetic import LabelledBag, digit_bags, key_instance_bags
@@ -298,12 +298,11 @@ def evaluate_repeat(row: Row, repeat: int, options: TrainOptions, with_reference
 def evaluate_row(row: Row, repeats: range, options: TrainOptions, with_reference: bool = True,
                  results: Path | None = None) -> dict[str, list[float]]:
     """Each repeat's figures, as lists over repeats. With a `results` folder, each finished
-    repeat is saved there (keyed by row, repeat, options and whether the reference ran) and a
+    repeat is saved there (keyed by row, repeat, options, backbone and whether the reference ran) and a
     repeat already saved is read back instead of rerun, so long rows resume and repeats add up
     across runs. The key does not cover milcli's code: use a fresh folder after changing it."""
     figures: dict[str, list[float]] = {}
-    key = results_key(options, f" reference={with_reference}"
-                           + (f" backbone={EMBEDDING['backbone']}" if EMBEDDING["backbone"] != DEFAULT_BACKBONE else ""))
+    key = results_key(options, f" reference={with_reference} backbone={EMBEDDING['backbone']}")
     for repeat in repeats:
         saved = results / f"{row.name}-repeat{repeat}-{key}.json" if results else None
         if saved is not None and saved.exists():
