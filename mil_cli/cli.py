@@ -21,7 +21,8 @@ from rich.table import Table
 from mil_cli import __version__
 from mil_cli.console import console, error, set_quiet, warn
 from mil_cli.errors import InputError, MilcliError
-from mil_cli.config import VIEWER_BUDGET_MB, ModelConfig, QCThresholds, TrainOptions, read_options_file
+from mil_cli.config import (DEFAULT_BACKBONE, VIEWER_BUDGET_MB, ModelConfig, QCThresholds, TrainOptions,
+                             read_options_file)
 from mil_cli.reports import StageReport
 
 EXIT_PARTIAL = 1
@@ -275,7 +276,7 @@ def _list_backbones(as_json: bool) -> None:
 
     rows = [{"name": b.name, "dim": b.dim, "input_size": b.input_size, "mean": b.mean, "std": b.std, "mpp": b.mpp,
              "precision": b.precision, "licence": b.licence, "gated": b.gated, "weights_present": b.weights_present(),
-             "description": b.description} for b in BACKBONES.values()]
+             "description": b.description, "default": b.name == DEFAULT_BACKBONE} for b in BACKBONES.values()]
     if as_json:
         print(json.dumps({"ok": True, "command": "embed --list-backbones", "backbones": rows}))
         return
@@ -283,7 +284,7 @@ def _list_backbones(as_json: bool) -> None:
     for column in ("name", "dim", "input", "µm/px", "CUDA precision", "licence", "gated", "weights here", "description"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["name"], str(r["dim"]), f"{r['input_size']} px", str(r["mpp"] or "-"), r["precision"],
+        table.add_row(r["name"] + (" (default)" if r["default"] else ""), str(r["dim"]), f"{r['input_size']} px", str(r["mpp"] or "-"), r["precision"],
                       r["licence"], "yes" if r["gated"] else "no", "yes" if r["weights_present"] else "no",
                       r["description"])
     table.add_row("timm:<model>", "model's", "model's", "-", "bf16", "model's", "", "",
@@ -297,7 +298,7 @@ def _list_backbones(as_json: bool) -> None:
 def embed(
     tiles: Annotated[Path, typer.Argument(help="Tile store written by `milcli tile`.")] = Path("tiles.h5"),
     out: Annotated[Path, typer.Option(help="Feature store to write (HDF5).")] = Path("feats.h5"),
-    backbone: BackboneName = "efficientnet-lite0",
+    backbone: BackboneName = DEFAULT_BACKBONE,
     weights: Weights = None,
     download: Download = False,
     batch_size: BatchSize = 64,
@@ -572,7 +573,7 @@ def run(
     keep_pen: KeepPen = False,
     qc: Qc = False,
     previews: Annotated[bool, typer.Option("--previews", help="Write previews/<slide>.png: thumbnail, tissue outline, patch grid, pen ink left out.")] = False,
-    backbone: BackboneName = "efficientnet-lite0",
+    backbone: BackboneName = DEFAULT_BACKBONE,
     weights: Weights = None,
     download: Download = False,
     stain: Stain = "none",

@@ -28,6 +28,7 @@ def read_options_file(path: Path) -> dict[str, Any]:
 
 
 TASK_NAMES = ("classification", "regression", "survival")  # tasks.TASKS, named here for the CLI without torch
+DEFAULT_BACKBONE = "efficientnet-lite0-mid"  # a key of backbones.BACKBONES, named here for the CLI without torch
 VIEWER_BUDGET_MB = 100.0    # explain's viewer tiles per slide (viewer.py; the CLI shows it without importing it)
 DEFAULT_INSTANCE_LOSS = 0.5  # abmil heads' patch-classifier share in the first recipe (training.RECIPES)
 # how a head scales its input features, with statistics of the training patches (training.feature_statistics):

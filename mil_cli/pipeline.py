@@ -13,6 +13,7 @@ import torch
 
 from mil_cli import __version__
 from mil_cli.backbones import Backbone, get_backbone
+from mil_cli.config import DEFAULT_BACKBONE
 from mil_cli.embedding import EmbedOptions, embed_store
 from mil_cli.explain import ExplainOptions, explain_slides
 from mil_cli.inference import bag_slides, load_models, predict_slides, write_predictions
@@ -34,7 +35,7 @@ class RunOptions:
     tiling: TilingOptions = field(default_factory=TilingOptions)
     training: TrainOptions = field(default_factory=TrainOptions)
     explain: ExplainOptions = field(default_factory=ExplainOptions)
-    backbone: str = "efficientnet-lite0"
+    backbone: str = DEFAULT_BACKBONE
     embedding: EmbedOptions = field(default_factory=EmbedOptions)  # its workers read slides for tile too
     explain_all: bool = True
     previews: bool = False

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from mil_cli.backbones import DEFAULT_BACKBONE, efficientnet_lite0_classifier, get_backbone
+from mil_cli.backbones import efficientnet_lite0_classifier, get_backbone
+from mil_cli.config import DEFAULT_BACKBONE
 from mil_cli.errors import MilcliError
 
 
@@ -134,6 +135,8 @@ def test_list_backbones_as_json_says_whose_weights_are_here(tmp_path, monkeypatc
     assert result.exit_code == 0
     listed = {b["name"]: b for b in json.loads(result.stdout)["backbones"]}
     assert listed["efficientnet-lite0"]["weights_present"] is True  # bundled with the package
+    assert [name for name, b in listed.items() if b["default"]] == [DEFAULT_BACKBONE]
+    assert listed[DEFAULT_BACKBONE]["weights_present"] is True  # the default works offline
     assert listed["resnet50-trunc"]["weights_present"] is False and listed["uni"]["weights_present"] is False
     assert listed["uni"]["dim"] == 1024 and listed["uni"]["input_size"] == 224
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"

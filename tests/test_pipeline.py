@@ -14,7 +14,11 @@ import torch
 from PIL import Image
 
 from conftest import SAMPLE, invoke
+from mil_cli.backbones import get_backbone
+from mil_cli.config import DEFAULT_BACKBONE
 from mil_cli.evaluation import box_iou, localisation_auc, mask_box, patch_mask_fraction
+
+DEFAULT_DIM = get_backbone(DEFAULT_BACKBONE).dim
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -27,7 +31,7 @@ def test_run_leaves_every_output(sample_run: Path) -> None:
         assert (sample_run / name).is_file(), name
     record = json.loads((sample_run / "run.json").read_text())
     assert set(record["stages"]) == {"tile", "embed", "train", "predict", "explain"}
-    assert record["options"]["backbone"] == "efficientnet-lite0"
+    assert record["options"]["backbone"] == DEFAULT_BACKBONE
     assert all(stage["failed"] == {} for stage in record["stages"].values())
     for slide in ("slide_00", "slide_01"):
         for name in ("heatmap.png", "attention.csv", "top_patches.png", "regions.geojson"):
@@ -58,12 +62,12 @@ def test_tile_store_layout(sample_run: Path) -> None:
 def test_feature_store_layout(sample_run: Path) -> None:
     with h5py.File(sample_run / "feats.h5", "r") as f:
         assert f.attrs["format"] == "milcli-features"
-        assert f.attrs["backbone"] == "efficientnet-lite0" and f.attrs["dim"] == 1280
+        assert f.attrs["backbone"] == DEFAULT_BACKBONE and f.attrs["dim"] == DEFAULT_DIM == 704
         assert f.attrs["dtype"] == "float16"
         with h5py.File(sample_run / "tiles.h5", "r") as tiles:
             for slide_id, g in f["slides"].items():
                 feats = g["features"][()]
-                assert feats.dtype == np.float16 and feats.shape == (len(g["coords"]), 1280)
+                assert feats.dtype == np.float16 and feats.shape == (len(g["coords"]), DEFAULT_DIM)
                 assert np.isfinite(feats).all() and feats.std() > 0
                 assert np.array_equal(g["coords"][()], tiles[f"slides/{slide_id}/coords"][()])
 
@@ -72,7 +76,7 @@ def test_model_file_loads_with_weights_only(sample_run: Path) -> None:
     checkpoint = torch.load(sample_run / "model.pt", weights_only=True)
     config = checkpoint["config"]
     assert config["classes"] == ["normal", "tumour"]
-    assert config["backbone"] == "efficientnet-lite0" and config["feature_dim"] == 1280
+    assert config["backbone"] == DEFAULT_BACKBONE and config["feature_dim"] == DEFAULT_DIM
     assert config["model"]["architecture"] == "abmil"
     assert set(config["slides"]["train"]).isdisjoint(config["slides"]["val"])
 
