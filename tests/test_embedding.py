@@ -18,6 +18,7 @@ import torch
 from conftest import SAMPLE, invoke
 from mil_cli import stores
 from mil_cli.backbones import get_backbone
+from mil_cli.config import DEFAULT_BACKBONE
 from mil_cli.embedding import EmbedOptions, Rebatcher, embed_store
 from mil_cli.slides import group_into_blocks, open_slide
 from mil_cli.tiling import TilingOptions, tile_slides
@@ -83,7 +84,7 @@ def test_worker_processes_and_inline_decoding_give_the_same_features(tiles: Path
 
 def test_a_second_writer_is_refused(tiles: Path, tmp_path: Path) -> None:
     out = tmp_path / "feats.h5"
-    with stores.StoreWriter(out, stores.FEATURES_FORMAT, {"backbone": "efficientnet-lite0"}):
+    with stores.StoreWriter(out, stores.FEATURES_FORMAT, {"backbone": DEFAULT_BACKBONE}):
         result = invoke("embed", tiles, "--out", out, "--device", "cpu")
     assert result.exit_code == 2
     assert "in use by another milcli process" in result.stderr and "Traceback" not in result.stderr
@@ -93,7 +94,7 @@ def test_a_second_writer_is_refused(tiles: Path, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def clean_features(tiles: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
     clean = tmp_path_factory.mktemp("clean") / "clean.h5"
-    assert embed_store(tiles, clean, get_backbone("efficientnet-lite0"), torch.device("cpu"),
+    assert embed_store(tiles, clean, get_backbone(DEFAULT_BACKBONE), torch.device("cpu"),  # as the CLI embeds
                        EmbedOptions(batch_size=8)).ok
     return read_features(clean)
 
