@@ -284,9 +284,9 @@ def _list_backbones(as_json: bool) -> None:
     for column in ("name", "dim", "input", "µm/px", "CUDA precision", "licence", "gated", "weights here", "description"):
         table.add_column(column)
     for r in rows:
-        table.add_row(r["name"] + (" (default)" if r["default"] else ""), str(r["dim"]), f"{r['input_size']} px", str(r["mpp"] or "-"), r["precision"],
-                      r["licence"], "yes" if r["gated"] else "no", "yes" if r["weights_present"] else "no",
-                      r["description"])
+        table.add_row(r["name"] + (" (default)" if r["default"] else ""), str(r["dim"]), f"{r['input_size']} px",
+                      str(r["mpp"] or "-"), r["precision"], r["licence"], "yes" if r["gated"] else "no",
+                      "yes" if r["weights_present"] else "no", r["description"])
     table.add_row("timm:<model>", "model's", "model's", "-", "bf16", "model's", "", "",
                   "any timm model; HF cache, --download or --weights FILE")
     table.add_row("hf-hub:<org/repo>", "model's", "model's", "-", "bf16", "model's", "", "",

@@ -13,7 +13,6 @@ import torch
 
 from mil_cli import __version__
 from mil_cli.backbones import Backbone, get_backbone
-from mil_cli.config import DEFAULT_BACKBONE
 from mil_cli.embedding import EmbedOptions, embed_store
 from mil_cli.explain import ExplainOptions, explain_slides
 from mil_cli.inference import bag_slides, load_models, predict_slides, write_predictions
@@ -25,7 +24,7 @@ from mil_cli.slides import find_slides, no_slides_found, slide_id_from_path
 from mil_cli.stores import FeatureSource
 from mil_cli.tasks import make_task
 from mil_cli.tiling import TilingOptions, default_tiling_workers, tile_slides
-from mil_cli.config import AUTO_ARCHITECTURE, TrainOptions
+from mil_cli.config import AUTO_ARCHITECTURE, DEFAULT_BACKBONE, TrainOptions
 from mil_cli.console import warn
 from mil_cli.training import save_checkpoint, train
 
