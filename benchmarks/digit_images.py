@@ -24,15 +24,11 @@ import h5py
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import cross_val_predict
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from mil_cli.evaluation import patch_mask_fraction
 from mil_cli.synthetic import digit_bags
 
+from encoder_probe import probe_auc  # type: ignore[import-not-found]
 from hard_slides import SITE_TINTS, gen, write_labels  # type: ignore[import-not-found]
 from panel import EMBEDDING, TUMOUR_SHARE, features_path  # type: ignore[import-not-found]
 
@@ -96,12 +92,9 @@ def probe(folder: Path) -> dict[str, float]:
             mask_path = folder / "masks" / f"{slide_id}.png"  # key cells as the panel labels them
             key.append(patch_mask_fraction(np.array(Image.open(mask_path)).astype(bool), coords, CELL) >= TUMOUR_SHARE
                        if mask_path.exists() else np.zeros(len(coords), dtype=bool))
-    labels, aucs = np.concatenate(key), {}
-    for name, x in (("features", np.concatenate(features)), ("8 x 8 grey pixels", np.array(pixels))):
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
-        p = cross_val_predict(model, x, labels, cv=5, method="predict_proba")[:, 1]
-        aucs[name] = float(roc_auc_score(labels, p))
-    return aucs
+    labels = np.concatenate(key)
+    return {name: probe_auc(x, labels)
+            for name, x in (("features", np.concatenate(features)), ("8 x 8 grey pixels", np.array(pixels)))}
 
 
 def main() -> None:

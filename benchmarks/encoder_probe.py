@@ -78,6 +78,7 @@ def features(backbone: str, patches: np.ndarray, weights: Path | None) -> np.nda
 
 
 def probe_auc(x: np.ndarray, labels: np.ndarray) -> float:
+    """5-fold cross-validated AUC of a logistic regression on standardised `x` (the probes' one model)."""
     model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
     return float(roc_auc_score(labels, cross_val_predict(model, x, labels, cv=5, method="predict_proba")[:, 1]))
 
